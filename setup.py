@@ -1,0 +1,48 @@
+"""Installs vidlankd_jax: VidLanKD (video-language knowledge distillation) in JAX/Flax."""
+
+import setuptools
+
+# TensorFlow and tensorflow-text ship compiled ops against each other: keep them on one minor
+# version. seqio 0.0.20 is its last release; TFDS 4.9.10 has the GLUE/SQuAD/PIQA builders used here.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorflow==2.21.*",
+    "tensorflow-text==2.21.*",
+    "tensorboard==2.21.*",
+    "tensorflow-datasets==4.9.10",
+    "seqio==0.0.20",
+    "ml-collections>=1.1,<2",
+    "importlib_resources>=6",
+    "safetensors>=0.4",
+    "absl-py>=2",
+    "numpy>=1.26",
+    "matplotlib>=3.8",
+    "scipy>=1.11",
+    "scikit-learn>=1.4",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    # An independent BERT implementation to check our numerics and the Hugging Face export.
+    "torch==2.13.0",
+    "transformers>=4.45",
+    # Real English text shipped in its test data (Wikipedia sample), for demos and tests.
+    "gensim>=4.3",
+]
+
+setuptools.setup(
+    name="vidlankd_jax",
+    version="0.1.0",
+    description="VidLanKD: video-language knowledge distillation for language understanding, in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["vidlankd_jax", "vidlankd_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={"console_scripts": ["vidlankd=vidlankd_jax.cli:main"]},
+)

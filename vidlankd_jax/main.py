@@ -1,0 +1,84 @@
+"""Entry point: runs the stage a config names (teacher, distill, finetune).
+
+  python -m vidlankd_jax.main --config=configs/teacher.py:size=small \
+      --config.train.steps=10 --workdir=runs/teacher
+
+On a multi-host TPU slice the same command runs on every host (see tpu_launch.sh); JAX's
+distributed runtime is initialised first. On one machine several processes can be started by
+hand with --coordinator_address/--num_processes/--process_id (how the multi-host path is tested).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :arg.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+
+STAGES = {
+    "teacher": "vidlankd_jax.train.teacher",
+    "distill": "vidlankd_jax.train.distill",
+    "finetune": "vidlankd_jax.train.finetune",
+}
+
+# Environment variables that mean "this host is one of several": Cloud TPU VMs of a pod slice,
+# multi-slice (Megascale) jobs, and SLURM/Open MPI style launchers handled by JAX's cluster detection.
+_MULTI_HOST_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                   "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
+  """Starts JAX's distributed runtime when this is one process of several; else does nothing."""
+  import jax
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif any(os.environ.get(k) for k in _MULTI_HOST_ENV):
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts or not hosts:
+      jax.distributed.initialize()
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def write_config(config, workdir: str) -> None:
+  """Records the resolved config (after command-line overrides) in the workdir."""
+  import jax
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  logging.info("config:\n%s", config)
+
+
+def run(config, workdir: str) -> dict:
+  """Runs `config.stage` and returns its final metrics."""
+  if config.stage not in STAGES:
+    raise ValueError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
+  write_config(config, workdir)
+  module = importlib.import_module(STAGES[config.stage])
+  return module.train_and_evaluate(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError("--config and --workdir are required")
+  initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  metrics = run(_CONFIG.value, _WORKDIR.value)
+  logging.info("final metrics: %s", json.dumps({k: float(v) for k, v in metrics.items()}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,199 @@
+"""Pieces every training loop shares: optimiser, gradient accumulation, jitted steps, logging.
+
+Each stage keeps its own readable loop (teacher.py, distill.py, finetune.py); what is here is the
+machinery they would otherwise repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax.struct
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+Array = jax.Array
+PyTree = Any
+
+
+def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `learning_rate`, then linear decay to 0 at `total_steps`."""
+  warmup = int(opt_cfg.warmup_steps)
+  peak = float(opt_cfg.learning_rate)
+  decay_steps = max(int(total_steps) - warmup, 1)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, max(warmup, 1)),
+       optax.linear_schedule(peak, 0.0, decay_steps)],
+      boundaries=[warmup]) if warmup > 0 else optax.linear_schedule(peak, 0.0, decay_steps)
+
+
+def decay_mask(params: PyTree) -> PyTree:
+  """Weight decay on matrices (kernels, embeddings) only: never on biases or LayerNorm."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+  """AdamW (no decay on biases/LayerNorm) with global-norm clipping and warmup + linear decay."""
+  schedule = learning_rate_schedule(opt_cfg, total_steps)
+  parts = []
+  if opt_cfg.grad_clip_norm and opt_cfg.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(float(opt_cfg.grad_clip_norm)))
+  parts.append(optax.adamw(schedule, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
+                           eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay),
+                           mask=decay_mask))
+  return optax.chain(*parts)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes, as one pytree (checkpointed whole).
+
+  `params` are trained; `frozen` are used but not trained (e.g. the teacher in distillation or a
+  frozen video tower); `extra` holds state updated by the step other than by gradients (e.g. a CRD
+  memory bank).
+  """
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+  frozen: PyTree = None
+  extra: PyTree = None
+
+
+def init_train_state(tx: optax.GradientTransformation, params: PyTree, frozen: PyTree = None,
+                     extra: PyTree = None) -> TrainState:
+  """Optimiser state created under jit so that it inherits the parameters' shardings.
+
+  Scalars (the step, optimiser counts) are replicated over the parameters' mesh.
+  """
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+  opt_state = jax.tree.map(lambda x: jax.device_put(x, replicated) if x.ndim == 0 else x, opt_state)
+  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+  return TrainState(step=step, params=params, opt_state=opt_state, frozen=frozen, extra=extra)
+
+
+def split_micro_batches(batch: dict[str, Array], num_micro: int) -> dict[str, Array]:
+  """[B, ...] -> [num_micro, B / num_micro, ...] (strided, so each micro-batch spans all shards)."""
+  def split(x):
+    if x.shape[0] % num_micro:
+      raise ValueError(f"batch of {x.shape[0]} is not divisible into {num_micro} micro-batches")
+    return jnp.swapaxes(x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+LossFn = Callable[[PyTree, dict, Array], tuple[Array, dict]]
+
+
+def accumulated_grads(loss_fn: LossFn, params: PyTree, batch: dict, rng: Array,
+                      num_micro: int) -> tuple[PyTree, dict]:
+  """Gradients of `loss_fn(params, batch, rng) -> (loss, metrics)` averaged over micro-batches.
+
+  With `num_micro == 1` this is a plain `jax.grad`; otherwise a `lax.scan` over micro-batches
+  keeps only one micro-batch of activations alive at a time.
+  """
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+  if num_micro == 1:
+    return grad_fn(params, batch, rng)
+  micro = split_micro_batches(batch, num_micro)
+
+  def body(carry, xs):
+    grads_sum, metrics_sum = carry
+    micro_batch, i = xs
+    grads, metrics = grad_fn(params, micro_batch, jax.random.fold_in(rng, i))
+    return (jax.tree.map(jnp.add, grads_sum, grads),
+            jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  metric_shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1])
+  metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+  (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (micro, jnp.arange(num_micro)))
+  scale = lambda t: jax.tree.map(lambda x: x / num_micro, t)
+  return scale(grads), scale(metrics)
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: PyTree,
+                    **replace) -> tuple[TrainState, dict]:
+  """One optimiser update; also returns the gradient norm and the finite-ness of the update."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, **replace)
+  return new_state, {"grad_norm": grad_norm}
+
+
+def step_rng(seed: int, step: Array) -> Array:
+  """The dropout/sampling key of a step: a pure function of (seed, step), so resumes are exact."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def nnx_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trainable params, everything else) of an nnx module."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+class MetricsWriter:
+  """Writes scalar metrics to `<workdir>/metrics.jsonl` and TensorBoard, and prints a line.
+
+  Only process 0 writes; the JSON lines are what tools/plot_metrics.py and the demo read.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.path = epath.Path(workdir) / "metrics.jsonl"  # local or gs://
+    self._tb = None
+    if self.active:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if tensorboard:
+        import tensorflow as tf  # deferred: only the writer needs it
+        self._tf = tf
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any], *, echo: bool = True) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    if self._tb is not None:
+      with self._tb.as_default():
+        for name, value in scalars.items():
+          self._tf.summary.scalar(name, value, step=int(step))
+      self._tb.flush()
+    if echo:
+      shown = "  ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+      print(f"[step {int(step)}] {shown}", flush=True)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class ProgressMeter:
+  """Step rate, examples per second and time left since the first timed step."""
+
+  def __init__(self, total_steps: int, examples_per_step: int, first_step: int = 0):
+    self.total_steps = total_steps
+    self.examples_per_step = examples_per_step
+    self.start_step = first_step
+    self.start_time = None
+
+  def update(self, step: int) -> dict[str, float]:
+    """Call after `step` finished; the first call (the compile step) starts the clock."""
+    now = time.perf_counter()
+    if self.start_time is None:
+      self.start_time, self.start_step = now, step
+      return {}
+    steps = step - self.start_step
+    rate = steps / max(now - self.start_time, 1e-9)
+    return {"steps_per_second": rate,
+            "examples_per_second": rate * self.examples_per_step,
+            "minutes_left": (self.total_steps - step) / max(rate, 1e-9) / 60.0}
