@@ -4,6 +4,8 @@
   python -m vidlankd_jax.main --config=configs/teacher.py:size=tiny \
       --config.train.steps=10 --config.data.data_dir=data/howto100m --workdir=runs/t
 
+  python -m vidlankd_jax.main --config=configs/teacher.py:size=tiny,data=synthetic --workdir=runs/t
+
 `size` sets the language encoder (tiny|mini|small|base|large); `video_size` the video encoder's
 transformer (default: the same). Defaults follow the released code: lr 5e-5, no warmup, linear
 decay, clipping 1.0, margin 1.0, MLM weight 1.0.
@@ -13,7 +15,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", video_size="")
+  arg = common.parse_arg(arg, size="tiny", video_size="", data="")
   config = common.base_config(stage="teacher", size=arg.size)
 
   config.video = common.bert_config(arg.video_size or arg.size)
@@ -36,6 +38,11 @@ def get_config(arg=None):
   config.data.task = "howto100m_video_text"
   config.data.max_video_steps = 384
   config.data.video_dim = 4096
+  # data=synthetic: generate a small corpus in HowTo100M's layout (features carry the captions'
+  # concepts) and convert it with the real converter before training: the embedded default.
+  config.data.synthetic = arg.data == "synthetic"
+  if config.data.synthetic:
+    config.data.data_dir = "runs/synthetic_data"
 
   config.train.batch_size = 64 if arg.size == "base" else 128
   config.train.steps = 100_000
@@ -49,5 +56,7 @@ def get_config(arg=None):
     common.shrink_to_tiny(config)
     config.video.max_steps = config.data.max_video_steps = 16
     config.video.projection_dim = 64
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 20
   config.lock()
   return config

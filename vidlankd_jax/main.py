@@ -63,9 +63,9 @@ def write_config(config, workdir: str) -> None:
 
 def run(config, workdir: str) -> dict:
   """Runs `config.stage` and returns its final metrics."""
+  write_config(config, workdir)
   if config.stage not in STAGES:
     raise ValueError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
-  write_config(config, workdir)
   module = importlib.import_module(STAGES[config.stage])
   return module.train_and_evaluate(config, workdir)
 
@@ -75,6 +75,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
+  if not flags.FLAGS["verbosity"].present:  # the loops print progress; keep library INFO logs out
+    logging.set_verbosity(logging.WARNING)
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   metrics = run(_CONFIG.value, _WORKDIR.value)
   logging.info("final metrics: %s", json.dumps({k: float(v) for k, v in metrics.items()}))

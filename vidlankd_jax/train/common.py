@@ -197,3 +197,51 @@ class ProgressMeter:
     return {"steps_per_second": rate,
             "examples_per_second": rate * self.examples_per_step,
             "minutes_left": (self.total_steps - step) / max(rate, 1e-9) / 60.0}
+
+
+def data_iterator(data_cfg, mesh, split: str, *, global_batch_size: int, seed: int,
+                  start_step: int = 0, repeat: bool = True, shuffle: bool = True):
+  """This host's shard of `data_cfg.task` as numpy batches (host-local part of the global batch)."""
+  from vidlankd_jax import sharding as sharding_lib
+  from vidlankd_jax.data import tasks  # deferred: TensorFlow is only needed once data is read
+  shard_index, num_shards = sharding_lib.host_data_shard(mesh, global_batch_size)
+  ds = tasks.make_dataset(data_cfg, split, batch_size=global_batch_size // num_shards,
+                          shard_index=shard_index, num_shards=num_shards, seed=seed,
+                          start_step=start_step, repeat=repeat, shuffle=shuffle)
+  return ds.as_numpy_iterator()
+
+
+def resolve_vocab(config) -> str:
+  """The vocab file the config names (default: bert-base-uncased), checked against the model."""
+  from vidlankd_jax.data import vocab as vocab_lib
+  path = config.data.vocab_file or vocab_lib.default_vocab_file()
+  size = len(vocab_lib.read_vocab_file(path))
+  if size > config.model.vocab_size:
+    raise ValueError(f"vocabulary {path} has {size} entries but config.model.vocab_size is "
+                     f"{config.model.vocab_size}: set --config.model.vocab_size={size}")
+  return path
+
+
+def all_finite(*trees) -> Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]))
+
+
+def keep_if_finite(finite: Array, new: PyTree, old: PyTree) -> PyTree:
+  """`new` where the step was finite, else `old` (the step is skipped, nothing is corrupted)."""
+  return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient was NaN/inf; the message names the step and the losses."""
+
+
+def check_finite(step: int, metrics: dict, policy: str) -> bool:
+  """Host-side: raises NonFiniteError (policy "stop") or returns False to report a skip."""
+  if bool(metrics.get("finite", True)):
+    return True
+  shown = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k != "finite")
+  if policy == "stop":
+    raise NonFiniteError(f"non-finite loss or gradient at step {step}: {shown}; the last good "
+                         "checkpoint is kept (set config.train.on_nonfinite='skip' to skip such steps)")
+  print(f"[step {step}] skipped: non-finite loss or gradient ({shown})", flush=True)
+  return False

@@ -1,0 +1,234 @@
+"""Orbax checkpoints shared by every stage: async saves, keep-N plus best, preemption, resharding.
+
+A checkpoint step holds items `params`, `opt_state`, `extra` (e.g. a CRD memory bank) and `meta`
+(JSON: step, the config fingerprint, the data position). Later stages restore `params` alone
+(the teacher in distillation, a student for fine-tuning). Restores take abstract targets with the
+wanted shardings, so a run resumes on another mesh or device count.
+"""
+
+from __future__ import annotations
+
+import os.path as os_path
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from vidlankd_jax.train.common import TrainState
+
+PyTree = Any
+
+
+def checkpoint_path(directory: str) -> epath.Path:
+  """Orbax wants absolute paths: local directories are resolved, gs:// ones kept."""
+  path = epath.Path(directory)
+  return path if "://" in str(directory) else epath.Path(os_path.abspath(directory))
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint was written by a run with another model or objective configuration."""
+
+
+def fingerprint(config) -> dict:
+  """What must match between a checkpoint and the run restoring it (sizes, objectives)."""
+  model = config.get("model", {})
+  keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+  out = {"stage": config.get("stage", ""), **{f"model.{k}": model.get(k) for k in keys}}
+  for section in ("video", "student"):
+    if section in config:
+      out.update({f"{section}.{k}": config[section].get(k) for k in keys + ("input_dim",)
+                  if k in config[section]})
+  if "kd" in config:
+    out["kd.objectives"] = str(config.kd.get("objectives", ""))
+  return out
+
+
+def check_fingerprint(saved: dict, current: dict, directory: str) -> None:
+  diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  if diffs:
+    raise IncompatibleCheckpointError(
+        f"checkpoint in {directory} does not match this config:\n  " + "\n  ".join(diffs))
+
+
+def to_pure(tree: PyTree) -> PyTree:
+  """nnx.State nodes -> plain nested dicts of arrays: the on-disk layout any tool can read."""
+  return jax.tree.map(lambda x: x.to_pure_dict() if isinstance(x, nnx.State) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nnx.State))
+
+
+def from_pure(target: PyTree, restored: PyTree, what: str) -> PyTree:
+  """Puts restored leaves back into `target`'s structure (nnx.State, optax states...)."""
+  leaves = jax.tree.leaves(restored)
+  structure = jax.tree.structure(target)
+  if len(leaves) != structure.num_leaves:
+    raise IncompatibleCheckpointError(
+        f"{what}: checkpoint has {len(leaves)} arrays, this run's state has {structure.num_leaves}")
+  return jax.tree.unflatten(structure, leaves)
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+  """ShapeDtypeStructs carrying each array's sharding: the target of a sharded restore."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class CheckpointManager:
+  """Saves and restores `TrainState`s under `<workdir>/checkpoints`.
+
+  Keeps the last `keep` checkpoints plus the best one by `best_metric` (if set). Saves are
+  asynchronous: `save` returns once the arrays are copied off the devices.
+  """
+
+  def __init__(self, directory: str, *, every_steps: int, keep: int, best_metric: str = "",
+               best_mode: str = "max", async_save: bool = True, fingerprint: dict | None = None):
+    self.directory = checkpoint_path(directory)
+    self.fingerprint = fingerprint or {}
+    self.best_metric = best_metric
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if best_metric:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "max", n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+        ]),
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        create=True,
+        cleanup_tmp_directories=True,
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: TrainState, *, metrics: dict | None = None,
+           data_position: dict | None = None, force: bool = False) -> bool:
+    """Saves if the policy says so at `step` (interval or preemption) or if `force`."""
+    items = {"params": ocp.args.StandardSave(to_pure(state.params)),
+             "opt_state": ocp.args.StandardSave(to_pure(state.opt_state)),
+             "meta": ocp.args.JsonSave({"step": int(step), "fingerprint": self.fingerprint,
+                                        "data_position": data_position or {}})}
+    if state.extra is not None:
+      items["extra"] = ocp.args.StandardSave(to_pure(state.extra))
+    if metrics is not None and self.best_metric and self.best_metric not in metrics:
+      metrics = None
+    metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
+    return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+    """Restores onto `target`'s shardings (a live or abstract state); returns (state, meta).
+
+    Uses the newest complete checkpoint unless `step` is given; a checkpoint from an
+    incompatible config raises IncompatibleCheckpointError naming what differs.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    meta = self.read_meta(step)
+    check_fingerprint(meta.get("fingerprint", {}), self.fingerprint, str(self.directory))
+    names = ["params", "opt_state"] + (["extra"] if target.extra is not None else [])
+    items = {name: ocp.args.StandardRestore(abstract_like(to_pure(getattr(target, name))))
+             for name in names}
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise IncompatibleCheckpointError(
+          f"checkpoint step {step} in {self.directory} cannot be restored into this run's "
+          f"state: {e}") from e
+    state = target.replace(
+        step=jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32), target.step.sharding),
+        **{name: from_pure(getattr(target, name), restored[name], f"{self.directory}/{step}/{name}")
+           for name in names})
+    logging.info("restored checkpoint step %d from %s", step, self.directory)
+    return state, meta
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def restore_params(directory: str, abstract_params: PyTree, step: int | None = None,
+                   expected_fingerprint: dict | None = None) -> PyTree:
+  """Only the `params` item of a checkpoint (e.g. the teacher for distillation), read-only."""
+  manager = ocp.CheckpointManager(checkpoint_path(directory),
+                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  if expected_fingerprint:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    saved = meta.get("fingerprint", {})
+    check_fingerprint({k: saved.get(k) for k in expected_fingerprint}, expected_fingerprint, directory)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_like(to_pure(abstract_params)))))
+  manager.close()
+  return from_pure(abstract_params, restored["params"], f"{directory}/{step}/params")
+
+
+class PreemptionWatcher:
+  """Tells the loop when to checkpoint and stop: SIGTERM here, or the pod's preemption notice.
+
+  With several processes JAX's coordination service turns a preemption notice into a step that
+  all processes agree on (`reached_preemption_sync_point`); alone, a SIGTERM sets a flag that
+  the loop reads at the next step boundary.
+  """
+
+  def __init__(self):
+    self._signalled = threading.Event()
+    self._previous = None
+    # Several processes: JAX's own notifier (installed by jax.distributed.initialize) owns SIGTERM.
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    logging.warning("SIGTERM received: will checkpoint and stop at the next step boundary")
+    self._signalled.set()
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self._signalled.is_set()
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def restore_params_numpy(directory: str, step: int | None = None) -> dict:
+  """The `params` item of a checkpoint as nested dicts of host numpy arrays, no target needed.
+
+  For tools and later stages that know only part of the tree they want (e.g. the language
+  encoder under `params["language"]["bert"]`), whatever mesh the checkpoint was written on.
+  """
+  import numpy as np
+  manager = ocp.CheckpointManager(checkpoint_path(directory),
+                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  step = manager.latest_step() if step is None else step
+  manager.close()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  path = checkpoint_path(directory) / str(step) / "params"
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path).item_metadata
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), metadata)
+  restored = checkpointer.restore(path, target)
+  return jax.tree.map(np.asarray, restored)

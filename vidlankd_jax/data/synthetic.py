@@ -1,0 +1,139 @@
+"""A small generated video-text corpus in HowTo100M's on-disk layout, for tests and the demo.
+
+It is generated, not real video: each of `num_concepts` concepts (named by an everyday noun) has
+a random 2D and 3D feature prototype; a video is a run of caption segments, each about one
+concept, whose seconds carry that concept's prototypes plus noise, and whose caption names the
+concept inside a piece of real English text. The features therefore carry what the captions say,
+so a teacher has something true to learn; shuffling the pairing destroys it.
+
+Layout written (as HowTo100M's): `caption.json` {video: {"start", "end", "text"}},
+`features_2d/VID.npy` [T, 2048] at 1 per second, `features_3d/VID.npy` [ceil(1.5 T), 2048],
+float16, L2-normalised rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+CONCEPT_NAMES = (
+    "onion", "guitar", "bicycle", "garden", "cake", "paint", "engine", "puppy", "tent", "laptop",
+    "bread", "kayak", "hammer", "violin", "candle", "carpet", "soap", "kite", "pasta", "ladder",
+    "bottle", "mirror", "pumpkin", "saddle",
+)
+
+FALLBACK_SENTENCES = (
+    "this is how you get a clean result every time",
+    "take your time and work slowly from one side",
+    "make sure everything is ready before you start",
+    "you can see the difference right away",
+    "we will come back to this step in a minute",
+    "it takes a little practice but it is worth it",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticCorpus:
+  """Where a generated corpus lies and what it holds."""
+  caption_json: str
+  features_2d_dir: str
+  features_3d_dir: str
+  concepts: tuple[str, ...]
+  num_videos: int
+
+
+def real_sentences(path: str | None = None, limit: int = 2000) -> list[str]:
+  """Short lowercase word sequences from real English text (gensim's Lee news corpus if found)."""
+  if path is None:
+    try:
+      import gensim.test.utils as gtu
+      path = gtu.datapath("lee_background.cor")
+    except ImportError:
+      path = None
+  sentences = []
+  if path and os.path.exists(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        for sent in re.split(r"[.!?]", line):
+          words = re.findall(r"[a-z']+", sent.lower())
+          if 5 <= len(words):
+            sentences.append(" ".join(words[:10]))
+          if len(sentences) >= limit:
+            return sentences
+  return sentences or list(FALLBACK_SENTENCES)
+
+
+def _unit(rng: np.random.Generator, shape) -> np.ndarray:
+  x = rng.standard_normal(shape)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def write_corpus(out_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
+                 segments_per_video: tuple[int, int] = (4, 8), seconds_per_segment: tuple[int, int] = (3, 6),
+                 noise: float = 0.5, dim: int = 2048, seed: int = 0,
+                 text_path: str | None = None) -> SyntheticCorpus:
+  """Writes the corpus under `out_dir` and returns where its parts are."""
+  if num_concepts > len(CONCEPT_NAMES):
+    raise ValueError(f"at most {len(CONCEPT_NAMES)} concepts, got {num_concepts}")
+  rng = np.random.default_rng(seed)
+  concepts = CONCEPT_NAMES[:num_concepts]
+  proto_2d = _unit(rng, (num_concepts, dim))
+  proto_3d = _unit(rng, (num_concepts, dim))
+  sentences = real_sentences(text_path)
+  dirs = {k: os.path.join(out_dir, f"features_{k}") for k in ("2d", "3d")}
+  for d in dirs.values():
+    os.makedirs(d, exist_ok=True)
+  captions = {}
+  for v in range(num_videos):
+    vid = f"synth{v:05d}"
+    n_seg = int(rng.integers(segments_per_video[0], segments_per_video[1] + 1))
+    lengths = rng.integers(seconds_per_segment[0], seconds_per_segment[1] + 1, n_seg)
+    labels = rng.integers(0, num_concepts, n_seg)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(float)
+    total = int(np.sum(lengths))
+    per_second = np.repeat(labels, lengths)                      # [T]
+    t3 = math.ceil(1.5 * total)
+    per_clip3d = per_second[np.minimum((np.arange(t3) / 1.5).astype(int), total - 1)]
+    f2 = proto_2d[per_second] + noise * rng.standard_normal((total, dim)) / math.sqrt(dim) * 4
+    f3 = proto_3d[per_clip3d] + noise * rng.standard_normal((t3, dim)) / math.sqrt(dim) * 4
+    for key, feats in (("2d", f2), ("3d", f3)):
+      feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
+      np.save(os.path.join(dirs[key], f"{vid}.npy"), feats.astype(np.float16))
+    texts = []
+    for lab in labels:
+      words = sentences[int(rng.integers(len(sentences)))].split()
+      cut = int(rng.integers(1, len(words)))
+      texts.append(" ".join(words[:cut] + [concepts[lab]] + words[cut:cut + 3]))
+    captions[vid] = {"start": starts.tolist(), "end": (starts + lengths).tolist(), "text": texts}
+  caption_json = os.path.join(out_dir, "caption.json")
+  tmp = caption_json + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(captions, f)
+  os.replace(tmp, caption_json)
+  return SyntheticCorpus(caption_json, dirs["2d"], dirs["3d"], concepts, num_videos)
+
+
+def prepare_video_text(data_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
+                       num_validation_videos: int = 40, word_budget: int = 16, max_steps: int = 16,
+                       seed: int = 0, log=print) -> str:
+  """Generates the corpus under `data_dir/synthetic_raw` and converts it into `data_dir/howto100m`
+  with the real converter (every window of each video); reuses finished work."""
+  from vidlankd_jax.data import howto100m
+  raw = os.path.join(data_dir, "synthetic_raw")
+  corpus_done = os.path.join(raw, "caption.json")
+  if not os.path.exists(corpus_done):
+    log(f"generating a synthetic video-text corpus ({num_videos} videos, {num_concepts} concepts) "
+        f"in {raw}: the video features are GENERATED, not real video")
+    write_corpus(raw, num_videos=num_videos, num_concepts=num_concepts, seed=seed)
+  cfg = howto100m.ConvertConfig(
+      caption_json=corpus_done, features_2d_dir=os.path.join(raw, "features_2d"),
+      features_3d_dir=os.path.join(raw, "features_3d"), output_dir=os.path.join(data_dir, "howto100m"),
+      pairing="all", word_budget=word_budget, max_steps=max_steps,
+      num_validation_videos=num_validation_videos, train_shards=2, validation_shards=1)
+  howto100m.convert(cfg, log=log)
+  return data_dir

@@ -1,0 +1,64 @@
+"""Video encoder: a BERT-style transformer over per-second video features.
+
+Features [B, T, D] (D = 4096: 2D ResNet-152 + 3D ResNeXt-101 per second, or another width from the
+data) are projected D -> 1024 -> H (two linear maps, no nonlinearity between, as the reference),
+given position and token-type embeddings once (the reference adds them twice), LayerNorm and
+dropout, then a transformer whose size is set independently of the language side. The clip vector
+is the pooled first position through an MLP (H->H, ReLU, dropout 0.3, H->H), L2-normalised.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vidlankd_jax.models.bert import BertConfig, TransformerStack, dense, embedding, layer_norm
+
+Array = jax.Array
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+class VideoEncoder(nnx.Module):
+  """Returns (clip vector [B, H], L2-normalised; per-step hidden states [B, T, H])."""
+
+  def __init__(self, cfg: BertConfig, *, input_dim: int, projection_dim: int, max_steps: int,
+               clip_mlp_dropout: float = 0.3, rngs: nnx.Rngs):
+    h = cfg.hidden_size
+    self.config = cfg
+    self.input_dim = input_dim
+    self.projection_in = dense(cfg, input_dim, projection_dim, (None, "mlp"), rngs=rngs)
+    self.projection_out = dense(cfg, projection_dim, h, ("mlp", "embed"), rngs=rngs)
+    self.position_embeddings = embedding(cfg, max_steps, h, (None, "embed"), rngs=rngs)
+    self.token_type_embeddings = embedding(cfg, cfg.type_vocab_size, h, (None, "embed"), rngs=rngs)
+    self.layer_norm = layer_norm(cfg, h, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout)
+    self.encoder = TransformerStack(cfg, rngs=rngs)
+    self.pooler = dense(cfg, h, h, ("embed", None), rngs=rngs)
+    self.clip_mlp_in = dense(cfg, h, h, ("embed", "mlp"), rngs=rngs)
+    self.clip_mlp_out = dense(cfg, h, h, ("mlp", "embed"), rngs=rngs)
+    self.clip_dropout = nnx.Dropout(clip_mlp_dropout)
+
+  def __call__(self, features: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> tuple[Array, Array]:
+    if features.shape[-1] != self.input_dim:
+      raise ValueError(f"video features have width {features.shape[-1]}, the encoder expects "
+                       f"{self.input_dim} (config.video.input_dim)")
+    deterministic = rngs is None
+    steps = self.encode_steps(features, mask, rngs=rngs)
+    pooled = jnp.tanh(self.pooler(steps[:, 0]))
+    h = jax.nn.relu(self.clip_mlp_in(pooled))
+    h = self.clip_mlp_out(self.clip_dropout(h, deterministic=deterministic, rngs=rngs))
+    return l2_normalize(h), steps
+
+  def encode_steps(self, features: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+    """Per-step hidden states [B, T, H]; padding steps (mask 0) are never attended to."""
+    x = self.projection_out(self.projection_in(features.astype(self.config.compute_dtype)))
+    t = features.shape[1]
+    x = x + self.position_embeddings(jnp.arange(t))[None] + self.token_type_embeddings(
+        jnp.zeros(features.shape[:2], jnp.int32))
+    x = self.dropout(self.layer_norm(x), deterministic=rngs is None, rngs=rngs)
+    return self.encoder(x, mask, rngs=rngs)
