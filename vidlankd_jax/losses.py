@@ -359,6 +359,9 @@ def nt_xent_loss(student, teacher, temperature=1.0, mask=None):
     With ``mask`` [B, L] (or [L], broadcast over the batch), a padded (b, t) takes part neither
     as an anchor nor as a negative, and the loss is the mean over the real anchors.
 
+    Computed for all positions at once from the [L, B, B] blocks of raw dot products scaled by
+    inverse norms (no normalised copy of the inputs is formed).
+
     The released code divides each position's mean by 2B once more; that factor is a loss
     weight for the caller to apply, not part of this function.
 
