@@ -275,13 +275,18 @@ def feature_converter(task_name: str, video_dim: int = video_text.DEFAULT_FEATUR
 # Registry
 
 
+@functools.lru_cache(maxsize=8)
+def _vocabulary(vocab_file: str, lower_case: bool) -> vocab_lib.WordPieceVocabulary:
+    """One vocabulary (and compiled tokenizer) per file, shared by re-registrations."""
+    return vocab_lib.WordPieceVocabulary(vocab_file, lower_case=lower_case)
+
+
 def register_pretraining_tasks(data_dir: str, vocab_file: str | None = None,
                                lower_case: bool = True, mask_prob: float = 0.15,
                                video_dim: int = video_text.DEFAULT_FEATURE_DIM,
                                text_block_len: int = text_lib.BLOCK_LEN) -> list[str]:
     """(Re-)registers the pretraining tasks over the shards under `data_dir`."""
-    vocab = vocab_lib.WordPieceVocabulary(vocab_file or vocab_lib.default_vocab_file(),
-                                          lower_case=lower_case)
+    vocab = _vocabulary(vocab_file or vocab_lib.default_vocab_file(), lower_case)
     pass_through = seqio.PassThroughVocabulary(size=0)
 
     def outputs(video: bool) -> dict[str, seqio.Feature]:
@@ -426,6 +431,8 @@ def make_dataset(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size:
     lengths = feature_lengths(name, int(data_cfg.get("seq_len", 128)),
                               int(data_cfg.get("max_predictions", 20)),
                               int(data_cfg.get("max_video_steps", 384)))
+    if not 0 < lengths["mlm_positions"] <= lengths["input_ids"] - 2:
+        raise ValueError(f"max_predictions must be in [1, seq_len - 2], got {lengths}.")
     ds = task.preprocess_postcache(ds, sequence_length=lengths, seed=seed)
     ds = feature_converter(name, video_dim)(ds, lengths)
     if repeat:

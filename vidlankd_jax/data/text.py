@@ -35,6 +35,8 @@ FORMATS = ("wikitext", "lines", "mediawiki")
 
 # A WikiText article title: exactly one '=' on each side (section headings have two or more).
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+# Bold/italic quote runs that gensim's markup filter leaves in place.
+_WIKI_EMPHASIS = re.compile(r"'{2,}")
 
 
 def _open_binary(path: str, raw: IO[bytes]) -> IO[bytes]:
@@ -77,11 +79,11 @@ class Paragraph:
 
 def iter_paragraphs(path: str, fmt: str = "auto") -> Iterator[Paragraph]:
     """Streams the non-blank paragraphs of a raw corpus with the index of their document."""
-    if fmt == "auto":
-        fmt = detect_format(path)
-    if fmt not in FORMATS:
+    if fmt not in FORMATS + ("auto",):
         raise ValueError(f"Unknown corpus format {fmt!r}; expected one of {FORMATS} or 'auto'.")
     try:
+        if fmt == "auto":
+            fmt = detect_format(path)
         with open(path, "rb") as raw:
             if fmt == "mediawiki":
                 yield from _iter_mediawiki(_open_binary(path, raw), raw)
@@ -114,7 +116,7 @@ def _iter_mediawiki(f: IO[bytes], raw: IO[bytes]) -> Iterator[Paragraph]:
             continue
         doc += 1
         for para in plain.split("\n"):
-            para = " ".join(para.split())
+            para = " ".join(_WIKI_EMPHASIS.sub("", para).split())
             if para:
                 yield Paragraph(doc, para, raw.tell())
 

@@ -132,17 +132,20 @@ class WordPieceVocabulary(seqio.Vocabulary):
     # -- tokenization -----------------------------------------------------------------------
     @functools.cached_property
     def _tokenizer(self) -> tf_text.FastBertTokenizer:
-        # Built lazily: compiling the fast WordPiece model takes a moment and is not picklable.
-        return tf_text.FastBertTokenizer(
-            vocab=self.tokens,
-            token_out_type=tf.int32,
-            unknown_token=UNK_TOKEN,
-            lower_case_nfd_strip_accents=False,
-        )
+        # Built lazily (compiling the fast WordPiece model takes a moment and is not picklable),
+        # and eagerly even when first used inside a tf.data map, so later graphs can capture it.
+        with tf.init_scope():
+            return tf_text.FastBertTokenizer(
+                vocab=self.tokens,
+                token_out_type=tf.int32,
+                unknown_token=UNK_TOKEN,
+                lower_case_nfd_strip_accents=False,
+            )
 
     @functools.cached_property
     def _tokens_tf(self) -> tf.Tensor:
-        return tf.constant(self.tokens, dtype=tf.string)
+        with tf.init_scope():
+            return tf.constant(self.tokens, dtype=tf.string)
 
     def tokenize_tf(self, text: tf.Tensor) -> tf.RaggedTensor:
         """String tensor [N] -> int32 ragged [N, pieces] (pieces of all words, no specials)."""
