@@ -35,7 +35,9 @@ def _as_labels(predictions: Any) -> np.ndarray:
     if predictions.ndim == 2:
         return predictions.argmax(axis=-1)
     if predictions.ndim != 1:
-        raise ValueError(f"Predictions must be label ids [N] or scores [N, K]; got shape {predictions.shape}.")
+        raise ValueError(
+            f"Predictions must be label ids [N] or scores [N, K]; got shape {predictions.shape}."
+        )
     return predictions
 
 
@@ -43,7 +45,9 @@ def _check_pair(targets: Any, predictions: Any) -> tuple[np.ndarray, np.ndarray]
     targets = np.asarray(targets)
     predictions = np.asarray(predictions)
     if targets.shape != predictions.shape:
-        raise ValueError(f"targets {targets.shape} and predictions {predictions.shape} differ in shape.")
+        raise ValueError(
+            f"targets {targets.shape} and predictions {predictions.shape} differ in shape."
+        )
     if targets.size == 0:
         raise ValueError("Cannot compute a metric over zero examples.")
     return targets, predictions
@@ -135,7 +139,11 @@ def correlation_metric(targets: Sequence, predictions: Sequence, **_: Any) -> di
         predictions = predictions[:, 0]
     pearson = 100.0 * pearson_corr(targets, predictions)
     spearman = 100.0 * spearman_corr(targets, predictions)
-    return {"pearson": pearson, "spearman": spearman, "pearson_spearman_mean": (pearson + spearman) / 2}
+    return {
+        "pearson": pearson,
+        "spearman": spearman,
+        "pearson_spearman_mean": (pearson + spearman) / 2,
+    }
 
 
 # The official metric of each GLUE task (the leaderboard's columns).
@@ -160,7 +168,9 @@ def glue_metrics(task: str, targets: Sequence, predictions: Sequence) -> dict[st
     return GLUE_METRICS[task](targets, predictions)
 
 
-def multiple_choice_accuracy(targets: Sequence, predictions: Sequence, **_: Any) -> dict[str, float]:
+def multiple_choice_accuracy(
+    targets: Sequence, predictions: Sequence, **_: Any
+) -> dict[str, float]:
     """{'accuracy'} of chosen indices [N] or per-choice scores [N, C] (SWAG, PIQA)."""
     return accuracy_metric(targets, predictions)
 
@@ -174,7 +184,11 @@ TRACIE_START, TRACIE_END = 0, 1
 
 def tracie_hypothesis_type(hypothesis: str) -> int:
     """TRACIE_START for 'starts before/after' hypotheses, else TRACIE_END (the official rule)."""
-    return TRACIE_START if ("starts before" in hypothesis or "starts after" in hypothesis) else TRACIE_END
+    return (
+        TRACIE_START
+        if ("starts before" in hypothesis or "starts after" in hypothesis)
+        else TRACIE_END
+    )
 
 
 def tracie_metrics(
@@ -227,18 +241,25 @@ def _label_names(predictions: Iterable, label_names: Sequence[str], where: str) 
         if isinstance(p, (str, bytes)):
             p = p.decode() if isinstance(p, bytes) else p
             if p not in label_names:
-                raise ValueError(f"{where}: prediction {i} is {p!r}, not one of {list(label_names)}.")
+                raise ValueError(
+                    f"{where}: prediction {i} is {p!r}, not one of {list(label_names)}."
+                )
             names.append(p)
         else:
             k = int(p)
             if not 0 <= k < len(label_names):
-                raise ValueError(f"{where}: prediction {i} is label id {k}, outside 0..{len(label_names) - 1}.")
+                raise ValueError(
+                    f"{where}: prediction {i} is label id {k}, outside 0..{len(label_names) - 1}."
+                )
             names.append(label_names[k])
     return names
 
 
 def write_glue_ax_predictions(
-    path: str, indices: Sequence[int], predictions: Sequence, label_names: Sequence[str] = MNLI_LABELS
+    path: str,
+    indices: Sequence[int],
+    predictions: Sequence,
+    label_names: Sequence[str] = MNLI_LABELS,
 ) -> None:
     """Writes AX.tsv for the GLUE server: header 'index\\tprediction', rows sorted by index.
 
@@ -263,18 +284,22 @@ def read_glue_diagnostics(path: str) -> list[dict[str, str]]:
         f = open(path, encoding="utf-8", newline="")
     except OSError as e:
         raise FileNotFoundError(
-            f"Cannot read the GLUE diagnostic file {path!r} ({e}). It is diagnostic-full.tsv from the "
-            "GLUE benchmark site (gluebenchmark.com/diagnostics)."
+            f"Cannot read the GLUE diagnostic file {path!r} ({e}). It is diagnostic-full.tsv "
+            "from the GLUE benchmark site (gluebenchmark.com/diagnostics)."
         ) from e
     with f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         missing = [c for c in _DIAGNOSTIC_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: header lacks the columns {missing}; found {reader.fieldnames}.")
+            raise ValueError(
+                f"{path}: header lacks the columns {missing}; found {reader.fieldnames}."
+            )
         rows = []
         for line, row in enumerate(reader, start=2):
             if row["Label"] not in MNLI_LABELS:
-                raise ValueError(f"{path}:{line}: Label {row['Label']!r} is not one of {list(MNLI_LABELS)}.")
+                raise ValueError(
+                    f"{path}:{line}: Label {row['Label']!r} is not one of {list(MNLI_LABELS)}."
+                )
             rows.append({k: (row[k] or "").strip() for k in _DIAGNOSTIC_COLUMNS})
     return rows
 
@@ -296,7 +321,9 @@ def glue_diagnostic_breakdown(
     if isinstance(predictions, Mapping):
         missing = [i for i in range(len(rows)) if i not in predictions]
         if missing:
-            raise ValueError(f"No prediction for diagnostic rows {missing[:10]} ({len(missing)} missing).")
+            raise ValueError(
+                f"No prediction for diagnostic rows {missing[:10]} ({len(missing)} missing)."
+            )
         predictions = [predictions[i] for i in range(len(rows))]
     if len(predictions) != len(rows):
         raise ValueError(f"{len(predictions)} predictions for {len(rows)} diagnostic rows.")
@@ -446,7 +473,10 @@ def squad_v2_metrics(
         f1_raw[qid] = max(squad_f1(g, pred) for g in golds)
 
     def thresholded(scores):
-        return {q: float(not has_answer[q]) if probs[q] > na_prob_thresh else s for q, s in scores.items()}
+        return {
+            q: float(not has_answer[q]) if probs[q] > na_prob_thresh else s
+            for q, s in scores.items()
+        }
 
     exact, f1 = thresholded(exact_raw), thresholded(f1_raw)
 
@@ -466,7 +496,9 @@ def squad_v2_metrics(
             out.update({f"{prefix}_{k}": v for k, v in summary(qids).items()})
     if na_probs is not None:
         preds = {q: _text(p) for q, p in predictions.items()}
-        out["best_exact"], out["best_exact_thresh"] = _best_threshold(preds, exact_raw, probs, has_answer)
+        out["best_exact"], out["best_exact_thresh"] = _best_threshold(
+            preds, exact_raw, probs, has_answer
+        )
         out["best_f1"], out["best_f1_thresh"] = _best_threshold(preds, f1_raw, probs, has_answer)
     return out
 
@@ -524,7 +556,9 @@ def window_span_candidates(
         for e in ends:
             if offset_end[e] < 0 or e < s or e - s + 1 > max_answer_length:
                 continue
-            out.append((float(start_logits[s] + end_logits[e]), int(offset_start[s]), int(offset_end[e])))
+            out.append(
+                (float(start_logits[s] + end_logits[e]), int(offset_start[s]), int(offset_end[e]))
+            )
     return out
 
 
@@ -553,7 +587,8 @@ def decode_span_predictions(
     start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
     if start_logits.shape != end_logits.shape or start_logits.shape[0] != n:
         raise ValueError(
-            f"Logits {start_logits.shape}/{end_logits.shape} do not match {n} windows of bookkeeping."
+            f"Logits {start_logits.shape}/{end_logits.shape} do not match {n} windows of "
+            "bookkeeping."
         )
     valid = np.asarray(windows.get("valid", np.ones(n)), dtype=bool)
     spans: dict[str, list[tuple[float, int, int]]] = collections.defaultdict(list)

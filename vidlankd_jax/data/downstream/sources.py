@@ -24,7 +24,9 @@ class TfdsSource(seqio.TfdsDataSource):
     FileNotFoundError with the command that prepares it."""
 
     def __init__(self, tfds_name: str, data_dir: str | None, splits: Sequence[str]):
-        super().__init__(tfds_name=tfds_name, tfds_data_dir=data_dir, splits=list(splits), read_only=True)
+        super().__init__(
+            tfds_name=tfds_name, tfds_data_dir=data_dir, splits=list(splits), read_only=True
+        )
         self._name, self._data_dir = tfds_name, data_dir
 
     def missing_error(self, cause: Exception) -> FileNotFoundError:
@@ -40,17 +42,19 @@ class TfdsSource(seqio.TfdsDataSource):
     def get_dataset(self, split=None, shuffle=True, seed=None, shard_info=None, **kwargs):
         try:
             return super().get_dataset(split, shuffle, seed, shard_info, **kwargs)
-        except (AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
+        except (AssertionError, tfds.core.DatasetNotFoundError) as e:
             raise self.missing_error(e) from e
 
     def list_shards(self, split: str) -> Sequence[str]:
         try:
             return super().list_shards(split)
-        except (AssertionError, KeyError, tfds.core.registered.DatasetNotFoundError) as e:
+        except (AssertionError, KeyError, tfds.core.DatasetNotFoundError) as e:
             raise self.missing_error(e) from e
 
 
-def _columns_dataset(columns: Mapping[str, np.ndarray], shuffle: bool, seed: int | None) -> tf.data.Dataset:
+def _columns_dataset(
+    columns: Mapping[str, np.ndarray], shuffle: bool, seed: int | None
+) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices(dict(columns))
     if shuffle:
         ds = ds.shuffle(len(next(iter(columns.values()))), seed=seed)
@@ -74,7 +78,9 @@ def file_source(
         path = split_files[split]
         if not path or not os.path.isfile(path):
             raise FileNotFoundError(missing_message(split, path))
-        return _columns_dataset(_read_cached(read_fn, path, os.path.getmtime(path)), shuffle_files, seed)
+        return _columns_dataset(
+            _read_cached(read_fn, path, os.path.getmtime(path)), shuffle_files, seed
+        )
 
     return seqio.FunctionDataSource(dataset_fn, splits=list(split_files))
 
@@ -98,7 +104,9 @@ def read_swag_csv(path: str) -> dict[str, np.ndarray]:
         reader = csv.DictReader(f)
         missing = [c for c in SWAG_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: SWAG CSV lacks the columns {missing}; header is {reader.fieldnames}.")
+            raise ValueError(
+                f"{path}: SWAG CSV lacks the columns {missing}; header is {reader.fieldnames}."
+            )
         has_label = "label" in reader.fieldnames
         sent1, sent2, endings, labels = [], [], [], []
         for line, row in enumerate(reader, start=2):
@@ -107,9 +115,13 @@ def read_swag_csv(path: str) -> dict[str, np.ndarray]:
                 try:
                     label = int(row["label"])
                 except (TypeError, ValueError):
-                    raise ValueError(f"{path}:{line}: label {row['label']!r} is not an integer.") from None
+                    raise ValueError(
+                        f"{path}:{line}: label {row['label']!r} is not an integer."
+                    ) from None
                 if not 0 <= label < SWAG_NUM_CHOICES:
-                    raise ValueError(f"{path}:{line}: label {label} is outside 0..{SWAG_NUM_CHOICES - 1}.")
+                    raise ValueError(
+                        f"{path}:{line}: label {label} is outside 0..{SWAG_NUM_CHOICES - 1}."
+                    )
             if any(row[c] is None for c in SWAG_COLUMNS):
                 raise ValueError(f"{path}:{line}: the row has fewer fields than the header.")
             sent1.append(row["sent1"])
@@ -167,15 +179,22 @@ def read_tracie(path: str) -> dict[str, np.ndarray]:
             if not line.strip():
                 continue
             fields = line.split("\t")
-            if len(fields) != 2 or not fields[0].startswith("event: ") or " story: " not in fields[0]:
+            if (
+                len(fields) != 2
+                or not fields[0].startswith("event: ")
+                or " story: " not in fields[0]
+            ):
                 raise ValueError(
-                    f"{path}:{line_no}: expected 'event: <hypothesis> story: <story>\\tanswer: <label>', "
+                    f"{path}:{line_no}: expected "
+                    "'event: <hypothesis> story: <story>\\tanswer: <label>', "
                     f"got {line[:120]!r}."
                 )
             hypothesis, story = fields[0][len("event: ") :].split(" story: ", 1)
             answer = fields[1].strip()
             if not answer.startswith("answer: ") or answer[len("answer: ") :] not in TRACIE_LABELS:
-                raise ValueError(f"{path}:{line_no}: answer {answer!r} is not 'answer: positive|negative'.")
+                raise ValueError(
+                    f"{path}:{line_no}: answer {answer!r} is not 'answer: positive|negative'."
+                )
             hypotheses.append(hypothesis.strip())
             stories.append(story.strip())
             labels.append(TRACIE_LABELS.index(answer[len("answer: ") :]))
@@ -195,7 +214,9 @@ def read_tracie(path: str) -> dict[str, np.ndarray]:
 def tracie_source(tracie_dir: str | None, setting: str) -> seqio.FunctionDataSource:
     """TRACIE train/test of one training setting ('iid' or 'uniform_prior')."""
     if setting not in TRACIE_FILES:
-        raise ValueError(f"Unknown TRACIE setting {setting!r}; expected one of {sorted(TRACIE_FILES)}.")
+        raise ValueError(
+            f"Unknown TRACIE setting {setting!r}; expected one of {sorted(TRACIE_FILES)}."
+        )
 
     def missing(split: str, path: str | None) -> str:
         where = tracie_dir or "<not set: pass tracie_dir= to register_downstream_tasks>"
@@ -205,5 +226,8 @@ def tracie_source(tracie_dir: str | None, setting: str) -> seqio.FunctionDataSou
             "pass that folder as tracie_dir."
         )
 
-    files = {s: (os.path.join(tracie_dir, f) if tracie_dir else None) for s, f in TRACIE_FILES[setting].items()}
+    files = {
+        s: (os.path.join(tracie_dir, f) if tracie_dir else None)
+        for s, f in TRACIE_FILES[setting].items()
+    }
     return file_source(files, read_tracie, missing)
