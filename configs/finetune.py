@@ -1,0 +1,112 @@
+"""Fine-tuning on one downstream benchmark, several seeds per run.
+
+  python -m vidlankd_jax.main --config=configs/finetune.py:task=sst2,init=runs/student \
+      --config.seeds=1,2,3 --workdir=runs/finetune/sst2
+  python -m vidlankd_jax.main --config=configs/finetune.py:task=squad_v1,init=hf:/models/bert-base \
+      --config.data.data_dir=~/tensorflow_datasets --workdir=runs/finetune/squad_v1
+  python -m vidlankd_jax.main --config=configs/finetune.py:task=tracie,size=tiny \
+      --config.data.tracie_dir=data/tracie --workdir=runs/finetune/tracie
+
+`task` is a registered benchmark (glue_sst2, squad_v1, swag, piqa, tracie_iid, ...) or a GLUE
+short name (sst2, mnli, ...). `init` is `scratch`, `hf:<dir>` or a teacher/student workdir.
+`size` is a model size, or `auto` (the default unless `init=scratch`): the size of the initial
+weights. `size=tiny` shrinks everything for tests and CPU demos. Defaults follow the paper's
+protocol (method.md "Downstream protocol"); a benchmark added with its own registration gets an
+entry in TASK_DEFAULTS (or the generic defaults).
+"""
+
+from configs import common
+
+GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "ax")
+TASK_ALIASES = {**{name: f"glue_{name}" for name in GLUE},
+                "squad": "squad_v1", "tracie": "tracie_iid"}
+
+# Task name (or family, the part before the first "_") -> training defaults. `seq_len` counts
+# [CLS]/[SEP] (0: the benchmark's own default); `primary_metric` is what comparison tables show.
+GENERIC_DEFAULTS = dict(learning_rate=5e-5, epochs=3, batch_size=32, seq_len=0,
+                        primary_metric="accuracy")
+TASK_DEFAULTS = {
+    # GLUE: 3 epochs, lr 1e-4, batch 32, 126 word pieces + [CLS] + [SEP].
+    "glue": dict(learning_rate=1e-4, epochs=3, batch_size=32, seq_len=128),
+    "glue_cola": dict(primary_metric="matthews_corr"),
+    "glue_mrpc": dict(primary_metric="f1"),
+    "glue_stsb": dict(primary_metric="pearson"),
+    # SQuAD: 2 epochs, 384 tokens, doc stride 128; lr 3e-5 (v1.1) / 5e-5 (v2.0).
+    "squad_v1": dict(learning_rate=3e-5, epochs=2, batch_size=32, seq_len=384, doc_stride=128,
+                     primary_metric="f1"),
+    "squad_v2": dict(learning_rate=5e-5, epochs=2, batch_size=32, seq_len=384, doc_stride=128,
+                     primary_metric="f1"),
+    # SWAG: 4 endings, lr 5e-5, 3 epochs, 80 tokens per choice row.
+    "swag": dict(learning_rate=5e-5, epochs=3, batch_size=16, seq_len=80),
+    # PIQA: goal + solution rows, BERT's usual multiple-choice settings.
+    "piqa": dict(learning_rate=2e-5, epochs=3, batch_size=16, seq_len=128),
+    # TRACIE: story + hypothesis pairs (at most ~115 word pieces); 1,174 (iid) training examples.
+    "tracie": dict(learning_rate=5e-5, epochs=10, batch_size=16, seq_len=128),
+}
+
+
+def task_defaults(task: str) -> dict:
+  """Generic defaults, overridden by the task's family entry, then by the task's own entry."""
+  out = dict(GENERIC_DEFAULTS)
+  out.update(TASK_DEFAULTS.get(task.split("_")[0], {}))
+  out.update(TASK_DEFAULTS.get(task, {}))
+  return out
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, task="glue_sst2", size="", init="scratch")
+  task = TASK_ALIASES.get(arg.task, arg.task)
+  size = arg.size or ("base" if arg.init == "scratch" else "auto")
+  defaults = task_defaults(task)
+
+  config = common.base_config(stage="finetune", size="base" if size == "auto" else size)
+  config.model.size = size
+  config.init = dict(
+      # "scratch", "hf:<Hugging Face BERT dir>", or a teacher/student workdir (or checkpoints/).
+      source=arg.init,
+      step=-1,  # checkpoint step to read; -1: the latest
+  )
+  # Comma-separated; each seed fine-tunes once (its own head, dropout and data order).
+  config.seeds = "1,2,3"
+
+  config.data.task = task
+  config.data.seq_len = defaults["seq_len"]
+  config.data.data_dir = ""    # TFDS data folder (GLUE, SQuAD, PIQA); "" uses TFDS's default
+  config.data.swag_dir = ""    # train.csv / val.csv / test.csv of SWAG
+  config.data.tracie_dir = ""  # the data/ folder of the TRACIE release (iid/, uniform-prior/)
+  config.data.doc_stride = defaults.get("doc_stride", 128)
+  config.data.max_query_length = 64
+  # A module whose register_benchmarks(vocab, data_config) registers more benchmarks.
+  config.data.benchmarks_module = ""
+
+  config.train.batch_size = defaults["batch_size"]
+  config.train.epochs = float(defaults["epochs"])
+  config.train.steps = 0  # > 0 overrides epochs
+  config.train.log_every = 50
+  config.optimizer = common.optimizer_config(learning_rate=defaults["learning_rate"], warmup_steps=0)
+  config.optimizer.warmup_fraction = 0.1  # sets warmup_steps from the run's length
+
+  config.eval.batch_size = 64
+  config.eval.batches = 0      # 0: the whole split; n > 0: the first n batches only
+  config.eval.every_steps = 0  # 0: evaluate once, at the end
+  config.eval.primary_metric = defaults["primary_metric"]
+  config.eval.n_best_size = 20          # span decoding
+  config.eval.max_answer_length = 30
+  config.eval.null_score_diff_threshold = 0.0  # SQuAD v2.0: answer "" above this null margin
+  # MNLI only: also predict the GLUE diagnostics (seed_<s>/AX.tsv for the GLUE server) and, with
+  # the labelled diagnostic-full.tsv from gluebenchmark.com, score R3 per category.
+  config.eval.glue_ax = False
+  config.eval.glue_diagnostics_file = ""
+
+  if size == "tiny":
+    common.shrink_to_tiny(config)
+    config.data.seq_len = 64 if config.data.task.startswith("squad") else 32
+    config.data.max_query_length = 16
+    config.data.doc_stride = 16
+    config.train.steps = 0
+    config.train.epochs = 1.0
+    config.optimizer.learning_rate = 1e-3
+    config.eval.batches = 0
+    config.eval.every_steps = 0
+  config.lock()
+  return config

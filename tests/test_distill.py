@@ -1,0 +1,432 @@
+"""Distillation: pure helpers, the jitted step, the loop end to end, and the science check.
+
+The end-to-end runs distil tiny students on real English text (gensim's Lee news corpus,
+tokenized with the bert-base-uncased vocabulary into the student's TFRecords) from a tiny
+teacher trained here by the teacher loop on a generated video-text corpus.
+"""
+
+import functools
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import distill as distill_configs
+from configs import teacher as teacher_configs
+from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import losses
+from vidlankd_jax import sharding
+from vidlankd_jax.models.teacher import Teacher
+from vidlankd_jax.train import common
+from vidlankd_jax.train import distill
+from vidlankd_jax.train import teacher as teacher_train
+
+TEACHER_STEPS = 40
+SCIENCE_STEPS = 60
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers.
+
+
+def test_parse_objectives():
+  assert distill.parse_objectives("nst") == ("nst",)
+  assert distill.parse_objectives("nst+crd") == ("nst", "crd")
+  assert distill.parse_objectives("none") == ()
+  for bad in ("nst+nst", "crd+none", "", "nts"):
+    with pytest.raises(ValueError, match="config.kd.objectives"):
+      distill.parse_objectives(bad)
+
+
+def test_memory_rows_follow_the_text_not_the_masking():
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 30000, (6, 32)).astype(np.int32)
+  ids[1] = ids[0]
+  ids[2] = ids[0]
+  ids[2, 5] += 1  # one token differs
+  masked = ids.copy()
+  masked[:, 3] = 103
+  rows = np.asarray(distill.memory_rows({"unmasked_ids": ids, "input_ids": masked}, 1 << 20))
+  assert rows.min() >= 0 and rows.max() < (1 << 20)
+  assert rows[0] == rows[1] and len(set(rows.tolist()) - {rows[0]}) == 4
+  remasked = np.asarray(distill.memory_rows({"unmasked_ids": ids, "input_ids": ids}, 1 << 20))
+  np.testing.assert_array_equal(rows, remasked)
+  given = distill.memory_rows({"unmasked_ids": ids, "example_id": np.arange(6) + 10}, 8)
+  np.testing.assert_array_equal(np.asarray(given), [2, 3, 4, 5, 6, 7])
+
+
+def test_voken_labels_are_the_nearest_bank_vector():
+  rng = np.random.default_rng(1)
+  bank = np.asarray(losses.l2_normalize(rng.standard_normal((5, 8))))
+  states = np.asarray(losses.l2_normalize(rng.standard_normal((2, 3, 8))))
+  expected = np.argmax(states @ bank.T, axis=-1)
+  np.testing.assert_array_equal(np.asarray(distill.voken_labels(states, bank)), expected)
+  np.testing.assert_array_equal(np.asarray(distill.voken_labels(bank[None], bank))[0], np.arange(5))
+
+
+def test_linear_cka():
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((4, 50, 6)).astype(np.float32)
+  mask = np.ones((4, 50), np.float32)
+  rotation, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+  wider = np.concatenate([3.0 * x @ rotation, np.zeros((4, 50, 2), np.float32)], -1)
+  cka = lambda a, b, m: distill.linear_cka(distill.cka_moments(a, b, m))
+  assert cka(x, x, mask) == pytest.approx(1.0, abs=1e-5)
+  assert cka(x, wider, mask) == pytest.approx(1.0, abs=1e-4)  # rotation, scale, other width
+  assert cka(x, rng.standard_normal((4, 50, 6)).astype(np.float32), mask) < 0.2
+  # Summing the moments over batches equals one pass; masked tokens count for nothing.
+  halves = [distill.cka_moments(x[i:i + 2], wider[i:i + 2], mask[i:i + 2]) for i in (0, 2)]
+  summed = {k: np.asarray(halves[0][k], np.float64) + np.asarray(halves[1][k]) for k in halves[0]}
+  assert distill.linear_cka(summed) == pytest.approx(cka(x, wider, mask), abs=1e-6)
+  noisy = x.copy()
+  noisy[:, 40:] = 100 * rng.standard_normal((4, 10, 6))
+  mask[:, 40:] = 0
+  assert cka(x, noisy, mask) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_spherical_kmeans_finds_the_clusters():
+  rng = np.random.default_rng(3)
+  centres = np.eye(4, 16)
+  points = np.repeat(centres, 30, axis=0) + 0.05 * rng.standard_normal((120, 16))
+  points /= np.linalg.norm(points, axis=1, keepdims=True)
+  found = distill.spherical_kmeans(points, 4, iters=10, seed=0)
+  np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1.0, atol=1e-6)
+  assert np.sort(np.max(found @ centres.T, axis=0)).min() > 0.99  # every centre is found
+  with pytest.raises(ValueError, match="num_vokens=200 exceeds the 120 clips"):
+    distill.spherical_kmeans(points, 200, iters=1, seed=0)
+
+
+def test_total_loss_weights_each_term():
+  config = distill_configs.get_config("size=tiny,objectives=nst+crd")
+  config.kd.weights.crd = 0.25
+  config.kd.mlm_weight = 2.0
+  terms = {"mlm": jnp.float32(3.0), "nst": jnp.float32(-0.5), "crd": jnp.float32(4.0)}
+  assert float(distill.total_loss(terms, config.kd)) == pytest.approx(6.0 - 0.5 + 1.0)
+
+
+def test_objective_terms_dispatch_to_the_losses():
+  config = distill_configs.get_config("size=tiny,objectives=nst+ntxent+mse+cos+kd")
+  rng = np.random.default_rng(4)
+  unit = lambda *shape: np.asarray(losses.l2_normalize(rng.standard_normal(shape).astype(np.float32)))
+  heads = {name: unit(4, 8, 16) for name in ("nst", "ntxent", "mse", "cos")}
+  targets = unit(4, 8, 16)
+  mask = np.ones((4, 8), np.int32)
+  mask[1, 5:] = 0
+  batch = {"attention_mask": mask, "mlm_weights": np.ones((4, 3), np.float32)}
+  student_logits, teacher_logits = rng.standard_normal((2, 4, 3, 11)).astype(np.float32)
+  terms, _, updates = distill.objective_terms(config, heads, targets, batch, None, None,
+                                              mlm_logits=student_logits, teacher_logits=teacher_logits)
+  expected = {
+      "nst": losses.nst_loss(heads["nst"], targets),
+      "ntxent": losses.nt_xent_loss(heads["ntxent"], targets, 1.0, mask),
+      "mse": losses.hidden_mse_loss(heads["mse"], targets, mask),
+      "cos": losses.hidden_cosine_loss(heads["cos"], targets, mask),
+      "kd": losses.soft_label_kd_loss(student_logits, teacher_logits, 1.0, batch["mlm_weights"]),
+  }
+  assert set(terms) == set(expected) and updates == {}
+  for name, value in expected.items():
+    assert float(terms[name]) == pytest.approx(float(value), rel=1e-6), name
+  config.kd.nst_variant = "mmd"
+  terms, _, _ = distill.objective_terms(config, heads, targets, batch, None, None,
+                                        mlm_logits=student_logits, teacher_logits=teacher_logits)
+  assert float(terms["nst"]) == pytest.approx(float(losses.nst_mmd_loss(heads["nst"], targets, mask)))
+
+
+def test_benchmark_flop_count_matches_the_model():
+  """The benchmark's encoder FLOP term counts exactly the kernels a token passes through."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "distill_step.py")
+  spec = importlib.util.spec_from_file_location("distill_step", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  config = distill_configs.get_config("size=tiny,teacher_size=mini,objectives=none")
+  from vidlankd_jax.models.bert import BertConfig, TransformerStack
+  stack = sharding.create_sharded(
+      lambda: TransformerStack(BertConfig.from_config(config.teacher.model), rngs=nnx.Rngs(0)),
+      sharding.single_device_mesh(), config.sharding_rules)
+  kernels = sum(x.size for path, x in nnx.state(stack, nnx.Param).flat_state()
+                if path[-1] == "kernel")
+  b, l = config.train.batch_size, config.data.seq_len
+  m = config.teacher.model
+  flops = bench.step_flops(config)
+  assert flops["teacher_forward"] == 0  # the text-only baseline runs no teacher
+  config.kd.objectives = "nst"
+  flops = bench.step_flops(config)
+  attention = 4 * m.num_layers * l * m.hidden_size
+  assert flops["teacher_forward"] == 2 * b * l * kernels + b * l * attention
+  assert flops["step"] == flops["student_train"] + flops["teacher_forward"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted step (no data files): a fresh teacher, random batches.
+
+
+def step_config(objectives="nst+crd"):
+  config = distill_configs.get_config(f"size=tiny,objectives={objectives}")
+  config.model.vocab_size = config.teacher.model.vocab_size = 128
+  config.teacher.video.input_dim = 32
+  config.kd.crd.memory_size = 64
+  config.kd.crd.num_negatives = 16
+  config.optimizer.warmup_steps = 0
+  return config
+
+
+def random_batch(config, batch=8, seed=0):
+  rng = np.random.default_rng(seed)
+  l, p = config.data.seq_len, config.data.max_predictions
+  ids = rng.integers(5, config.model.vocab_size, (batch, l)).astype(np.int32)
+  mask = np.ones((batch, l), np.int32)
+  mask[:, -4:] = 0
+  positions = rng.integers(1, l - 4, (batch, p)).astype(np.int32)
+  masked = ids.copy()
+  np.put_along_axis(masked, positions, 4, axis=1)
+  return {"input_ids": masked * mask, "unmasked_ids": ids * mask, "attention_mask": mask,
+          "token_type_ids": np.zeros_like(ids), "mlm_positions": positions,
+          "mlm_targets": np.take_along_axis(ids, positions, axis=1),
+          "mlm_weights": np.ones((batch, p), np.float32)}
+
+
+def run_steps(config, mesh, num_steps=2):
+  teacher = sharding.create_sharded(lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)),
+                                    mesh, config.sharding_rules)
+  models, state, tx = distill.init_state(config, mesh, teacher=teacher)
+  before = jax.tree.map(np.asarray, {"params": state.params, "frozen": state.frozen,
+                                     "extra": state.extra})
+  state_sh = sharding.state_shardings(state)
+  step = jax.jit(functools.partial(
+      distill.train_step, models=models, config=config, tx=tx,
+      schedule=common.learning_rate_schedule(config.optimizer, config.train.steps)),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, None),
+      donate_argnums=0)
+  for i in range(num_steps):
+    state, metrics = step(state, sharding.global_batch(random_batch(config, seed=i), mesh))
+  return before, state, jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def single_device_steps():
+  return run_steps(step_config(), sharding.single_device_mesh())
+
+
+def test_step_trains_the_student_advances_the_memory_and_keeps_the_teacher(single_device_steps):
+  before, state, metrics = single_device_steps
+  assert metrics["finite"] and np.isfinite(metrics["loss"])
+  assert metrics["loss"] == pytest.approx(metrics["mlm_loss"] + metrics["nst_loss"] + metrics["crd_loss"],
+                                          rel=1e-5)
+  for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(before["frozen"])):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  for name in ("language", "kd_heads"):
+    change = max(float(np.abs(np.asarray(a) - b).max()) for a, b in
+                 zip(jax.tree.leaves(state.params[name]), jax.tree.leaves(before["params"][name])))
+    assert change > 0, name
+  memory, fresh = state.extra["crd"], before["extra"]["crd"]
+  assert float(memory.z_student) > 0 and float(fresh.z_student) < 0  # set on the first batch
+  moved = np.any(np.asarray(memory.teacher_memory) != fresh.teacher_memory, axis=1)
+  assert 8 <= moved.sum() <= 16  # the rows of the two batches' examples, no others
+
+
+def test_sharded_step_with_a_sharded_memory_equals_single_device(single_device_steps):
+  _, ref, ref_metrics = single_device_steps
+  config = step_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
+  mesh = sharding.make_mesh(config.mesh)
+  _, out, metrics = run_steps(config, mesh)
+  assert out.extra["crd"].student_memory.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5)
+  for a, b in zip(jax.tree.leaves((ref.params, ref.extra)), jax.tree.leaves((out.params, out.extra))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_text_only_baseline_needs_no_teacher():
+  config = step_config("none")
+  models, state, _ = distill.init_state(config, sharding.single_device_mesh())
+  assert state.frozen is None and state.extra is None and models.teacher_def is None
+
+
+def test_config_errors_name_the_key():
+  config = step_config("nst")
+  config.teacher.model.vocab_size = 256
+  with pytest.raises(ValueError, match="config.teacher.model.vocab_size 256"):
+    distill.check_config(config)
+  config = step_config("voken")
+  with pytest.raises(ValueError, match="config.kd.voken.data_dir is empty"):
+    distill.check_config(config)
+  config = step_config("nst+crd")
+  config.optimizer.grad_accum_steps = 2
+  with pytest.raises(ValueError, match="grad_accum_steps must be 1 with the crd"):
+    distill.check_config(config)
+  config = step_config("nst")
+  with pytest.raises(ValueError, match="config.teacher.workdir is empty"):
+    distill.init_state(config, sharding.single_device_mesh())
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop end to end, on files.
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """Student TFRecords (train/validation) of real English text, and a trained tiny teacher."""
+  import gensim.test.utils as gensim_data
+  from vidlankd_jax.data import text as text_lib
+  from vidlankd_jax.data import vocab as vocab_lib
+
+  root = tmp_path_factory.mktemp("distill")
+  with open(gensim_data.datapath("lee_background.cor"), encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  cut = int(0.85 * len(lines))
+  vocab = vocab_lib.WordPieceVocabulary(vocab_lib.default_vocab_file())
+  for split, part in (("train", lines[:cut]), ("validation", lines[cut:])):
+    raw = root / f"{split}.txt"
+    raw.write_text("".join(part), encoding="utf-8")
+    text_lib.convert_text([str(raw)], str(root / "text" / "wiki103"), vocab, prefix="wiki103",
+                          split=split, num_shards=1, fmt="lines", log=lambda *_: None)
+
+  config = teacher_configs.get_config("size=tiny,data=synthetic")
+  config.data.data_dir = str(root / "video")
+  config.train.steps = TEACHER_STEPS
+  config.train.log_every = TEACHER_STEPS
+  teacher_dir = str(root / "teacher")
+  teacher_metrics = teacher_train.train_and_evaluate(config, teacher_dir)
+  return {"root": root, "teacher": teacher_dir, "teacher_metrics": teacher_metrics,
+          "teacher_params": ckpt_lib.restore_params_numpy(os.path.join(teacher_dir, "checkpoints"))}
+
+
+def loop_config(corpus, objectives, steps, seed=0):
+  config = distill_configs.get_config(f"size=tiny,objectives={objectives}")
+  config.seed = seed
+  config.data.data_dir = str(corpus["root"] / "text")
+  config.teacher.workdir = corpus["teacher"]
+  config.kd.voken.data_dir = str(corpus["root"] / "video")
+  config.train.steps = steps
+  config.train.log_every = 10
+  config.eval.every_steps = max(steps // 2, 1)
+  config.eval.batches = 4
+  config.checkpoint.every_steps = steps
+  return config
+
+
+def run_loop(corpus, objectives, steps, seed=0):
+  workdir = str(corpus["root"] / objectives.replace("+", "_"))
+  metrics = distill.train_and_evaluate(loop_config(corpus, objectives, steps, seed), workdir)
+  return workdir, metrics
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def science_runs(corpus):
+  """The NST student and the text-only baseline: same seed, data, steps; the same teacher.
+
+  Also the NST student's evaluation before training. The students' seed differs from the
+  teacher's, so that a student does not start from the teacher's own initial weights.
+  """
+  runs = {objectives: run_loop(corpus, objectives, SCIENCE_STEPS, seed=1)
+          for objectives in ("nst", "none")}
+  config = loop_config(corpus, "nst", SCIENCE_STEPS, seed=1)
+  config.data.vocab_file = common.resolve_vocab(config)
+  mesh = sharding.make_mesh(config.mesh)
+  models, state, _ = distill.init_state(config, mesh)
+  eval_fn = jax.jit(functools.partial(distill.eval_step, models=models, config=config))
+  runs["initial"] = distill.evaluate(state, eval_fn, config, mesh)
+  return runs
+
+
+@pytest.mark.slow
+def test_nst_loop_saves_the_student_alone_and_leaves_the_teacher_untouched(corpus, science_runs):
+  workdir, metrics = science_runs["nst"]
+  for key in ("eval/mlm_loss", "eval/mlm_accuracy", "eval/nst_loss", "eval/nst_teacher_cosine",
+              "eval/teacher_cka"):
+    assert np.isfinite(metrics[key]), key
+  step_dir = os.path.join(workdir, "checkpoints", str(SCIENCE_STEPS))
+  assert set(os.listdir(step_dir)) >= {"params", "opt_state", "meta"}
+  assert not {"frozen", "teacher"} & set(os.listdir(step_dir))
+  saved = ckpt_lib.restore_params_numpy(os.path.join(workdir, "checkpoints"))
+  assert set(saved) == {"language", "kd_heads"} and set(saved["kd_heads"]) == {"nst"}
+  teacher_now = ckpt_lib.restore_params_numpy(os.path.join(corpus["teacher"], "checkpoints"))
+  for a, b in zip(jax.tree.leaves(teacher_now), jax.tree.leaves(corpus["teacher_params"])):
+    np.testing.assert_array_equal(a, b)
+  assert ckpt_lib.CheckpointManager(os.path.join(corpus["teacher"], "checkpoints"), every_steps=1,
+                                    keep=1).all_steps() == [TEACHER_STEPS]
+  baseline = ckpt_lib.restore_params_numpy(os.path.join(science_runs["none"][0], "checkpoints"))
+  assert set(baseline) == {"language"}
+
+
+@pytest.mark.slow
+def test_science_check_distilled_student_ends_closer_to_the_teacher(science_runs):
+  """NST's loss falls, and the NST student's token states end closer to the teacher's (linear
+  CKA over held-out tokens) than those of the text-only baseline after the same steps."""
+  initial, distilled, baseline = (science_runs[k] if k == "initial" else science_runs[k][1]
+                                  for k in ("initial", "nst", "none"))
+  figures = (f"NST eval loss {initial['eval/nst_loss']:.4f} at step 0 -> "
+             f"{distilled['eval/nst_loss']:.4f} at step {SCIENCE_STEPS}; CKA with the teacher: "
+             f"{initial['eval/teacher_cka']:.4f} at step 0 -> NST student "
+             f"{distilled['eval/teacher_cka']:.4f}, text-only baseline "
+             f"{baseline['eval/teacher_cka']:.4f}")
+  print(figures)
+  assert distilled["eval/nst_loss"] < initial["eval/nst_loss"] - 0.02, figures
+  assert distilled["eval/teacher_cka"] > baseline["eval/teacher_cka"] + 0.01, figures
+
+
+@pytest.mark.slow
+def test_crd_memory_survives_sigterm_and_resume(corpus, monkeypatch):
+  write = common.MetricsWriter.write
+
+  def write_then_signal(self, step, metrics, **kwargs):
+    write(self, step, metrics, **kwargs)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(common.MetricsWriter, "write", write_then_signal)
+  config = loop_config(corpus, "nst+crd", 6)
+  config.train.log_every = 2
+  config.eval.every_steps = 6
+  workdir = str(corpus["root"] / "crd")
+  assert distill.train_and_evaluate(config, workdir) == {}  # stopped before any evaluation
+  manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=100,
+                                       keep=3, fingerprint=ckpt_lib.fingerprint(config))
+  assert manager.latest_step() == 2
+  mesh = sharding.make_mesh(config.mesh)
+  _, fresh, _ = distill.init_state(config, mesh)
+  fresh_memory = jax.tree.map(np.asarray, fresh.extra["crd"])
+  restored, _ = manager.restore(fresh)
+  manager.close()
+  memory = restored.extra["crd"]
+  assert int(restored.step) == 2 and float(memory.z_student) > 0 > fresh_memory.z_student
+  assert np.any(np.asarray(memory.student_memory) != fresh_memory.student_memory)
+  assert memory.student_memory.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+
+  monkeypatch.setattr(common.MetricsWriter, "write", write)
+  metrics = distill.train_and_evaluate(config, workdir)
+  assert np.isfinite(metrics["eval/crd_loss"]) and np.isfinite(metrics["eval/nst_loss"])
+  logged = [m["step"] for m in read_metrics(workdir) if "train/crd_loss" in m]
+  assert logged == [2, 4, 6]  # resumed at step 2, not from scratch
+
+
+@pytest.mark.slow
+def test_voken_baseline_classifies_teacher_clip_vokens(corpus):
+  config = loop_config(corpus, "voken", 10)
+  config.kd.voken.num_vokens = 16  # k-means centroids of the teacher's held-out clip vectors
+  workdir = str(corpus["root"] / "voken")
+  metrics = distill.train_and_evaluate(config, workdir)
+  saved = ckpt_lib.restore_params_numpy(os.path.join(workdir, "checkpoints"))
+  assert saved["kd_heads"]["voken"]["output"]["kernel"].shape == (64, 16)
+  assert 0.0 <= metrics["eval/voken_accuracy"] <= 1.0 and np.isfinite(metrics["eval/voken_loss"])
+  first = next(m for m in read_metrics(workdir) if "train/voken_loss" in m)
+  assert first["train/voken_loss"] < np.log(16) + 1.0  # starts near chance, log K
+
+
+def test_teacher_size_mismatch_is_a_fingerprint_error(corpus):
+  config = loop_config(corpus, "nst", 1)
+  bigger = distill_configs.get_config("size=tiny,teacher_size=mini,objectives=nst")
+  config.teacher.model = bigger.teacher.model
+  config.teacher.video = bigger.teacher.video
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="model.hidden_size: checkpoint 64 vs config 256"):
+    distill.load_teacher(config, sharding.single_device_mesh())

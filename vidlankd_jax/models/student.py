@@ -1,0 +1,84 @@
+"""The VidLanKD student: a BERT with its MLM head plus one head per distillation objective.
+
+Params live under `language` (a `BertForMaskedLM`; fine-tuning reads `params["language"]["bert"]`)
+and `kd_heads` (an `nnx.Dict`, objective name -> head):
+
+* a feature objective (NST, NT-Xent, CRD, MSE, cosine) reads the student's last hidden states
+  through its own `DistillationHead`: Linear H->H, GELU, LayerNorm, Linear H->H_teacher, then L2
+  normalisation per token. The last layer maps to the teacher's width, so a teacher larger (or
+  smaller) than the student can be distilled;
+* the vokenization baseline (`voken`) has a `VokenClassifier`: Linear H->K scores over a finite
+  set of K vokens.
+
+Objectives without parameters of their own (soft-label KD on the MLM logits, the text-only
+baseline) add no head.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM, dense, gelu, layer_norm
+from vidlankd_jax.models.video import l2_normalize
+
+Array = jax.Array
+
+# Objectives whose loss compares the student's token states (through a head) with the teacher's.
+FEATURE_OBJECTIVES = ("nst", "ntxent", "crd", "mse", "cos")
+VOKEN_OBJECTIVE = "voken"
+
+
+class DistillationHead(nnx.Module):
+  """Linear H->H, GELU, LayerNorm, Linear H->`out_features`, L2-normalised per token (float32)."""
+
+  def __init__(self, cfg: BertConfig, out_features: int, *, rngs: nnx.Rngs):
+    self.transform = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs)
+    self.layer_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
+    self.output = dense(cfg, cfg.hidden_size, out_features, (None, "embed"), rngs=rngs)
+
+  def __call__(self, hidden: Array) -> Array:
+    return l2_normalize(self.output(self.layer_norm(gelu(self.transform(hidden)))))
+
+
+class VokenClassifier(nnx.Module):
+  """Scores [..., K] (float32) of each token over the K vokens."""
+
+  def __init__(self, cfg: BertConfig, num_vokens: int, *, rngs: nnx.Rngs):
+    self.output = dense(cfg, cfg.hidden_size, num_vokens, ("embed", None), rngs=rngs)
+
+  def __call__(self, hidden: Array) -> Array:
+    return self.output(hidden).astype(jnp.float32)
+
+
+class Student(nnx.Module):
+  """`language` (BertForMaskedLM) + `kd_heads` (one head per objective that needs one)."""
+
+  def __init__(self, cfg: BertConfig, objectives: Sequence[str], *, teacher_hidden_size: int,
+               num_vokens: int = 0, rngs: nnx.Rngs):
+    self.config = cfg
+    self.language = BertForMaskedLM(cfg, rngs=rngs)
+    heads = {}
+    for name in objectives:
+      if name in FEATURE_OBJECTIVES:
+        heads[name] = DistillationHead(cfg, teacher_hidden_size, rngs=rngs)
+      elif name == VOKEN_OBJECTIVE:
+        if num_vokens <= 0:
+          raise ValueError(f"the voken objective needs a positive number of vokens, got {num_vokens}")
+        heads[name] = VokenClassifier(cfg, num_vokens, rngs=rngs)
+    self.kd_heads = nnx.Dict(heads)
+
+  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
+               mlm_positions: Array | None = None, *,
+               rngs: nnx.Rngs | None = None) -> tuple[Array, Array, dict[str, Array]]:
+    """(last hidden states [B, L, H], MLM logits at `mlm_positions`, head outputs by objective).
+
+    A distillation head's output is [B, L, H_teacher], unit norm per token; the voken
+    classifier's [B, L, K].
+    """
+    hidden, mlm_logits = self.language(input_ids, attention_mask, token_type_ids, mlm_positions,
+                                       rngs=rngs)
+    return hidden, mlm_logits, {name: head(hidden) for name, head in self.kd_heads.items()}
