@@ -23,6 +23,9 @@ def get_config(arg=None):
   config.video.projection_dim = 1024  # Linear 4096 -> 1024 -> hidden, no nonlinearity between
   config.video.max_steps = 384
   config.video.clip_mlp_dropout = 0.3
+  # 2: position and token-type embeddings added twice, each followed by the LayerNorm, as the
+  # released code does (tools/import_vidlankd.py sets it for imported checkpoints).
+  config.video.embedding_passes = 1
   # The released code never trains the video tower (no-grad, not in the optimiser); True
   # reproduces that. The paper trains both towers jointly.
   config.video.frozen = False

@@ -25,3 +25,16 @@ def minilm_dir():
 def bert_vocab_file(minilm_dir):
   """The bert-base-uncased WordPiece vocabulary (30,522 entries)."""
   return os.path.join(minilm_dir, "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+  """`load_tool(name)` imports tools/<name>.py as a module (the tools are scripts, not a package)."""
+  import importlib.util
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tools", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  return load

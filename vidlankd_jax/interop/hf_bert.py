@@ -148,15 +148,17 @@ def normalise_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def _variable(module: nnx.Module, path: tuple) -> nnx.Variable:
+def variable(module: nnx.Module, path: tuple) -> nnx.Variable:
+  """The variable at `path` (attribute names and list indices) inside `module`."""
   node = module
   for name in path:
     node = node[name] if isinstance(name, int) else getattr(node, name)
   return node
 
 
-def _assign(module: nnx.Module, path: tuple, value: np.ndarray, key: str) -> None:
-  var = _variable(module, path)
+def assign(module: nnx.Module, path: tuple, value: np.ndarray, key: str) -> None:
+  """Sets the variable at `path` to `value` (checkpoint tensor `key`), keeping its sharding."""
+  var = variable(module, path)
   current = var.get_value()
   if tuple(current.shape) != tuple(value.shape):
     raise ValueError(f"checkpoint tensor {key!r}: shape {tuple(value.shape)} does not fit "
@@ -187,7 +189,7 @@ def load_state_dict(model: BertModel | BertForMaskedLM, state_dict: dict[str, np
   for key, (module, path, transpose) in targets.items():
     if key in state_dict:
       value = state_dict[key]
-      _assign(module, path, value.T if transpose else value, key)
+      assign(module, path, value.T if transpose else value, key)
   return sorted(k for k in state_dict
                 if k not in targets and not any(i in k for i in IGNORED_KEYS))
 
@@ -205,11 +207,11 @@ def to_state_dict(model: BertModel | BertForMaskedLM) -> dict[str, np.ndarray]:
   for key, (path, transpose) in encoder_key_map(encoder.config.num_layers).items():
     if with_head and key.startswith("pooler."):
       continue
-    value = np.asarray(jax.device_get(_variable(encoder, path).get_value()), np.float32)
+    value = np.asarray(jax.device_get(variable(encoder, path).get_value()), np.float32)
     out[prefix + key] = np.ascontiguousarray(value.T if transpose else value)
   if with_head:
     for key, (path, transpose) in _MLM_HEAD.items():
-      value = np.asarray(jax.device_get(_variable(model.mlm, path).get_value()), np.float32)
+      value = np.asarray(jax.device_get(variable(model.mlm, path).get_value()), np.float32)
       out[key] = np.ascontiguousarray(value.T if transpose else value)
     # HF ties the decoder to the word embeddings but still stores both names.
     out["cls.predictions.decoder.weight"] = out["bert.embeddings.word_embeddings.weight"]

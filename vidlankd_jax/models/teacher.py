@@ -16,11 +16,12 @@ class Teacher(nnx.Module):
 
   def __init__(self, language_cfg: BertConfig, video_cfg: BertConfig, *, video_input_dim: int,
                video_projection_dim: int, video_max_steps: int, clip_mlp_dropout: float,
-               rngs: nnx.Rngs):
+               video_embedding_passes: int = 1, rngs: nnx.Rngs):
     self.language = BertForMaskedLM(language_cfg, rngs=rngs)
     self.video = VideoEncoder(video_cfg, input_dim=video_input_dim,
                               projection_dim=video_projection_dim, max_steps=video_max_steps,
-                              clip_mlp_dropout=clip_mlp_dropout, rngs=rngs)
+                              clip_mlp_dropout=clip_mlp_dropout,
+                              embedding_passes=video_embedding_passes, rngs=rngs)
 
   @classmethod
   def from_config(cls, config, *, rngs: nnx.Rngs) -> "Teacher":
@@ -29,7 +30,8 @@ class Teacher(nnx.Module):
                video_input_dim=config.video.input_dim,
                video_projection_dim=config.video.projection_dim,
                video_max_steps=config.video.max_steps,
-               clip_mlp_dropout=config.video.clip_mlp_dropout, rngs=rngs)
+               clip_mlp_dropout=config.video.clip_mlp_dropout,
+               video_embedding_passes=config.video.get("embedding_passes", 1), rngs=rngs)
 
   def __call__(self, batch: dict, *, rngs: nnx.Rngs | None = None) -> dict[str, Array]:
     """Token states (L2-normalised), MLM logits at the masked positions, and clip vectors."""

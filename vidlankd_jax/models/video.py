@@ -2,7 +2,8 @@
 
 Features [B, T, D] (D = 4096: 2D ResNet-152 + 3D ResNeXt-101 per second, or another width from the
 data) are projected D -> 1024 -> H (two linear maps, no nonlinearity between, as the reference),
-given position and token-type embeddings once (the reference adds them twice), LayerNorm and
+given position and token-type embeddings once (the reference adds them twice, each time followed
+by the same LayerNorm: `embedding_passes=2` reproduces that for imported checkpoints), LayerNorm and
 dropout, then a transformer whose size is set independently of the language side. The clip vector
 is the pooled first position through an MLP (H->H, ReLU, dropout 0.3, H->H), L2-normalised.
 """
@@ -27,10 +28,14 @@ class VideoEncoder(nnx.Module):
   """Returns (clip vector [B, H], L2-normalised; per-step hidden states [B, T, H])."""
 
   def __init__(self, cfg: BertConfig, *, input_dim: int, projection_dim: int, max_steps: int,
-               clip_mlp_dropout: float = 0.3, rngs: nnx.Rngs):
+               clip_mlp_dropout: float = 0.3, embedding_passes: int = 1, rngs: nnx.Rngs):
+    if embedding_passes not in (1, 2):
+      raise ValueError(f"embedding_passes must be 1 or 2 (config.video.embedding_passes), "
+                       f"got {embedding_passes}")
     h = cfg.hidden_size
     self.config = cfg
     self.input_dim = input_dim
+    self.embedding_passes = embedding_passes
     self.projection_in = dense(cfg, input_dim, projection_dim, (None, "mlp"), rngs=rngs)
     self.projection_out = dense(cfg, projection_dim, h, ("mlp", "embed"), rngs=rngs)
     self.position_embeddings = embedding(cfg, max_steps, h, (None, "embed"), rngs=rngs)
@@ -58,7 +63,8 @@ class VideoEncoder(nnx.Module):
     """Per-step hidden states [B, T, H]; padding steps (mask 0) are never attended to."""
     x = self.projection_out(self.projection_in(features.astype(self.config.compute_dtype)))
     t = features.shape[1]
-    x = x + self.position_embeddings(jnp.arange(t))[None] + self.token_type_embeddings(
+    added = self.position_embeddings(jnp.arange(t))[None] + self.token_type_embeddings(
         jnp.zeros(features.shape[:2], jnp.int32))
-    x = self.dropout(self.layer_norm(x), deterministic=rngs is None, rngs=rngs)
+    for _ in range(self.embedding_passes):
+      x = self.dropout(self.layer_norm(x + added), deterministic=rngs is None, rngs=rngs)
     return self.encoder(x, mask, rngs=rngs)
