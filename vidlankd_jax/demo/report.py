@@ -1,0 +1,129 @@
+"""The demo's report: loss curves, the grounding heatmap and `<workdir>/summary.md`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from configs import common as config_common
+from vidlankd_jax.data import shards as shards_lib
+from vidlankd_jax.evaluation import plots
+from vidlankd_jax.train.finetune import format_cell, markdown_table
+
+CURVE_METRICS = r"^train/(loss|mlm_loss|contrastive_loss|nst_loss|mlm_accuracy)$"
+PROBE_TRAINED = ("nst student, linear probe", "base student, linear probe", "untrained student, linear probe")
+
+
+def number(value, digits: int = 3) -> str:
+  return "-" if value is None else f"{value:.{digits}f}"
+
+
+def teacher_table(teacher: dict) -> str:
+  """Recall@k of the teacher's text-to-clip retrieval next to chance (k / number of clips)."""
+  n = teacher["eval/retrieval_clips"]
+  rows = [[f"recall@{k}", number(teacher[f"eval/recall@{k}"]), number(min(k / n, 1.0))] for k in (1, 5, 10)]
+  rows.append(["median rank", f"{teacher['eval/median_rank']:.0f}", f"{(n + 1) / 2:.0f}"])
+  return markdown_table(["metric", "teacher", "chance"], rows)
+
+
+def student_table(records) -> str:
+  """NST student vs the baseline (and an untrained student) on every measure the demo takes."""
+  nst, base = records["student_nst"].result, records["student_base"].result
+  probe = records["probe"].result["rows"]
+  n = records["probe"].result["test_clips"]
+  ft = {k: records[f"finetune_{k}"].result for k in ("nst", "base")}
+  metric = ft["nst"]["primary_metric"]
+  rows = [
+      ["MLM accuracy, held-out Wikipedia", number(nst["eval/mlm_accuracy"]), number(base["eval/mlm_accuracy"]), "-", "-"],
+      ["linear CKA with the teacher's token states", number(nst.get("eval/teacher_cka")),
+       number(base.get("eval/teacher_cka")), "-", "-"],
+  ]
+  for k in (1, 5):
+    rows.append([f"grounding probe recall@{k} (ridge map to clip vectors)"]
+                + [number(probe[name][f"recall@{k}"]) for name in PROBE_TRAINED] + [number(min(k / n, 1.0))])
+  head = probe.get("nst student, NST head (zero-shot)")
+  rows.append(["grounding recall@1 through the NST head, zero-shot", number(head and head["recall@1"]),
+               "no head", "-", number(1 / n)])
+  rows.append([f"movie polarity {metric} (%, mean ± std over seeds)",
+               format_cell(ft["nst"]["summary"].get(metric)), format_cell(ft["base"]["summary"].get(metric)),
+               "-", f"{ft['nst']['majority_baseline'].get(metric, float('nan')):.1f} (majority)"])
+  return markdown_table(["measure", "NST student", "baseline (text only)", "untrained", "chance"], rows)
+
+
+def stages_table(records, total_seconds: float) -> str:
+  rows = [[r.name, "reused" if r.reused else "ran", shards_lib.format_seconds(r.seconds)]
+          for r in records.values()]
+  rows.append(["this run, all stages and report", "", shards_lib.format_seconds(total_seconds)])
+  return markdown_table(["stage", "status", "time"], rows)
+
+
+def example_lines(examples: list[dict]) -> str:
+  lines = []
+  for ex in examples:
+    lines.append(f"- held-out clip #{ex['clip']}, caption \"{ex['caption']}\"")
+    for who in ("teacher", "NST student (head)"):
+      top = "; ".join(f"#{t['clip']} ({t['score']:.2f}) \"{t['caption']}\"" for t in ex[who])
+      lines.append(f"  - {who}: {top}")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(workdir: str, records, *, steps: dict, total_seconds: float) -> str:
+  """Writes loss_curves.png, grounding.png and summary.md into `workdir`; returns summary.md."""
+  curves = os.path.join(workdir, "loss_curves.png")
+  plots.plot_runs({"teacher": os.path.join(workdir, "teacher"),
+                   "NST student": os.path.join(workdir, "student_nst"),
+                   "baseline student": os.path.join(workdir, "student_base")},
+                  curves, metrics=CURVE_METRICS, smooth=0.6, title="VidLanKD demo: training curves")
+  heatmap = os.path.join(workdir, "grounding.png")
+  shutil.copyfile(os.path.join(workdir, "probe", "grounding.png"), heatmap)
+  data = records["data"].result
+  probe = records["probe"].result
+  layers, hidden, _, _ = config_common.MODEL_SIZES["tiny"]
+  text = f"""# VidLanKD demo
+
+Size: teacher {steps['teacher']} steps, each student {steps['student']} steps, tiny models
+({layers} layers, {hidden} hidden). Numbers are what this run measured; tiny models trained for minutes show the
+pipeline working, not the paper's figures.
+
+Data:
+- student text: REAL English Wikipedia (gensim's sample), {data['text_documents']['train']} train /
+  {data['text_documents']['validation']} held-out articles, {data['text_blocks']['train']} / {data['text_blocks']['validation']} blocks of 126 word pieces;
+- video-text pairs: GENERATED, not real video ({data['videos']} videos, {data['concepts']} concepts:
+  per-concept feature prototypes plus noise, captions naming the concept inside real English
+  sentences), {data['video_clips']['train']} train / {data['video_clips']['validation']} held-out clips, in HowTo100M's layout;
+- downstream: REAL movie-review sentences with polarity labels (Pang & Lee, shipped with gensim),
+  {data['polarity']['train']} train / {data['polarity']['validation']} validation.
+
+## Teacher: text-to-clip retrieval over {probe['test_clips']} held-out clips
+
+{teacher_table(records['teacher'].result)}
+## Students: distilled with NST vs the text-only baseline (same text, steps and seed)
+
+{student_table(records)}
+How to read it. The grounding probe asks whether a student's text representations carry the
+teacher's video knowledge: each held-out caption must find its own clip among all
+{probe['test_clips']} held-out clips, scored against the teacher's clip vectors. The baseline has no
+distillation head, so every student gets the same linear probe: a ridge map from its mean-pooled
+last hidden states to the teacher's clip vectors, fitted on {probe['train_clips']} training clips
+(penalty picked on a part of them) and scored on the held-out clips; an untrained student of the
+same shape shows what the probe extracts from random features. The NST student can also be read
+zero-shot through its distillation head. Linear CKA compares each student's hidden states with the
+teacher's token states on held-out text (rotation- and scale-invariant, so it needs no head).
+Movie polarity has {data['polarity']['validation']} validation sentences: one sentence is
+{100 / max(data['polarity']['validation'], 1):.0f} points of accuracy.
+
+## Example retrievals (held-out captions; top 3 clips with cosine scores)
+
+{example_lines(probe['examples'])}
+## Stages
+
+{stages_table(records, total_seconds)}
+Figures: `loss_curves.png` (training losses of the three runs), `grounding.png` (token-to-clip
+cosine of a few held-out captions against clips labelled by the concept their caption names; the
+teacher and the NST student through its head).
+"""
+  path = os.path.join(workdir, "summary.md")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return path
