@@ -35,6 +35,20 @@ class IncompatibleCheckpointError(ValueError):
   """The checkpoint was written by a run with another model or objective configuration."""
 
 
+class CorruptCheckpointError(ValueError):
+  """A finished checkpoint whose files were removed or damaged since it was written."""
+
+
+# What TensorStore/Orbax say when a file of a checkpoint is missing or cut short.
+_DAMAGE_MARKERS = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "was not found in the checkpoint",
+                   "No such file", "Error reading", "does not exist")
+
+
+def _short(error: Exception) -> str:
+  """The first sentence of an Orbax/TensorStore error, without its long JSON spec."""
+  return str(error).split(" [tensorstore_spec")[0].strip()[:600]
+
+
 def fingerprint(config) -> dict:
   """What must match between a checkpoint and the run restoring it (sizes, objectives)."""
   model = config.get("model", {})
@@ -89,6 +103,13 @@ class CheckpointManager:
                best_mode: str = "max", async_save: bool = True, fingerprint: dict | None = None):
     self.directory = checkpoint_path(directory)
     self.fingerprint = fingerprint or {}
+    # Saves cut short (a killed process) leave `<step>.orbax-checkpoint-tmp*` folders; Orbax
+    # deletes them below and the newest finished step is used.
+    unfinished = sorted(p.name for p in self.directory.iterdir()
+                        if ".orbax-checkpoint-tmp" in p.name) if self.directory.exists() else []
+    if unfinished and jax.process_index() == 0:
+      print(f"discarding unfinished checkpoint save(s) {', '.join(unfinished)} in "
+            f"{self.directory}", flush=True)
     self.best_metric = best_metric
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if best_metric:
@@ -128,13 +149,15 @@ class CheckpointManager:
     return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
   def read_meta(self, step: int) -> dict:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._restore_item(step, "meta", ocp.args.JsonRestore())
 
   def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
     """Restores onto `target`'s shardings (a live or abstract state); returns (state, meta).
 
-    Uses the newest complete checkpoint unless `step` is given; a checkpoint from an
-    incompatible config raises IncompatibleCheckpointError naming what differs.
+    Uses the newest finished checkpoint unless `step` is given. A checkpoint from an
+    incompatible config raises IncompatibleCheckpointError naming what differs; one with
+    missing or damaged files CorruptCheckpointError naming the item and the file. Nothing is
+    ever partly restored.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -142,20 +165,28 @@ class CheckpointManager:
     meta = self.read_meta(step)
     check_fingerprint(meta.get("fingerprint", {}), self.fingerprint, str(self.directory))
     names = ["params", "opt_state"] + (["extra"] if target.extra is not None else [])
-    items = {name: ocp.args.StandardRestore(abstract_like(to_pure(getattr(target, name))))
-             for name in names}
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise IncompatibleCheckpointError(
-          f"checkpoint step {step} in {self.directory} cannot be restored into this run's "
-          f"state: {e}") from e
+    restored = {name: from_pure(getattr(target, name), self._restore_item(
+        step, name, ocp.args.StandardRestore(abstract_like(to_pure(getattr(target, name))))),
+        f"{self.directory}/{step}/{name}") for name in names}
     state = target.replace(
         step=jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32), target.step.sharding),
-        **{name: from_pure(getattr(target, name), restored[name], f"{self.directory}/{step}/{name}")
-           for name in names})
+        **restored)
     logging.info("restored checkpoint step %d from %s", step, self.directory)
     return state, meta
+
+  def _restore_item(self, step: int, name: str, args) -> PyTree:
+    """One item of a step; damaged files and trees of another shape are clear errors."""
+    where = f"{self.directory}/{step}/{name}"
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+    except Exception as e:  # Orbax and TensorStore raise many types; name the item at fault
+      if not any(marker in str(e) for marker in _DAMAGE_MARKERS):
+        raise IncompatibleCheckpointError(
+            f"{where} cannot be restored into this run's state: {_short(e)}") from e
+      older = [s for s in self.all_steps() if s < step]
+      hint = f"; delete {self.directory}/{step} to resume from step {max(older)}" if older else ""
+      raise CorruptCheckpointError(
+          f"checkpoint {where} is damaged or incomplete: {_short(e)}{hint}") from e
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -154,6 +154,18 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
           for k, v in host_batch.items()}
 
 
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+  """A barrier of JAX's coordination service (not a device collective); no-op on one process.
+
+  Hosts reach a program's first collective at different times (compiling, restoring); a CPU
+  (gloo) collective gives up after 30 s, so the loop lines the hosts up first. `name` must be
+  unique per barrier.
+  """
+  if jax.process_count() > 1:
+    from orbax.checkpoint import multihost  # the coordination-service barrier Orbax uses
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
 def describe_shardings(tree: Any) -> str:
   """One line per array: path, shape, dtype and partition spec (what a user checks on a pod)."""
   rows = []

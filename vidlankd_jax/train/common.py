@@ -1,6 +1,6 @@
 """Pieces every training loop shares: optimiser, gradient accumulation, jitted steps, logging.
 
-Each stage keeps its own readable loop (teacher.py, distill.py, finetune.py); what is here is the
+The pretraining stages run one loop (loop.py); fine-tuning keeps its own. What is here is the
 machinery they would otherwise repeat.
 """
 
@@ -172,6 +172,16 @@ class MetricsWriter:
       shown = "  ".join(f"{k}={v:.4g}" for k, v in scalars.items())
       print(f"[step {int(step)}] {shown}", flush=True)
 
+  def rewind(self, step: int) -> None:
+    """Drops the JSON lines logged after `step`, and a last line cut short by a crash: a run
+    killed between logging a step and checkpointing it would otherwise log that step twice."""
+    if not self.active or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+      self.path.write_text("".join(kept))
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
@@ -208,7 +218,29 @@ def data_iterator(data_cfg, mesh, split: str, *, global_batch_size: int, seed: i
   ds = tasks.make_dataset(data_cfg, split, batch_size=global_batch_size // num_shards,
                           shard_index=shard_index, num_shards=num_shards, seed=seed,
                           start_step=start_step, repeat=repeat, shuffle=shuffle)
-  return ds.as_numpy_iterator()
+  if repeat or jax.process_count() == 1:
+    return ds.as_numpy_iterator()
+  return in_lockstep(ds.as_numpy_iterator())
+
+
+def in_lockstep(batches):
+  """One pass over each host's shard, the same number of batches on every host.
+
+  Hosts' shards of a split may differ by a batch; each jitted step is a collective that every
+  process must join, so a host whose shard is done yields all-zero batches (zero masks and
+  weights: padding to evaluation) until every host's is done.
+  """
+  from jax.experimental import multihost_utils
+  last = None
+  while True:
+    batch = next(batches, None)
+    more = multihost_utils.process_allgather(np.asarray(batch is not None))
+    if not np.any(more):
+      return
+    if batch is None and last is None:
+      raise ValueError(f"process {jax.process_index()} has no data in its shard of this split")
+    last = batch if batch is not None else last
+    yield batch if batch is not None else jax.tree.map(np.zeros_like, last)
 
 
 def resolve_vocab(config) -> str:

@@ -42,6 +42,7 @@ from vidlankd_jax.models.bert import BertConfig
 from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, Student
 from vidlankd_jax.models.teacher import Teacher
 from vidlankd_jax.train import common
+from vidlankd_jax.train import loop
 
 OBJECTIVES = FEATURE_OBJECTIVES + ("kd", VOKEN_OBJECTIVE)
 NST_VARIANTS = ("released", "mmd")
@@ -472,65 +473,6 @@ def init_state(config, mesh, teacher: Teacher | None = None):
   return Models(student_def, student_rest, teacher_def, teacher_rest), state, tx
 
 
-def fit(config, workdir: str, mesh, state, train_step_fn, eval_step_fn, evaluate_fn) -> dict[str, float]:
-  """Runs `train_step_fn(state, batch)` to `config.train.steps`: resume, logging, evaluation,
-  checkpoints, and a clean stop on SIGTERM (or a pod's preemption notice).
-
-  The state is restored from `<workdir>/checkpoints` when a checkpoint is there (its `frozen`
-  part is never saved nor restored); data resumes at the exact batch. Both steps are jitted
-  with the state's shardings; `evaluate_fn(state, jitted_eval, config, mesh)` returns the
-  `eval/...` metrics, written and used for the best checkpoint.
-  """
-  ckpt = ckpt_lib.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-      keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
-      best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save,
-      fingerprint=ckpt_lib.fingerprint(config))
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
-    print(f"resuming from checkpoint step {int(state.step)} in {workdir}", flush=True)
-  start_step = int(state.step)
-
-  state_sh = sharding.state_shardings(state)
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(train_step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                    donate_argnums=0)
-  eval_fn = jax.jit(eval_step_fn, in_shardings=(state_sh, batch_sh))
-
-  writer = common.MetricsWriter(workdir)
-  meter = common.ProgressMeter(config.train.steps, config.train.batch_size, start_step)
-  watcher = ckpt_lib.PreemptionWatcher()
-  batches = common.data_iterator(config.data, mesh, "train", global_batch_size=config.train.batch_size,
-                                 seed=config.seed, start_step=start_step)
-  eval_metrics: dict[str, float] = {}
-  try:
-    for step in range(start_step, config.train.steps):
-      state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
-      done = step + 1
-      if config.train.on_nonfinite == "stop" or done % config.train.log_every == 0:
-        common.check_finite(done, jax.device_get(metrics), config.train.on_nonfinite)
-      if done % config.train.log_every == 0 or done == config.train.steps:
-        writer.write(done, {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
-                     | {f"train/{k}": v for k, v in meter.update(done).items()})
-      elif step == start_step:
-        meter.update(done)
-      if done % config.eval.every_steps == 0 or done == config.train.steps:
-        eval_metrics = evaluate_fn(state, eval_fn, config, mesh)
-        writer.write(done, eval_metrics)
-        ckpt.save(done, state, metrics=eval_metrics, force=True)
-      else:
-        ckpt.save(done, state)
-      if watcher.should_stop(done) and done < config.train.steps:
-        ckpt.save(done, state, force=True)
-        print(f"stopped at step {done} on request; checkpoint saved, rerun to resume", flush=True)
-        break
-  finally:
-    ckpt.close()
-    writer.close()
-    watcher.close()
-  return eval_metrics
-
-
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Distils the student for `config.train.steps` steps, resuming from `workdir` if it can."""
   config.data.vocab_file = common.resolve_vocab(config)
@@ -538,6 +480,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   models, state, tx = init_state(config, mesh)
   logging.info("student parameters:\n%s", sharding.describe_shardings(state.params))
   schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
-  return fit(config, workdir, mesh, state,
-             functools.partial(train_step, models=models, config=config, tx=tx, schedule=schedule),
-             functools.partial(eval_step, models=models, config=config), evaluate)
+  return loop.fit(config, workdir, mesh, state,
+                  functools.partial(train_step, models=models, config=config, tx=tx,
+                                    schedule=schedule),
+                  functools.partial(eval_step, models=models, config=config), evaluate)

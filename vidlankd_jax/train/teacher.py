@@ -8,7 +8,6 @@ checkpoints. The video tower trains jointly with the language side (the paper) u
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +17,11 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
 from vidlankd_jax import sharding
 from vidlankd_jax.models.teacher import Teacher
 from vidlankd_jax.train import common
+from vidlankd_jax.train import loop
 
 CONTRASTIVE_LOSSES = ("paired_hinge", "batchwise_hinge", "info_nce")
 
@@ -113,7 +112,7 @@ def evaluate(state, jitted_eval, config, mesh) -> dict[str, float]:
   for i, host_batch in enumerate(it):
     if i >= config.eval.batches and sum(len(s) for s in sentences) >= config.eval.retrieval_clips:
       break
-    stats, vectors = jitted_eval(state.params, sharding.global_batch(host_batch, mesh))
+    stats, vectors = jitted_eval(state, sharding.global_batch(host_batch, mesh))
     for k in sums:
       sums[k] += float(stats[k])
     vectors = multihost_utils.process_allgather(vectors, tiled=True)
@@ -129,6 +128,18 @@ def evaluate(state, jitted_eval, config, mesh) -> dict[str, float]:
   return {f"eval/{k}": v for k, v in metrics.items()}
 
 
+def init_state(config, mesh):
+  """(state, train_step_fn, eval_step_fn) of a fresh teacher run on `mesh`: what `loop.fit` runs."""
+  graphdef, params, rest = build(config, mesh)
+  tx = make_optimizer(config, params)
+  schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
+  state = common.init_train_state(tx, params)
+  train_step_fn = functools.partial(train_step, graphdef=graphdef, rest=rest, config=config, tx=tx,
+                                    schedule=schedule)
+  eval_params = functools.partial(eval_step, graphdef=graphdef, rest=rest, config=config)
+  return state, train_step_fn, lambda state, batch: eval_params(state.params, batch)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains the teacher for `config.train.steps` steps, resuming from `workdir` if it can."""
   config.data.vocab_file = common.resolve_vocab(config)
@@ -136,61 +147,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     from vidlankd_jax.data import synthetic
     synthetic.prepare_video_text(config.data.data_dir, word_budget=config.data.seq_len // 2,
                                  max_steps=config.video.max_steps)
+  if config.data.get("synthetic"):  # the other processes read what process 0 wrote
+    sharding.wait_for_all_processes("synthetic video-text data")
   mesh = sharding.make_mesh(config.mesh)
-  graphdef, params, rest = build(config, mesh)
-  tx = make_optimizer(config, params)
-  schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
-  state = common.init_train_state(tx, params)
-  logging.info("teacher parameters:\n%s", sharding.describe_shardings(params))
-
-  ckpt = ckpt_lib.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-      keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
-      best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save,
-      fingerprint=ckpt_lib.fingerprint(config))
-  if ckpt.latest_step() is not None:
-    state, _ = ckpt.restore(state)
-    print(f"resuming from checkpoint step {int(state.step)} in {workdir}", flush=True)
-  start_step = int(state.step)
-
-  state_sh = sharding.state_shardings(state)
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, rest=rest, config=config,
-                                      tx=tx, schedule=schedule),
-                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                    donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef=graphdef, rest=rest, config=config),
-                    in_shardings=(state_sh.params, batch_sh))
-
-  writer = common.MetricsWriter(workdir)
-  meter = common.ProgressMeter(config.train.steps, config.train.batch_size, start_step)
-  watcher = ckpt_lib.PreemptionWatcher()
-  batches = common.data_iterator(config.data, mesh, "train", global_batch_size=config.train.batch_size,
-                                 seed=config.seed, start_step=start_step)
-  eval_metrics: dict[str, float] = {}
-  try:
-    for step in range(start_step, config.train.steps):
-      state, metrics = step_fn(state, sharding.global_batch(next(batches), mesh))
-      done = step + 1
-      if config.train.on_nonfinite == "stop" or done % config.train.log_every == 0:
-        common.check_finite(done, jax.device_get(metrics), config.train.on_nonfinite)
-      if done % config.train.log_every == 0 or done == config.train.steps:
-        writer.write(done, {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
-                     | {f"train/{k}": v for k, v in meter.update(done).items()})
-      elif step == start_step:
-        meter.update(done)
-      if done % config.eval.every_steps == 0 or done == config.train.steps:
-        eval_metrics = evaluate(state, eval_fn, config, mesh)
-        writer.write(done, eval_metrics)
-        ckpt.save(done, state, metrics=eval_metrics, force=True)
-      else:
-        ckpt.save(done, state)
-      if watcher.should_stop(done) and done < config.train.steps:
-        ckpt.save(done, state, force=True)
-        print(f"stopped at step {done} on request; checkpoint saved, rerun to resume", flush=True)
-        break
-  finally:
-    ckpt.close()
-    writer.close()
-    watcher.close()
-  return eval_metrics
+  state, train_step_fn, eval_step_fn = init_state(config, mesh)
+  logging.info("teacher parameters:\n%s", sharding.describe_shardings(state.params))
+  return loop.fit(config, workdir, mesh, state, train_step_fn, eval_step_fn, evaluate)
