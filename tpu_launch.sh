@@ -61,12 +61,14 @@ Example: the full VidLanKD pipeline on a v4-32 pod slice.
   export TPU_NAME=vidlankd ZONE=us-central2-b PROJECT=my-project ACCELERATOR_TYPE=v4-32
   BUCKET=gs://my-bucket/vidlankd
 
-  # 1. HowTo100M captions and extracted features -> TFRecords, then into the bucket (on any
-  #    machine that holds the features; no TPU needed).
+  # 1. HowTo100M captions and extracted features -> TFRecords, and a Wikipedia dump -> 126-token
+  #    blocks, then into the bucket (on any machine that holds the data; no TPU needed).
   python tools/convert_howto100m.py --caption_json caption.json \\
       --features_2d_dir howto100m_feature --features_3d_dir howto100m_feature3d \\
       --output_dir data/howto100m --workers 16
-  gcloud storage cp --recursive data/howto100m \$BUCKET/
+  python tools/make_text_tfrecords.py --input enwiki-latest-pages-articles.xml.bz2 \\
+      --output_dir data/wikipedia --prefix wikipedia --split train --num_shards 256
+  gcloud storage cp --recursive data/howto100m data/wikipedia \$BUCKET/
 
   # 2. Create the slice and install the code on every worker.
   ./$PROG create
@@ -74,21 +76,26 @@ Example: the full VidLanKD pipeline on a v4-32 pod slice.
 
   # 3. Teacher pretraining on video-text pairs.
   ./$PROG run --workdir \$BUCKET/teacher -- python -m vidlankd_jax.main \\
-      --config=configs/teacher.py:size=base --config.data.data_dir=\$BUCKET/howto100m
+      --config=configs/teacher.py:size=base --config.data.data_dir=\$BUCKET
 
-  # 4. Distillation into the text-only student (NST objective).
+  # 4. Distillation into the text-only student (NST objective), and the text-only baseline.
   ./$PROG run --workdir \$BUCKET/distill_nst -- python -m vidlankd_jax.main \\
       --config=configs/distill.py:size=base,teacher_size=base,objectives=nst \\
-      --config.teacher_workdir=\$BUCKET/teacher
+      --config.teacher.workdir=\$BUCKET/teacher --config.data.data_dir=\$BUCKET
+  ./$PROG run --workdir \$BUCKET/bert_baseline -- python -m vidlankd_jax.main \\
+      --config=configs/distill.py:size=base,objectives=none --config.data.data_dir=\$BUCKET
 
-  # 5. GLUE fine-tuning of the student (SST-2), started in the background.
+  # 5. GLUE fine-tuning of the student (SST-2, from a prepared TFDS folder), in the background.
   ./$PROG run --detach --workdir \$BUCKET/sst2 -- python -m vidlankd_jax.main \\
-      --config=configs/finetune.py:task=sst2 --config.init_workdir=\$BUCKET/distill_nst
+      --config=configs/finetune.py:task=sst2,init=\$BUCKET/distill_nst \\
+      --config.data.data_dir=\$BUCKET/tensorflow_datasets
   ./$PROG logs --follow
 
-  # 6. Compare with a baseline fine-tuned the same way from a plain BERT (in \$BUCKET/sst2_bert),
-  #    then delete the TPU.
-  python tools/plot_metrics.py --run kd=\$BUCKET/sst2 --run bert=\$BUCKET/sst2_bert --output sst2.png
+  # 6. Both students on several tasks, side by side (mean +- std over seeds), then delete the TPU.
+  ./$PROG run --workdir \$BUCKET/compare -- python tools/compare_finetune.py \\
+      --init=vidlankd=\$BUCKET/distill_nst \\
+      --init=text_only=\$BUCKET/bert_baseline --tasks=sst2,qnli,qqp,mnli --seeds=1,2,3 \\
+      --set=data.data_dir=\$BUCKET/tensorflow_datasets
   ./$PROG delete --yes
 
 Multi-slice: add '--num-slices 2' (or NUM_SLICES=2) to every command; 'create' then requests a

@@ -55,9 +55,10 @@ def write_config(config, workdir: str) -> None:
   import jax
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  from etils import epath  # local folders and gs:// buckets alike
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   logging.info("config:\n%s", config)
 
 

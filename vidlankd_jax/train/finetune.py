@@ -26,6 +26,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 from absl import logging
+from etils import epath
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
@@ -105,10 +106,10 @@ class InitialEncoder:
 
 def checkpoint_dirs(path: str) -> tuple[str, str]:
   """(Orbax manager directory, run workdir) of a workdir or of its checkpoints/ folder."""
-  path = path.rstrip("/")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return os.path.join(path, "checkpoints"), path
-  return path, os.path.dirname(path)
+  path = epath.Path(path.rstrip("/"))  # local folders and gs:// buckets alike
+  if (path / "checkpoints").is_dir():
+    return str(path / "checkpoints"), str(path)
+  return str(path), str(path.parent)
 
 
 def architecture_from_params(bert: dict, where: str) -> dict:
@@ -127,11 +128,10 @@ def architecture_from_params(bert: dict, where: str) -> dict:
 def heads_from_saved_config(workdir: str, shapes: dict) -> int | None:
   """num_heads in the run's config.json (`model`: the teacher's or student's language BERT),
   if that config describes weights of these `shapes`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = epath.Path(workdir) / "config.json"
+  if not path.is_file():
     return None
-  with open(path, encoding="utf-8") as f:
-    model = json.load(f).get("model", {})
+  model = json.loads(path.read_text()).get("model", {})
   if all(model.get(k) == shapes[k] for k in ("hidden_size", "num_layers", "intermediate_size")):
     return int(model["num_heads"])
   return None
@@ -147,7 +147,7 @@ def read_initial_encoder(init_cfg, default_heads: int) -> InitialEncoder:
     arch = {k: getattr(hf_bert.read_config(model_dir), k) for k in ARCHITECTURE_KEYS}
     return InitialEncoder(source, arch, hf_state=hf_bert.read_state_dict(model_dir))
   manager_dir, workdir = checkpoint_dirs(source)
-  if not os.path.isdir(manager_dir):
+  if not epath.Path(manager_dir).is_dir():
     raise FileNotFoundError(f"config.init.source {source!r}: no such directory; expected 'scratch', "
                             "'hf:<Hugging Face BERT dir>' or a teacher/student workdir")
   step = None if init_cfg.step < 0 else int(init_cfg.step)
@@ -410,11 +410,11 @@ def json_safe(tree):
 def write_results(workdir: str, results: dict) -> None:
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(json_safe(results), f, indent=2, sort_keys=True, allow_nan=False)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(results_markdown(results))
+  path = epath.Path(workdir)  # local folders and gs:// buckets alike
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "results.json").write_text(
+      json.dumps(json_safe(results), indent=2, sort_keys=True, allow_nan=False))
+  (path / "results.md").write_text(results_markdown(results))
 
 
 # ---------------------------------------------------------------------------------- loop
