@@ -75,20 +75,33 @@ def peak_flops(device) -> float | None:
   return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
 
 
+def encoder_flops(m) -> int:
+  """encoder(n, H, F): matmul weights a token passes through in an `n`-layer encoder `m`."""
+  return m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size)
+
+
+def attention_flops(m, seq_len: int) -> int:
+  """attention(n, H): QKᵀ and AV FLOPs per token of encoder `m` over `seq_len` positions."""
+  return 4 * m.num_layers * seq_len * m.hidden_size
+
+
+def mlm_head_flops(m, positions: int) -> int:
+  """Forward FLOPs of the MLM head (transform H x H, tied decoder H x V) at `positions`."""
+  return 2 * positions * (m.hidden_size**2 + m.vocab_size * m.hidden_size)
+
+
 def step_flops(config) -> dict[str, float]:
   """The FLOP count of the module docstring, split into student and teacher."""
   b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
   s, t = config.model, config.teacher.model
   tokens = b * l
-  encoder = lambda m: m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size)
-  attention = lambda m: 4 * m.num_layers * l * m.hidden_size
   num_heads = sum(1 for o in distill.parse_objectives(config.kd.objectives)
                   if o in distill.FEATURE_OBJECTIVES)
   heads = num_heads * (s.hidden_size**2 + s.hidden_size * t.hidden_size)
-  student = (2 * tokens * (encoder(s) + heads) + tokens * attention(s)
-             + 2 * b * p * (s.hidden_size**2 + s.vocab_size * s.hidden_size))
+  student = (2 * tokens * (encoder_flops(s) + heads) + tokens * attention_flops(s, l)
+             + mlm_head_flops(s, b * p))
   uses_teacher = bool(distill.parse_objectives(config.kd.objectives))
-  teacher = 2 * tokens * encoder(t) + tokens * attention(t) if uses_teacher else 0
+  teacher = 2 * tokens * encoder_flops(t) + tokens * attention_flops(t, l) if uses_teacher else 0
   return {"student_train": 3.0 * student, "teacher_forward": float(teacher),
           "step": 3.0 * student + teacher}
 
@@ -104,6 +117,24 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
           "token_type_ids": np.zeros((b, l), np.int32), "mlm_positions": positions.astype(np.int32),
           "mlm_targets": np.take_along_axis(ids, positions, axis=1),
           "mlm_weights": np.ones((b, p), np.float32)}
+
+
+def flop_figures(flops: float, step_seconds: float) -> dict:
+  """TFLOPs per step, achieved TFLOP/s, the device's bf16 peak and MFU (None where unknown)."""
+  peak = peak_flops(jax.devices()[0])
+  return {"step_tflops": flops / 1e12,
+          "achieved_tflops_per_second": flops / step_seconds / 1e12,
+          "peak_bf16_tflops_per_device": None if peak is None else peak / 1e12,
+          "mfu": None if peak is None else flops / step_seconds / (peak * jax.device_count())}
+
+
+def report(result: dict) -> dict:
+  """Prints every figure on its own line, then all of them as one JSON line (the last line)."""
+  for k, v in result.items():
+    if k != "device":
+      print(f"{k:>28}: {v}")
+  print(json.dumps(result))
+  return result
 
 
 def timed(fn, *args, steps: int, warmup: int, carry_first: bool = False):
@@ -208,7 +239,6 @@ def main(argv=None) -> dict:
 
   flops = step_flops(config)
   device = jax.devices()[0]
-  peak = peak_flops(device)
   tokens = config.train.batch_size * config.data.seq_len
   result = {
       "device": device.device_kind, "num_devices": jax.device_count(),
@@ -220,18 +250,11 @@ def main(argv=None) -> dict:
       "tokens_per_second": tokens / step_seconds,
       "teacher_seconds": teacher_seconds, "teacher_share": teacher_seconds / step_seconds,
       "kd_loss_seconds": kd_seconds, "kd_loss_share": kd_seconds / step_seconds,
-      "step_tflops": flops["step"] / 1e12,
       "teacher_flop_share": flops["teacher_forward"] / flops["step"],
-      "achieved_tflops_per_second": flops["step"] / step_seconds / 1e12,
-      "peak_bf16_tflops_per_device": None if peak is None else peak / 1e12,
-      "mfu": None if peak is None else flops["step"] / step_seconds / (peak * jax.device_count()),
+      **flop_figures(flops["step"], step_seconds),
       "loss": float(metrics["loss"]),
   }
-  for k, v in result.items():
-    if k not in ("device",):
-      print(f"{k:>28}: {v}")
-  print(json.dumps(result))
-  return result
+  return report(result)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""Throughput of the teacher's training step: language encoder + MLM, video encoder, contrastive loss.
+
+The step timed is the training loop's own (`vidlankd_jax.train.teacher.train_step`: one jitted
+program with both towers' forward and backward with dropout, the MLM and contrastive losses and
+AdamW), on random token ids and random video features of the config's shapes.
+
+FLOPs per step (matmul FLOPs, as in bench/distill_step.py; biases, LayerNorm, softmax and the
+contrastive loss are left out):
+
+    T = B * L text tokens, S = B * Tv video steps, D video input width, Q its projection
+    text_forward   = 2 T encoder_l + T attention_l(L) + MLM head at B * P positions
+    video_forward  = 2 S (D Q + Q H_v + encoder_v) + S attention_v(Tv) + 2 B 3 H_v^2
+                     (3 H_v^2: the pooler and the two-layer clip MLP on the first step)
+    step_flops     = 3 * text_forward + (3, or 1 when the video tower is frozen) * video_forward
+
+    python bench/teacher_step.py --size=small --batch=8 --steps=3 --dtype=float32   # CPU
+    python bench/teacher_step.py --size=base --batch=64 --dtype=bfloat16            # accelerator
+    python bench/teacher_step.py --size=tiny --batch=16 --steps=10 --dtype=float32
+
+The last line of output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from configs import teacher as teacher_configs  # noqa: E402
+from distill_step import (attention_flops, encoder_flops, flop_figures,  # noqa: E402
+                          mlm_head_flops, random_batch, report, timed)
+from vidlankd_jax import sharding  # noqa: E402
+from vidlankd_jax.train import common  # noqa: E402
+from vidlankd_jax.train import teacher as teacher_train  # noqa: E402
+
+
+def step_flops(config) -> dict[str, float]:
+  """The FLOP count of the module docstring, split into the two towers."""
+  b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
+  m, v, steps = config.model, config.video, config.video.max_steps
+  text = 2 * b * l * encoder_flops(m) + b * l * attention_flops(m, l) + mlm_head_flops(m, b * p)
+  video = (2 * b * steps * (v.input_dim * v.projection_dim + v.projection_dim * v.hidden_size
+                            + encoder_flops(v))
+           + b * steps * attention_flops(v, steps) + 2 * b * 3 * v.hidden_size**2)
+  video_passes = 1.0 if v.frozen else 3.0
+  return {"text_train": 3.0 * text, "video_train": video_passes * video,
+          "step": 3.0 * text + video_passes * video}
+
+
+def teacher_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
+  """A text MLM batch (as the distillation benchmark's) plus unit-norm video features, every
+  step real."""
+  batch = random_batch(config, seed)
+  rng = np.random.default_rng(seed + 1)
+  b, t, d = config.train.batch_size, config.video.max_steps, config.video.input_dim
+  features = rng.standard_normal((b, t, d)).astype(np.float32)
+  features /= np.linalg.norm(features, axis=-1, keepdims=True)
+  return {**batch, "video_features": features, "video_mask": np.ones((b, t), np.int32)}
+
+
+def build_config(args):
+  config = teacher_configs.get_config(f"size={args.size},video_size={args.video_size}")
+  config.train.batch_size = args.batch
+  config.data.seq_len = args.seq_len or config.data.seq_len
+  config.data.max_predictions = args.max_predictions or config.data.max_predictions
+  if args.video_steps:
+    config.video.max_steps = config.data.max_video_steps = args.video_steps
+  config.model.dtype = config.video.dtype = args.dtype
+  if args.attention_impl:
+    config.model.attention_impl = config.video.attention_impl = args.attention_impl
+  config.model.remat = config.video.remat = args.remat
+  config.video.frozen = args.frozen_video
+  config.loss.contrastive = args.contrastive
+  return config
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--size", default="small", help="language encoder size (configs/common.py)")
+  p.add_argument("--video_size", default="", help="default: the language encoder's size")
+  p.add_argument("--batch", type=int, default=32, help="global batch (clip-text pairs)")
+  p.add_argument("--seq_len", type=int, default=0, help="default: the config's (128; tiny 32)")
+  p.add_argument("--max_predictions", type=int, default=0, help="default: the config's (20; tiny 6)")
+  p.add_argument("--video_steps", type=int, default=0, help="default: the config's (384; tiny 16)")
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--attention_impl", default="", help="e.g. cudnn (NVIDIA GPUs)")
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--frozen_video", action="store_true", help="the released code's frozen video tower")
+  p.add_argument("--contrastive", default="paired_hinge", choices=teacher_train.CONTRASTIVE_LOSSES)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup_steps", type=int, default=2)
+  args = p.parse_args(argv)
+
+  config = build_config(args)
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, params, rest = teacher_train.build(config, mesh)
+  tx = teacher_train.make_optimizer(config, params)
+  state = common.init_train_state(tx, params)
+  state_sh = sharding.state_shardings(state)
+  batch_sh = sharding.batch_sharding(mesh)
+  schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
+  step = jax.jit(functools.partial(teacher_train.train_step, graphdef=graphdef, rest=rest,
+                                   config=config, tx=tx, schedule=schedule),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                 donate_argnums=0)
+  batch = sharding.global_batch(teacher_batch(config), mesh)
+  step_seconds, (state, metrics) = timed(step, state, batch, carry_first=True,
+                                         steps=args.steps, warmup=args.warmup_steps)
+
+  flops = step_flops(config)
+  device = jax.devices()[0]
+  result = {
+      "device": device.device_kind, "num_devices": jax.device_count(),
+      "size": args.size, "video_size": args.video_size or args.size,
+      "contrastive": args.contrastive, "frozen_video": args.frozen_video, "dtype": args.dtype,
+      "batch": args.batch, "seq_len": config.data.seq_len, "video_steps": config.video.max_steps,
+      "steps": args.steps,
+      "step_seconds": step_seconds,
+      "pairs_per_second": config.train.batch_size / step_seconds,
+      "video_flop_share": flops["video_train"] / flops["step"],
+      **flop_figures(flops["step"], step_seconds),
+      "loss": float(metrics["loss"]),
+  }
+  return report(result)
+
+
+if __name__ == "__main__":
+  main()
