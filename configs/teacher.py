@@ -61,5 +61,11 @@ def get_config(arg=None):
     config.video.projection_dim = 64
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 20
+    # At this size and budget the paired hinge and full-weight MLM leave the tiny teacher ranking
+    # held-out clips at chance; in-batch InfoNCE with a light MLM term learns the generated
+    # corpus in a few hundred steps (held-out recall@1 well above chance).
+    config.loss.contrastive = "info_nce"
+    config.loss.mlm_weight = 0.1
+    config.train.steps = 600
   config.lock()
   return config

@@ -38,3 +38,4 @@ def load_tool():
     spec.loader.exec_module(module)
     return module
   return load
+

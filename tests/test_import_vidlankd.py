@@ -221,6 +221,9 @@ def test_workdirs_carry_the_fingerprints_and_configs_our_runs_write(imported):
   meta = ckpt_lib.CheckpointManager(os.path.join(imported["teacher"], "checkpoints"), every_steps=1,
                                     keep=1).read_meta(0)
   config = distill_configs.get_config("size=tiny,objectives=nst")
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="video.embedding_passes"):
+    ckpt_lib.check_fingerprint(meta["fingerprint"], distill.teacher_fingerprint(config), "teacher")
+  config.teacher.video.embedding_passes = 2  # what the import tool tells distillation runs to set
   assert meta["fingerprint"] == distill.teacher_fingerprint(config)
   student_meta = ckpt_lib.CheckpointManager(os.path.join(imported["student"], "checkpoints"),
                                             every_steps=1, keep=1).read_meta(0)

@@ -24,7 +24,7 @@ import multihost_worker as worker
 
 TEACHER = "configs/teacher.py:size=tiny"
 DISTILL = "configs/distill.py:size=tiny,objectives=nst+crd"
-TEACHER_STEPS = 20
+TEACHER_STEPS = 12
 DISTILL_STEPS = 3
 pytestmark = pytest.mark.slow
 

@@ -111,8 +111,13 @@ def test_sharded_teacher_step_equals_single_device(single_device_step):
 
 
 def test_retrieval_metrics_on_known_rankings():
-  sentence = np.eye(4, dtype=np.float32)
+  sentence = np.eye(4, dtype=np.float32) + 0.1 * np.arange(4, dtype=np.float32)  # no ties
   clip = np.eye(4, dtype=np.float32)[[0, 1, 3, 2]]  # rows 2 and 3 swapped: ranks 1, 1, 2, 2
   m = teacher_train.retrieval_metrics(sentence, clip)
   assert m["recall@1"] == 0.5 and m["recall@5"] == 1.0 and m["median_rank"] == 1.5
   assert m["chance_recall@1"] == 0.25
+  # A collapsed model (every clip scored alike) ranks at chance, and NaN scores rank last.
+  collapsed = teacher_train.retrieval_metrics(np.ones((5, 3)), np.ones((5, 3)))
+  assert collapsed["recall@1"] == 0.0 and collapsed["median_rank"] == 3.0
+  broken = teacher_train.retrieval_metrics(np.full((5, 3), np.nan), np.ones((5, 3)))
+  assert broken["recall@10"] == 1.0 and broken["median_rank"] == 5.0

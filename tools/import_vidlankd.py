@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
   if args.kind == "teacher":
     config, overrides = import_teacher(args.model_dir, args.workdir, args.language_file, args.video_file)
     what = f"teacher (size {config.model.size}, video input {config.video.input_dim})"
-    overrides.append("--config.teacher.video.embedding_passes=2 (with the voken objective, the "
-                     "only one that runs the teacher's video encoder)")
+    overrides.append("--config.teacher.video.embedding_passes=2")
   else:
     if args.video_file:
       parser.error("--video_file is for teachers")

@@ -56,8 +56,9 @@ def fingerprint(config) -> dict:
   out = {"stage": config.get("stage", ""), **{f"model.{k}": model.get(k) for k in keys}}
   for section in ("video", "student"):
     if section in config:
-      out.update({f"{section}.{k}": config[section].get(k) for k in keys + ("input_dim",)
-                  if k in config[section]})
+      # embedding_passes changes what the video weights compute (imported released teachers).
+      out.update({f"{section}.{k}": config[section].get(k)
+                  for k in keys + ("input_dim", "embedding_passes") if k in config[section]})
   if "kd" in config:
     out["kd.objectives"] = str(config.kd.get("objectives", ""))
   return out

@@ -6,6 +6,12 @@ concept, whose seconds carry that concept's prototypes plus noise, and whose cap
 concept inside a piece of real English text. The features therefore carry what the captions say,
 so a teacher has something true to learn; shuffling the pairing destroys it.
 
+The concept is meant to be the strongest signal on both sides: each second's noise is smaller
+than its prototype (`noise`, the ratio of their norms), and the words around a concept come from
+a small pool of real sentences shared by all videos. With per-video unique text and noise larger
+than the signal, a tiny teacher fits its training pairs by memorising the filler words and the
+noise of each clip and ranks held-out clips at chance.
+
 Layout written (as HowTo100M's): `caption.json` {video: {"start", "end", "text"}},
 `features_2d/VID.npy` [T, 2048] at 1 per second, `features_3d/VID.npy` [ceil(1.5 T), 2048],
 float16, L2-normalised rows.
@@ -75,16 +81,20 @@ def _unit(rng: np.random.Generator, shape) -> np.ndarray:
 
 def write_corpus(out_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
                  segments_per_video: tuple[int, int] = (4, 8), seconds_per_segment: tuple[int, int] = (3, 6),
-                 noise: float = 0.5, dim: int = 2048, seed: int = 0,
-                 text_path: str | None = None) -> SyntheticCorpus:
-  """Writes the corpus under `out_dir` and returns where its parts are."""
+                 noise: float = 0.4, dim: int = 2048, seed: int = 0,
+                 text_path: str | None = None, num_sentences: int = 40) -> SyntheticCorpus:
+  """Writes the corpus under `out_dir` and returns where its parts are.
+
+  `noise`: the norm of each second's noise relative to its unit prototype; `num_sentences`: the
+  pool of real sentences the captions' filler words are drawn from.
+  """
   if num_concepts > len(CONCEPT_NAMES):
     raise ValueError(f"at most {len(CONCEPT_NAMES)} concepts, got {num_concepts}")
   rng = np.random.default_rng(seed)
   concepts = CONCEPT_NAMES[:num_concepts]
   proto_2d = _unit(rng, (num_concepts, dim))
   proto_3d = _unit(rng, (num_concepts, dim))
-  sentences = real_sentences(text_path)
+  sentences = real_sentences(text_path, limit=num_sentences)
   dirs = {k: os.path.join(out_dir, f"features_{k}") for k in ("2d", "3d")}
   for d in dirs.values():
     os.makedirs(d, exist_ok=True)
@@ -99,8 +109,8 @@ def write_corpus(out_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
     per_second = np.repeat(labels, lengths)                      # [T]
     t3 = math.ceil(1.5 * total)
     per_clip3d = per_second[np.minimum((np.arange(t3) / 1.5).astype(int), total - 1)]
-    f2 = proto_2d[per_second] + noise * rng.standard_normal((total, dim)) / math.sqrt(dim) * 4
-    f3 = proto_3d[per_clip3d] + noise * rng.standard_normal((t3, dim)) / math.sqrt(dim) * 4
+    f2 = proto_2d[per_second] + noise * rng.standard_normal((total, dim)) / math.sqrt(dim)
+    f3 = proto_3d[per_clip3d] + noise * rng.standard_normal((t3, dim)) / math.sqrt(dim)
     for key, feats in (("2d", f2), ("3d", f3)):
       feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
       np.save(os.path.join(dirs[key], f"{vid}.npy"), feats.astype(np.float16))
