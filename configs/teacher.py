@@ -66,6 +66,6 @@ def get_config(arg=None):
     # corpus in a few hundred steps (held-out recall@1 well above chance).
     config.loss.contrastive = "info_nce"
     config.loss.mlm_weight = 0.1
-    config.train.steps = 600
+    config.train.steps = 400
   config.lock()
   return config

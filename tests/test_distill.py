@@ -371,7 +371,9 @@ def test_science_check_distilled_student_ends_closer_to_the_teacher(science_runs
              f"{distilled['eval/teacher_cka']:.4f}, text-only baseline "
              f"{baseline['eval/teacher_cka']:.4f}")
   print(figures)
-  assert distilled["eval/nst_loss"] < initial["eval/nst_loss"] - 0.02, figures
+  # NST's released value can be negative (the teacher-teacher term is dropped): falling means
+  # moving down by a fifth of its initial size or more.
+  assert distilled["eval/nst_loss"] < initial["eval/nst_loss"] - 0.2 * abs(initial["eval/nst_loss"]), figures
   assert distilled["eval/teacher_cka"] > baseline["eval/teacher_cka"] + 0.01, figures
 
 
