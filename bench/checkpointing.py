@@ -53,8 +53,12 @@ def save_times(size: str, saves: int, workdir: str) -> dict:
     manager.wait()
     total.append(time.perf_counter() - start)
   manager.close()
-  return {"state_megabytes": nbytes / 2**20, "devices": jax.device_count(),
-          "save_blocking_s": statistics.median(blocking), "save_total_s": statistics.median(total)}
+  return {
+      "state_megabytes": nbytes / 2**20,
+      "devices": jax.device_count(),
+      "save_blocking_s": statistics.median(blocking),
+      "save_total_s": statistics.median(total),
+  }
 
 
 def logged_steps(workdir: str) -> list[int]:
@@ -78,14 +82,25 @@ def wait_for(predicate, proc, what: str, timeout: float = 3600) -> None:
 def preemption_times(size: str, batch: int, workdir: str) -> dict:
   """SIGTERM after the second step of a run; the same command again until its first step."""
   data_dir = os.path.join(workdir, "data")
-  command = [sys.executable, "-m", "vidlankd_jax.main",
-             f"--config=configs/teacher.py:size={size},data=synthetic",
-             f"--workdir={os.path.join(workdir, 'run')}", f"--config.data.data_dir={data_dir}",
-             f"--config.train.batch_size={batch}", f"--config.eval.batch_size={batch}",
-             "--config.train.steps=1000", "--config.train.log_every=1",
-             "--config.eval.every_steps=1000", "--config.checkpoint.every_steps=1000"]
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  command = [
+      sys.executable,
+      "-m",
+      "vidlankd_jax.main",
+      f"--config=configs/teacher.py:size={size},data=synthetic",
+      f"--workdir={os.path.join(workdir, 'run')}",
+      f"--config.data.data_dir={data_dir}",
+      f"--config.train.batch_size={batch}",
+      f"--config.eval.batch_size={batch}",
+      "--config.train.steps=1000",
+      "--config.train.log_every=1",
+      "--config.eval.every_steps=1000",
+      "--config.checkpoint.every_steps=1000",
+  ]
+  env = dict(
+      os.environ,
+      JAX_COMPILATION_CACHE_DIR=os.path.join(workdir, "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
   run_dir = os.path.join(workdir, "run")
   with open(os.path.join(workdir, "first.log"), "w") as log:
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -102,8 +117,12 @@ def preemption_times(size: str, batch: int, workdir: str) -> dict:
     resumed = time.perf_counter()
     second.send_signal(signal.SIGTERM)
     second.wait()
-  return {"stopped_at_step": stopped, "preemption_lost_s": resumed - sigterm,
-          "stop_s": exited - sigterm, "restart_s": resumed - exited}
+  return {
+      "stopped_at_step": stopped,
+      "preemption_lost_s": resumed - sigterm,
+      "stop_s": exited - sigterm,
+      "restart_s": resumed - exited,
+  }
 
 
 def main():

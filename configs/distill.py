@@ -44,7 +44,7 @@ def get_config(arg=None):
       # a teacher, when given, is used by evaluation alone (closeness to the teacher).
       workdir="",
       size=teacher_size,
-      step=-1,          # teacher checkpoint step to read; -1: the latest
+      step=-1,  # teacher checkpoint step to read; -1: the latest
       # What the teacher reads: "masked" (the student's input, as the released code) or
       # "unmasked" (the clean text).
       input="masked",
@@ -92,7 +92,8 @@ def get_config(arg=None):
   config.train.batch_size = 256
   config.train.steps = 500_000 if data == "wikipedia" else WIKI103_40_EPOCHS_STEPS
   config.optimizer = common.optimizer_config(
-      learning_rate=2e-4, warmup_steps=5_000 if data == "wikipedia" else 10_000)
+      learning_rate=2e-4, warmup_steps=5_000 if data == "wikipedia" else 10_000
+  )
   config.eval.every_steps = 5_000
   config.checkpoint.every_steps = 5_000
   config.checkpoint.best_metric = "eval/mlm_accuracy"

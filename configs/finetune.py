@@ -18,13 +18,17 @@ entry in TASK_DEFAULTS (or the generic defaults).
 from configs import common
 
 GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "ax")
-TASK_ALIASES = {**{name: f"glue_{name}" for name in GLUE},
-                "squad": "squad_v1", "tracie": "tracie_iid"}
+TASK_ALIASES = {
+    **{name: f"glue_{name}" for name in GLUE},
+    "squad": "squad_v1",
+    "tracie": "tracie_iid",
+}
 
 # Task name (or family, the part before the first "_") -> training defaults. `seq_len` counts
 # [CLS]/[SEP] (0: the benchmark's own default); `primary_metric` is what comparison tables show.
-GENERIC_DEFAULTS = dict(learning_rate=5e-5, epochs=3, batch_size=32, seq_len=0,
-                        primary_metric="accuracy")
+GENERIC_DEFAULTS = dict(
+    learning_rate=5e-5, epochs=3, batch_size=32, seq_len=0, primary_metric="accuracy"
+)
 TASK_DEFAULTS = {
     # GLUE: 3 epochs, lr 1e-4, batch 32, 126 word pieces + [CLS] + [SEP].
     "glue": dict(learning_rate=1e-4, epochs=3, batch_size=32, seq_len=128),
@@ -32,10 +36,22 @@ TASK_DEFAULTS = {
     "glue_mrpc": dict(primary_metric="f1"),
     "glue_stsb": dict(primary_metric="pearson"),
     # SQuAD: 2 epochs, 384 tokens, doc stride 128; lr 3e-5 (v1.1) / 5e-5 (v2.0).
-    "squad_v1": dict(learning_rate=3e-5, epochs=2, batch_size=32, seq_len=384, doc_stride=128,
-                     primary_metric="f1"),
-    "squad_v2": dict(learning_rate=5e-5, epochs=2, batch_size=32, seq_len=384, doc_stride=128,
-                     primary_metric="f1"),
+    "squad_v1": dict(
+        learning_rate=3e-5,
+        epochs=2,
+        batch_size=32,
+        seq_len=384,
+        doc_stride=128,
+        primary_metric="f1",
+    ),
+    "squad_v2": dict(
+        learning_rate=5e-5,
+        epochs=2,
+        batch_size=32,
+        seq_len=384,
+        doc_stride=128,
+        primary_metric="f1",
+    ),
     # SWAG: 4 endings, lr 5e-5, 3 epochs, 80 tokens per choice row.
     "swag": dict(learning_rate=5e-5, epochs=3, batch_size=16, seq_len=80),
     # PIQA: goal + solution rows, BERT's usual multiple-choice settings.
@@ -71,8 +87,8 @@ def get_config(arg=None):
 
   config.data.task = task
   config.data.seq_len = defaults["seq_len"]
-  config.data.data_dir = ""    # TFDS data folder (GLUE, SQuAD, PIQA); "" uses TFDS's default
-  config.data.swag_dir = ""    # train.csv / val.csv / test.csv of SWAG
+  config.data.data_dir = ""  # TFDS data folder (GLUE, SQuAD, PIQA); "" uses TFDS's default
+  config.data.swag_dir = ""  # train.csv / val.csv / test.csv of SWAG
   config.data.tracie_dir = ""  # the data/ folder of the TRACIE release (iid/, uniform-prior/)
   config.data.doc_stride = defaults.get("doc_stride", 128)
   config.data.max_query_length = 64
@@ -83,14 +99,16 @@ def get_config(arg=None):
   config.train.epochs = float(defaults["epochs"])
   config.train.steps = 0  # > 0 overrides epochs
   config.train.log_every = 50
-  config.optimizer = common.optimizer_config(learning_rate=defaults["learning_rate"], warmup_steps=0)
+  config.optimizer = common.optimizer_config(
+      learning_rate=defaults["learning_rate"], warmup_steps=0
+  )
   config.optimizer.warmup_fraction = 0.1  # sets warmup_steps from the run's length
 
   config.eval.batch_size = 64
-  config.eval.batches = 0      # 0: the whole split; n > 0: the first n batches only
+  config.eval.batches = 0  # 0: the whole split; n > 0: the first n batches only
   config.eval.every_steps = 0  # 0: evaluate once, at the end
   config.eval.primary_metric = defaults["primary_metric"]
-  config.eval.n_best_size = 20          # span decoding
+  config.eval.n_best_size = 20  # span decoding
   config.eval.max_answer_length = 30
   config.eval.null_score_diff_threshold = 0.0  # SQuAD v2.0: answer "" above this null margin
   # MNLI only: also predict the GLUE diagnostics (seed_<s>/AX.tsv for the GLUE server) and, with

@@ -19,7 +19,7 @@ def get_config(arg=None):
   config = common.base_config(stage="teacher", size=arg.size)
 
   config.video = common.bert_config(arg.video_size or arg.size)
-  config.video.input_dim = 4096       # 2D (2048) + 3D (2048) features per second; from the data
+  config.video.input_dim = 4096  # 2D (2048) + 3D (2048) features per second; from the data
   config.video.projection_dim = 1024  # Linear 4096 -> 1024 -> hidden, no nonlinearity between
   config.video.max_steps = 384
   config.video.clip_mlp_dropout = 0.3
@@ -33,7 +33,7 @@ def get_config(arg=None):
   config.loss = dict(
       contrastive="paired_hinge",  # paired_hinge | batchwise_hinge | info_nce
       margin=1.0,
-      temperature=0.07,            # info_nce only
+      temperature=0.07,  # info_nce only
       contrastive_weight=1.0,
       mlm_weight=1.0,
   )

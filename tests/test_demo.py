@@ -69,16 +69,29 @@ def test_metrics_are_finite_and_the_comparison_is_complete(demo):
   _, first, _, _, _, _ = demo
   assert all_finite({name: record["result"] for name, record in first.items()})
   teacher = first["teacher"]["result"]
-  assert 0.0 <= teacher["eval/recall@1"] <= teacher["eval/recall@5"] <= teacher["eval/recall@10"] <= 1.0
+  assert (
+      0.0
+      <= teacher["eval/recall@1"]
+      <= teacher["eval/recall@5"]
+      <= teacher["eval/recall@10"]
+      <= 1.0
+  )
   for name in ("student_nst", "student_base"):  # the baseline is compared with the teacher too
     assert 0.0 <= first[name]["result"]["eval/teacher_cka"] <= 1.0
   assert "eval/nst_loss" in first["student_nst"]["result"]
   assert "eval/nst_loss" not in first["student_base"]["result"]
   rows = first["probe"]["result"]["rows"]
-  assert set(rows) == {"teacher (zero-shot)", "nst student, NST head (zero-shot)", "nst student, linear probe",
-                       "base student, linear probe", "untrained student, linear probe"}
+  assert set(rows) == {
+      "teacher (zero-shot)",
+      "nst student, NST head (zero-shot)",
+      "nst student, linear probe",
+      "base student, linear probe",
+      "untrained student, linear probe",
+  }
   # The teacher's own ranking in the probe is the one its evaluation computed on the same clips.
-  assert rows["teacher (zero-shot)"]["recall@5"] == pytest.approx(teacher["eval/recall@5"], abs=1e-6)
+  assert rows["teacher (zero-shot)"]["recall@5"] == pytest.approx(
+      teacher["eval/recall@5"], abs=1e-6
+  )
   for name in ("nst", "base"):
     result = first[f"finetune_{name}"]["result"]
     assert 0.0 <= result["summary"]["validation/accuracy"]["mean"] <= 100.0
@@ -91,8 +104,11 @@ def test_artefacts_are_valid(demo):
     pixels = image.imread(os.path.join(workdir, name))
     assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200 and np.ptp(pixels) > 0, name
   tables = parse_tables(summary)
-  assert [t["header"][:2] for t in tables] == [["metric", "teacher"], ["measure", "NST student"],
-                                               ["stage", "status"]]
+  assert [t["header"][:2] for t in tables] == [
+      ["metric", "teacher"],
+      ["measure", "NST student"],
+      ["stage", "status"],
+  ]
   teacher, students, stage_rows = tables
   for row in teacher["rows"] + students["rows"]:
     for cell in row[1:]:
@@ -133,6 +149,7 @@ def test_stage_runner_redoes_changed_or_broken_stages_and_their_dependents(tmp_p
       with open(os.path.join(stage_dir, "out.txt"), "w") as f:
         f.write(str(value))
       return {"value": value}
+
     return fn
 
   def run_all(a_value, log):

@@ -79,7 +79,7 @@ def test_linear_cka():
   assert cka(x, wider, mask) == pytest.approx(1.0, abs=1e-4)  # rotation, scale, other width
   assert cka(x, rng.standard_normal((4, 50, 6)).astype(np.float32), mask) < 0.2
   # Summing the moments over batches equals one pass; masked tokens count for nothing.
-  halves = [distill.cka_moments(x[i:i + 2], wider[i:i + 2], mask[i:i + 2]) for i in (0, 2)]
+  halves = [distill.cka_moments(x[i : i + 2], wider[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
   summed = {k: np.asarray(halves[0][k], np.float64) + np.asarray(halves[1][k]) for k in halves[0]}
   assert distill.linear_cka(summed) == pytest.approx(cka(x, wider, mask), abs=1e-6)
   noisy = x.copy()
@@ -111,15 +111,25 @@ def test_total_loss_weights_each_term():
 def test_objective_terms_dispatch_to_the_losses():
   config = distill_configs.get_config("size=tiny,objectives=nst+ntxent+mse+cos+kd")
   rng = np.random.default_rng(4)
-  unit = lambda *shape: np.asarray(losses.l2_normalize(rng.standard_normal(shape).astype(np.float32)))
+  unit = lambda *shape: np.asarray(
+      losses.l2_normalize(rng.standard_normal(shape).astype(np.float32))
+  )
   heads = {name: unit(4, 8, 16) for name in ("nst", "ntxent", "mse", "cos")}
   targets = unit(4, 8, 16)
   mask = np.ones((4, 8), np.int32)
   mask[1, 5:] = 0
   batch = {"attention_mask": mask, "mlm_weights": np.ones((4, 3), np.float32)}
   student_logits, teacher_logits = rng.standard_normal((2, 4, 3, 11)).astype(np.float32)
-  terms, _, updates = distill.objective_terms(config, heads, targets, batch, None, None,
-                                              mlm_logits=student_logits, teacher_logits=teacher_logits)
+  terms, _, updates = distill.objective_terms(
+      config,
+      heads,
+      targets,
+      batch,
+      None,
+      None,
+      mlm_logits=student_logits,
+      teacher_logits=teacher_logits,
+  )
   expected = {
       "nst": losses.nst_loss(heads["nst"], targets),
       "ntxent": losses.nt_xent_loss(heads["ntxent"], targets, 1.0, mask),
@@ -131,25 +141,40 @@ def test_objective_terms_dispatch_to_the_losses():
   for name, value in expected.items():
     assert float(terms[name]) == pytest.approx(float(value), rel=1e-6), name
   config.kd.nst_variant = "mmd"
-  terms, _, _ = distill.objective_terms(config, heads, targets, batch, None, None,
-                                        mlm_logits=student_logits, teacher_logits=teacher_logits)
-  assert float(terms["nst"]) == pytest.approx(float(losses.nst_mmd_loss(heads["nst"], targets, mask)))
+  terms, _, _ = distill.objective_terms(
+      config,
+      heads,
+      targets,
+      batch,
+      None,
+      None,
+      mlm_logits=student_logits,
+      teacher_logits=teacher_logits,
+  )
+  assert float(terms["nst"]) == pytest.approx(
+      float(losses.nst_mmd_loss(heads["nst"], targets, mask))
+  )
 
 
 def test_benchmark_flop_count_matches_the_model():
   """The benchmark's encoder FLOP term counts exactly the kernels a token passes through."""
   import importlib.util
+
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "distill_step.py")
   spec = importlib.util.spec_from_file_location("distill_step", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   config = distill_configs.get_config("size=tiny,teacher_size=mini,objectives=none")
   from vidlankd_jax.models.bert import BertConfig, TransformerStack
+
   stack = sharding.create_sharded(
       lambda: TransformerStack(BertConfig.from_config(config.teacher.model), rngs=nnx.Rngs(0)),
-      sharding.single_device_mesh(), config.sharding_rules)
-  kernels = sum(x.size for path, x in nnx.state(stack, nnx.Param).flat_state()
-                if path[-1] == "kernel")
+      sharding.single_device_mesh(),
+      config.sharding_rules,
+  )
+  kernels = sum(
+      x.size for path, x in nnx.state(stack, nnx.Param).flat_state() if path[-1] == "kernel"
+  )
   b, l = config.train.batch_size, config.data.seq_len
   m = config.teacher.model
   flops = bench.step_flops(config)
@@ -184,24 +209,38 @@ def random_batch(config, batch=8, seed=0):
   positions = rng.integers(1, l - 4, (batch, p)).astype(np.int32)
   masked = ids.copy()
   np.put_along_axis(masked, positions, 4, axis=1)
-  return {"input_ids": masked * mask, "unmasked_ids": ids * mask, "attention_mask": mask,
-          "token_type_ids": np.zeros_like(ids), "mlm_positions": positions,
-          "mlm_targets": np.take_along_axis(ids, positions, axis=1),
-          "mlm_weights": np.ones((batch, p), np.float32)}
+  return {
+      "input_ids": masked * mask,
+      "unmasked_ids": ids * mask,
+      "attention_mask": mask,
+      "token_type_ids": np.zeros_like(ids),
+      "mlm_positions": positions,
+      "mlm_targets": np.take_along_axis(ids, positions, axis=1),
+      "mlm_weights": np.ones((batch, p), np.float32),
+  }
 
 
 def run_steps(config, mesh, num_steps=2):
-  teacher = sharding.create_sharded(lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)),
-                                    mesh, config.sharding_rules)
+  teacher = sharding.create_sharded(
+      lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)), mesh, config.sharding_rules
+  )
   models, state, tx = distill.init_state(config, mesh, teacher=teacher)
-  before = jax.tree.map(np.asarray, {"params": state.params, "frozen": state.frozen,
-                                     "extra": state.extra})
+  before = jax.tree.map(
+      np.asarray, {"params": state.params, "frozen": state.frozen, "extra": state.extra}
+  )
   state_sh = sharding.state_shardings(state)
-  step = jax.jit(functools.partial(
-      distill.train_step, models=models, config=config, tx=tx,
-      schedule=common.learning_rate_schedule(config.optimizer, config.train.steps)),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)), out_shardings=(state_sh, None),
-      donate_argnums=0)
+  step = jax.jit(
+      functools.partial(
+          distill.train_step,
+          models=models,
+          config=config,
+          tx=tx,
+          schedule=common.learning_rate_schedule(config.optimizer, config.train.steps),
+      ),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sh, None),
+      donate_argnums=0,
+  )
   for i in range(num_steps):
     state, metrics = step(state, sharding.global_batch(random_batch(config, seed=i), mesh))
   return before, state, jax.device_get(metrics)
@@ -215,13 +254,18 @@ def single_device_steps():
 def test_step_trains_the_student_advances_the_memory_and_keeps_the_teacher(single_device_steps):
   before, state, metrics = single_device_steps
   assert metrics["finite"] and np.isfinite(metrics["loss"])
-  assert metrics["loss"] == pytest.approx(metrics["mlm_loss"] + metrics["nst_loss"] + metrics["crd_loss"],
-                                          rel=1e-5)
+  assert metrics["loss"] == pytest.approx(
+      metrics["mlm_loss"] + metrics["nst_loss"] + metrics["crd_loss"], rel=1e-5
+  )
   for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(before["frozen"])):
     np.testing.assert_array_equal(np.asarray(a), b)
   for name in ("language", "kd_heads"):
-    change = max(float(np.abs(np.asarray(a) - b).max()) for a, b in
-                 zip(jax.tree.leaves(state.params[name]), jax.tree.leaves(before["params"][name])))
+    change = max(
+        float(np.abs(np.asarray(a) - b).max())
+        for a, b in zip(
+            jax.tree.leaves(state.params[name]), jax.tree.leaves(before["params"][name])
+        )
+    )
     assert change > 0, name
   memory, fresh = state.extra["crd"], before["extra"]["crd"]
   assert float(memory.z_student) > 0 and float(fresh.z_student) < 0  # set on the first batch
@@ -235,9 +279,13 @@ def test_sharded_step_with_a_sharded_memory_equals_single_device(single_device_s
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
   mesh = sharding.make_mesh(config.mesh)
   _, out, metrics = run_steps(config, mesh)
-  assert out.extra["crd"].student_memory.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  assert out.extra["crd"].student_memory.sharding.spec == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None
+  )
   assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5)
-  for a, b in zip(jax.tree.leaves((ref.params, ref.extra)), jax.tree.leaves((out.params, out.extra))):
+  for a, b in zip(
+      jax.tree.leaves((ref.params, ref.extra)), jax.tree.leaves((out.params, out.extra))
+  ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
@@ -283,8 +331,16 @@ def corpus(tmp_path_factory):
   for split, part in (("train", lines[:cut]), ("validation", lines[cut:])):
     raw = root / f"{split}.txt"
     raw.write_text("".join(part), encoding="utf-8")
-    text_lib.convert_text([str(raw)], str(root / "text" / "wiki103"), vocab, prefix="wiki103",
-                          split=split, num_shards=1, fmt="lines", log=lambda *_: None)
+    text_lib.convert_text(
+        [str(raw)],
+        str(root / "text" / "wiki103"),
+        vocab,
+        prefix="wiki103",
+        split=split,
+        num_shards=1,
+        fmt="lines",
+        log=lambda *_: None,
+    )
 
   config = teacher_configs.get_config("size=tiny,data=synthetic")
   config.data.data_dir = str(root / "video")
@@ -292,8 +348,12 @@ def corpus(tmp_path_factory):
   config.train.log_every = TEACHER_STEPS
   teacher_dir = str(root / "teacher")
   teacher_metrics = teacher_train.train_and_evaluate(config, teacher_dir)
-  return {"root": root, "teacher": teacher_dir, "teacher_metrics": teacher_metrics,
-          "teacher_params": ckpt_lib.restore_params_numpy(os.path.join(teacher_dir, "checkpoints"))}
+  return {
+      "root": root,
+      "teacher": teacher_dir,
+      "teacher_metrics": teacher_metrics,
+      "teacher_params": ckpt_lib.restore_params_numpy(os.path.join(teacher_dir, "checkpoints")),
+  }
 
 
 def loop_config(corpus, objectives, steps, seed=0):
@@ -328,8 +388,10 @@ def science_runs(corpus):
   Also the NST student's evaluation before training. The students' seed differs from the
   teacher's, so that a student does not start from the teacher's own initial weights.
   """
-  runs = {objectives: run_loop(corpus, objectives, SCIENCE_STEPS, seed=1)
-          for objectives in ("nst", "none")}
+  runs = {
+      objectives: run_loop(corpus, objectives, SCIENCE_STEPS, seed=1)
+      for objectives in ("nst", "none")
+  }
   config = loop_config(corpus, "nst", SCIENCE_STEPS, seed=1)
   config.data.vocab_file = common.resolve_vocab(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -342,8 +404,13 @@ def science_runs(corpus):
 @pytest.mark.slow
 def test_nst_loop_saves_the_student_alone_and_leaves_the_teacher_untouched(corpus, science_runs):
   workdir, metrics = science_runs["nst"]
-  for key in ("eval/mlm_loss", "eval/mlm_accuracy", "eval/nst_loss", "eval/nst_teacher_cosine",
-              "eval/teacher_cka"):
+  for key in (
+      "eval/mlm_loss",
+      "eval/mlm_accuracy",
+      "eval/nst_loss",
+      "eval/nst_teacher_cosine",
+      "eval/teacher_cka",
+  ):
     assert np.isfinite(metrics[key]), key
   step_dir = os.path.join(workdir, "checkpoints", str(SCIENCE_STEPS))
   assert set(os.listdir(step_dir)) >= {"params", "opt_state", "meta"}
@@ -353,8 +420,9 @@ def test_nst_loop_saves_the_student_alone_and_leaves_the_teacher_untouched(corpu
   teacher_now = ckpt_lib.restore_params_numpy(os.path.join(corpus["teacher"], "checkpoints"))
   for a, b in zip(jax.tree.leaves(teacher_now), jax.tree.leaves(corpus["teacher_params"])):
     np.testing.assert_array_equal(a, b)
-  assert ckpt_lib.CheckpointManager(os.path.join(corpus["teacher"], "checkpoints"), every_steps=1,
-                                    keep=1).all_steps() == [TEACHER_STEPS]
+  assert ckpt_lib.CheckpointManager(
+      os.path.join(corpus["teacher"], "checkpoints"), every_steps=1, keep=1
+  ).all_steps() == [TEACHER_STEPS]
   baseline = ckpt_lib.restore_params_numpy(os.path.join(science_runs["none"][0], "checkpoints"))
   assert set(baseline) == {"language"}
 
@@ -363,17 +431,22 @@ def test_nst_loop_saves_the_student_alone_and_leaves_the_teacher_untouched(corpu
 def test_science_check_distilled_student_ends_closer_to_the_teacher(science_runs):
   """NST's loss falls, and the NST student's token states end closer to the teacher's (linear
   CKA over held-out tokens) than those of the text-only baseline after the same steps."""
-  initial, distilled, baseline = (science_runs[k] if k == "initial" else science_runs[k][1]
-                                  for k in ("initial", "nst", "none"))
-  figures = (f"NST eval loss {initial['eval/nst_loss']:.4f} at step 0 -> "
-             f"{distilled['eval/nst_loss']:.4f} at step {SCIENCE_STEPS}; CKA with the teacher: "
-             f"{initial['eval/teacher_cka']:.4f} at step 0 -> NST student "
-             f"{distilled['eval/teacher_cka']:.4f}, text-only baseline "
-             f"{baseline['eval/teacher_cka']:.4f}")
+  initial, distilled, baseline = (
+      science_runs[k] if k == "initial" else science_runs[k][1] for k in ("initial", "nst", "none")
+  )
+  figures = (
+      f"NST eval loss {initial['eval/nst_loss']:.4f} at step 0 -> "
+      f"{distilled['eval/nst_loss']:.4f} at step {SCIENCE_STEPS}; CKA with the teacher: "
+      f"{initial['eval/teacher_cka']:.4f} at step 0 -> NST student "
+      f"{distilled['eval/teacher_cka']:.4f}, text-only baseline "
+      f"{baseline['eval/teacher_cka']:.4f}"
+  )
   print(figures)
   # NST's released value can be negative (the teacher-teacher term is dropped): falling means
   # moving down by a fifth of its initial size or more.
-  assert distilled["eval/nst_loss"] < initial["eval/nst_loss"] - 0.2 * abs(initial["eval/nst_loss"]), figures
+  assert distilled["eval/nst_loss"] < initial["eval/nst_loss"] - 0.2 * abs(
+      initial["eval/nst_loss"]
+  ), figures
   assert distilled["eval/teacher_cka"] > baseline["eval/teacher_cka"] + 0.01, figures
 
 
@@ -392,8 +465,12 @@ def test_crd_memory_survives_sigterm_and_resume(corpus, monkeypatch):
   config.eval.every_steps = 6
   workdir = str(corpus["root"] / "crd")
   assert distill.train_and_evaluate(config, workdir) == {}  # stopped before any evaluation
-  manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=100,
-                                       keep=3, fingerprint=ckpt_lib.fingerprint(config))
+  manager = ckpt_lib.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      every_steps=100,
+      keep=3,
+      fingerprint=ckpt_lib.fingerprint(config),
+  )
   assert manager.latest_step() == 2
   mesh = sharding.make_mesh(config.mesh)
   _, fresh, _ = distill.init_state(config, mesh)
@@ -430,5 +507,7 @@ def test_teacher_size_mismatch_is_a_fingerprint_error(corpus):
   bigger = distill_configs.get_config("size=tiny,teacher_size=mini,objectives=nst")
   config.teacher.model = bigger.teacher.model
   config.teacher.video = bigger.teacher.video
-  with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="model.hidden_size: checkpoint 64 vs config 256"):
+  with pytest.raises(
+      ckpt_lib.IncompatibleCheckpointError, match="model.hidden_size: checkpoint 64 vs config 256"
+  ):
     distill.load_teacher(config, sharding.single_device_mesh())

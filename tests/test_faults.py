@@ -44,18 +44,28 @@ def loop_config(data_dir, policy, steps):
 
 def poisoned(train_step_fn, bad_step):
   """The step, fed NaN video features at step `bad_step` (1-based, like the logged steps)."""
+
   def step_fn(state, batch):
     bad = state.step + 1 == bad_step
-    return train_step_fn(state, dict(batch, video_features=jnp.where(
-        bad, jnp.nan, batch["video_features"])))
+    return train_step_fn(
+        state, dict(batch, video_features=jnp.where(bad, jnp.nan, batch["video_features"]))
+    )
+
   return step_fn
 
 
 def fit_poisoned(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
   state, train_step_fn, eval_step_fn = teacher_train.init_state(config, mesh)
-  return loop.fit(config, workdir, mesh, state, poisoned(train_step_fn, BAD_STEP), eval_step_fn,
-                  teacher_train.evaluate)
+  return loop.fit(
+      config,
+      workdir,
+      mesh,
+      state,
+      poisoned(train_step_fn, BAD_STEP),
+      eval_step_fn,
+      teacher_train.evaluate,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +111,9 @@ def test_skip_policy_skips_the_step_and_training_goes_on(data_dir, tmp_path, cap
 def test_damaged_checkpoint_is_an_error_naming_the_item(stopped_run, data_dir, tmp_path, damage):
   workdir = str(tmp_path / "run")
   shutil.copytree(stopped_run[0], workdir)
-  files = glob.glob(os.path.join(workdir, "checkpoints", "2", "params", "**", "d", "*"),
-                    recursive=True)
+  files = glob.glob(
+      os.path.join(workdir, "checkpoints", "2", "params", "**", "d", "*"), recursive=True
+  )
   assert files
   for path in files:
     if damage == "removed":
@@ -113,32 +124,38 @@ def test_damaged_checkpoint_is_an_error_naming_the_item(stopped_run, data_dir, t
   config = loop_config(data_dir, "stop", 5)
   mesh = sharding.make_mesh(config.mesh)
   state, _, _ = teacher_train.init_state(config, mesh)
-  with pytest.raises(ckpt_lib.CorruptCheckpointError,
-                     match=r"checkpoints/2/params is damaged or incomplete: .*"
-                           r"delete .*checkpoints/2 to resume from step 1"):
+  with pytest.raises(
+      ckpt_lib.CorruptCheckpointError,
+      match=r"checkpoints/2/params is damaged or incomplete: .*"
+      r"delete .*checkpoints/2 to resume from step 1",
+  ):
     loop.fit(config, workdir, mesh, state, None, None, None)
 
 
 def test_checkpoint_of_another_model_size_is_an_error_naming_the_difference(stopped_run, data_dir):
   config = loop_config(data_dir, "stop", 5)
   config.model.hidden_size = 128
-  with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
-                     match="model.hidden_size: checkpoint 64 vs config 128"):
+  with pytest.raises(
+      ckpt_lib.IncompatibleCheckpointError, match="model.hidden_size: checkpoint 64 vs config 128"
+  ):
     teacher_train.train_and_evaluate(config, stopped_run[0])
 
 
 def test_checkpoint_of_another_objective_set_is_an_error_naming_the_difference(tmp_path):
   mesh = sharding.single_device_mesh()
   params = {"w": jax.device_put(jnp.ones((2, 2)), sharding.replicated(mesh))}
-  state = common.init_train_state(common.make_optimizer(
-      distill_configs.get_config("size=tiny").optimizer, 10), params)
+  state = common.init_train_state(
+      common.make_optimizer(distill_configs.get_config("size=tiny").optimizer, 10), params
+  )
   nst = distill_configs.get_config("size=tiny,objectives=nst")
   crd = distill_configs.get_config("size=tiny,objectives=nst+crd")
   manager = loop.checkpoint_manager(nst, str(tmp_path))
   manager.save(1, state, force=True)
   manager.close()
   manager = loop.checkpoint_manager(crd, str(tmp_path))
-  with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
-                     match="kd.objectives: checkpoint 'nst' vs config 'nst\\+crd'"):
+  with pytest.raises(
+      ckpt_lib.IncompatibleCheckpointError,
+      match="kd.objectives: checkpoint 'nst' vs config 'nst\\+crd'",
+  ):
     manager.restore(state)
   manager.close()

@@ -73,11 +73,37 @@ def write_swag_csv(path, n, seed):
   say = lambda k: " ".join(rng.choice(words, k))
   with open(path, "w", encoding="utf-8", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source",
-                     "ending0", "ending1", "ending2", "ending3", "label"])
+    writer.writerow(
+        [
+            "video-id",
+            "fold-ind",
+            "startphrase",
+            "sent1",
+            "sent2",
+            "gold-source",
+            "ending0",
+            "ending1",
+            "ending2",
+            "ending3",
+            "label",
+        ]
+    )
     for i in range(n):
-      writer.writerow([f"v{i}", i, "", say(6), say(2), "gold", say(4), say(4), say(4), say(4),
-                       int(rng.integers(0, 4))])
+      writer.writerow(
+          [
+              f"v{i}",
+              i,
+              "",
+              say(6),
+              say(2),
+              "gold",
+              say(4),
+              say(4),
+              say(4),
+              say(4),
+              int(rng.integers(0, 4)),
+          ]
+      )
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +123,22 @@ def teacher_workdir(tmp_path_factory):
   from configs import teacher as teacher_config
   from vidlankd_jax.models.teacher import Teacher
   from vidlankd_jax.train import common
+
   config = teacher_config.get_config("size=tiny")
   workdir = str(tmp_path_factory.mktemp("teacher"))
   main_lib.write_config(config, workdir)
-  model = sharding.create_sharded(lambda: Teacher.from_config(config, rngs=nnx.Rngs(7)),
-                                  sharding.single_device_mesh(), config.sharding_rules)
+  model = sharding.create_sharded(
+      lambda: Teacher.from_config(config, rngs=nnx.Rngs(7)),
+      sharding.single_device_mesh(),
+      config.sharding_rules,
+  )
   _, params, _ = common.nnx_params(model)
-  manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1,
-                                       async_save=False)
-  manager.save(3, common.init_train_state(common.make_optimizer(config.optimizer, 10), params), force=True)
+  manager = ckpt_lib.CheckpointManager(
+      os.path.join(workdir, "checkpoints"), every_steps=1, keep=1, async_save=False
+  )
+  manager.save(
+      3, common.init_train_state(common.make_optimizer(config.optimizer, 10), params), force=True
+  )
   manager.close()
   return workdir
 
@@ -149,13 +182,22 @@ def new_benchmark_run(tmp_path_factory, teacher_workdir):
     with open(root / f"{split}.tsv", "w", encoding="utf-8") as f:
       for _ in range(n):
         label = int(rng.integers(0, 2))
-        f.write(f"{'a great happy film' if label else 'a dull sad film'} number {rng.integers(100)}\t{label}\n")
+        f.write(
+            f"{'a great happy film' if label else 'a dull sad film'} number {rng.integers(100)}\t{label}\n"
+        )
   sys.path.insert(0, str(root))
-  finetune_config.TASK_DEFAULTS["tiny_sentiment"] = dict(learning_rate=2e-3, epochs=10, batch_size=8)
+  finetune_config.TASK_DEFAULTS["tiny_sentiment"] = dict(
+      learning_rate=2e-3, epochs=10, batch_size=8
+  )
   try:
-    config = tiny_config("tiny_sentiment", init=teacher_workdir, size="auto",
-                         data__data_dir=str(root), data__benchmarks_module="tiny_sentiment_benchmark",
-                         data__shuffle_buffer=64)
+    config = tiny_config(
+        "tiny_sentiment",
+        init=teacher_workdir,
+        size="auto",
+        data__data_dir=str(root),
+        data__benchmarks_module="tiny_sentiment_benchmark",
+        data__shuffle_buffer=64,
+    )
     config.train.steps = 0  # the length comes from the epochs and the train split size
     config.eval.batches = 0
     workdir = tmp_path_factory.mktemp("tiny_sentiment")
@@ -227,14 +269,24 @@ def test_init_from_a_teacher_workdir_takes_its_size_and_weights(new_benchmark_ru
   bert_cfg = finetune.encoder_config(config.model, init)
   from flax import nnx
   from vidlankd_jax.models import heads
-  model = sharding.create_sharded(lambda: heads.build_head("classification", bert_cfg, 2, rngs=nnx.Rngs(0)),
-                                  sharding.single_device_mesh(), config.sharding_rules)
+
+  model = sharding.create_sharded(
+      lambda: heads.build_head("classification", bert_cfg, 2, rngs=nnx.Rngs(0)),
+      sharding.single_device_mesh(),
+      config.sharding_rules,
+  )
   finetune.load_encoder(model.bert, init)
-  saved = ckpt_lib.restore_params_numpy(os.path.join(teacher_workdir, "checkpoints"))["language"]["bert"]
-  np.testing.assert_array_equal(np.asarray(model.bert.encoder.layers[1].attention.query.kernel.get_value()),
-                                saved["encoder"]["layers"]["1"]["attention"]["query"]["kernel"])
+  saved = ckpt_lib.restore_params_numpy(os.path.join(teacher_workdir, "checkpoints"))["language"][
+      "bert"
+  ]
+  np.testing.assert_array_equal(
+      np.asarray(model.bert.encoder.layers[1].attention.query.kernel.get_value()),
+      saved["encoder"]["layers"]["1"]["attention"]["query"]["kernel"],
+  )
   # The checkpoints/ folder itself works too, and a named size must match the weights.
-  config = tiny_config("tiny_sentiment", init=os.path.join(teacher_workdir, "checkpoints"), size="mini")
+  config = tiny_config(
+      "tiny_sentiment", init=os.path.join(teacher_workdir, "checkpoints"), size="mini"
+  )
   init = finetune.read_initial_encoder(config.init, config.model.num_heads)
   with pytest.raises(ValueError, match=r"size=mini.*\n.*hidden_size: weights 64 vs config 256"):
     finetune.encoder_config(config.model, init)
@@ -249,13 +301,18 @@ def test_init_from_a_hugging_face_directory(minilm_dir):
   from flax import nnx
   from safetensors.numpy import load_file
   from vidlankd_jax.models import heads
-  model = sharding.create_sharded(lambda: heads.build_head("span", bert_cfg, 2, rngs=nnx.Rngs(0)),
-                                  sharding.single_device_mesh(), config.sharding_rules)
+
+  model = sharding.create_sharded(
+      lambda: heads.build_head("span", bert_cfg, 2, rngs=nnx.Rngs(0)),
+      sharding.single_device_mesh(),
+      config.sharding_rules,
+  )
   finetune.load_encoder(model.bert, init)
   tensors = load_file(os.path.join(minilm_dir, "model.safetensors"))
   key = next(k for k in tensors if k.endswith("encoder.layer.5.intermediate.dense.weight"))
-  np.testing.assert_array_equal(np.asarray(model.bert.encoder.layers[5].intermediate.kernel.get_value()),
-                                tensors[key].T)
+  np.testing.assert_array_equal(
+      np.asarray(model.bert.encoder.layers[5].intermediate.kernel.get_value()), tensors[key].T
+  )
   config = finetune_config.get_config(f"task=sst2,init=hf:{minilm_dir},size=small")
   with pytest.raises(ValueError, match="hidden_size: weights 384 vs config 512"):
     finetune.encoder_config(config.model, finetune.read_initial_encoder(config.init, 8))
@@ -278,11 +335,21 @@ def test_missing_inputs_raise_errors_that_name_them(tmp_path):
 def test_config_defaults_follow_the_protocol():
   glue = finetune_config.get_config("task=qnli")
   assert glue.data.task == "glue_qnli" and glue.model.size == "base"
-  assert (glue.optimizer.learning_rate, glue.train.epochs, glue.train.batch_size, glue.data.seq_len) == (1e-4, 3, 32, 128)
+  assert (
+      glue.optimizer.learning_rate,
+      glue.train.epochs,
+      glue.train.batch_size,
+      glue.data.seq_len,
+  ) == (1e-4, 3, 32, 128)
   assert glue.optimizer.warmup_fraction == 0.1
   v1, v2 = finetune_config.get_config("task=squad_v1"), finetune_config.get_config("task=squad_v2")
   assert (v1.optimizer.learning_rate, v2.optimizer.learning_rate) == (3e-5, 5e-5)
-  assert (v1.train.epochs, v1.data.seq_len, v1.data.doc_stride, v1.eval.primary_metric) == (2, 384, 128, "f1")
+  assert (v1.train.epochs, v1.data.seq_len, v1.data.doc_stride, v1.eval.primary_metric) == (
+      2,
+      384,
+      128,
+      "f1",
+  )
   swag = finetune_config.get_config("task=swag,size=small")
   assert (swag.optimizer.learning_rate, swag.train.epochs, swag.data.seq_len) == (5e-5, 3, 80)
   assert swag.model.hidden_size == 512
@@ -302,11 +369,19 @@ def test_comparison_table_shows_mean_and_std_per_checkpoint(tracie_run, tmp_path
     os.makedirs(tmp_path / name / "tracie_iid")
     with open(tmp_path / name / "tracie_iid" / "results.json", "w") as f:
       json.dump(res, f)
-  table = compare_finetune.compare(str(tmp_path), {"student": "runs/s", "baseline": "runs/b"},
-                                   ["tracie", "sst2"], seeds="1,2", table_only=True)
+  table = compare_finetune.compare(
+      str(tmp_path),
+      {"student": "runs/s", "baseline": "runs/b"},
+      ["tracie", "sst2"],
+      seeds="1,2",
+      table_only=True,
+  )
   lines = table.splitlines()
   assert lines[0] == "| init | tracie_iid (test/accuracy) | glue_sst2 |"
-  mean, std = results["summary"]["test/accuracy"]["mean"], results["summary"]["test/accuracy"]["std"]
+  mean, std = (
+      results["summary"]["test/accuracy"]["mean"],
+      results["summary"]["test/accuracy"]["std"],
+  )
   assert lines[2] == f"| student | {mean:.1f} ± {std:.1f} | - |"
   assert lines[3] == "| baseline | 61.2 ± 1.5 | - |"
   assert (tmp_path / "comparison.md").read_text() == table
@@ -316,6 +391,7 @@ def test_glue_diagnostics_write_ax_tsv_and_score_categories(tmp_path):
   """AX predictions keep the examples' idx, drop batch padding and score each category."""
   from vidlankd_jax.data import vocab as vocab_lib
   from vidlankd_jax.evaluation import metrics
+
   premises = ["yes it rains", "no sun today", "maybe snow", "yes wind", "no fog"]
   with open(tmp_path / "ax.tsv", "w", encoding="utf-8") as f:
     for i, p in reversed(list(enumerate(premises))):  # file order differs from idx order
@@ -323,24 +399,42 @@ def test_glue_diagnostics_write_ax_tsv_and_score_categories(tmp_path):
 
   def read(path):
     rows = [line.rstrip("\n").split("\t") for line in open(path, encoding="utf-8")]
-    return {"idx": np.asarray([int(r[0]) for r in rows], np.int32),
-            "premise": np.asarray([r[1] for r in rows], object),
-            "hypothesis": np.asarray([r[2] for r in rows], object)}
+    return {
+        "idx": np.asarray([int(r[0]) for r in rows], np.int32),
+        "premise": np.asarray([r[1] for r in rows], object),
+        "hypothesis": np.asarray([r[2] for r in rows], object),
+    }
 
   vocab = vocab_lib.WordPieceVocabulary(vocab_lib.default_vocab_file())
-  downstream.register_benchmark(downstream.DownstreamSpec(
-      name="tiny_ax", kind="classification", num_labels=3, metric_fn=metrics.matthews_metric,
-      source=downstream.file_source({"test": str(tmp_path / "ax.tsv")}, read, lambda s, p: p),
-      formatter=lambda ex: {"text_a": ex["premise"], "text_b": ex["hypothesis"],
-                            "label": -1, "idx": ex["idx"]},
-      description="five diagnostic pairs", seq_len=16, train_split=None, eval_splits=(),
-      test_splits=("test",)), vocab)
+  downstream.register_benchmark(
+      downstream.DownstreamSpec(
+          name="tiny_ax",
+          kind="classification",
+          num_labels=3,
+          metric_fn=metrics.matthews_metric,
+          source=downstream.file_source({"test": str(tmp_path / "ax.tsv")}, read, lambda s, p: p),
+          formatter=lambda ex: {
+              "text_a": ex["premise"],
+              "text_b": ex["hypothesis"],
+              "label": -1,
+              "idx": ex["idx"],
+          },
+          description="five diagnostic pairs",
+          seq_len=16,
+          train_split=None,
+          eval_splits=(),
+          test_splits=("test",),
+      ),
+      vocab,
+  )
   config = tiny_config("mnli")
   config.eval.batch_size = 8  # one batch of 5 examples and 3 padding rows
   diagnostics = tmp_path / "diagnostic-full.tsv"
   gold = ["entailment", "neutral", "contradiction", "entailment", "contradiction"]
   with open(diagnostics, "w", encoding="utf-8") as f:
-    f.write("Lexical Semantics\tPredicate-Argument Structure\tLogic\tKnowledge\tDomain\tPremise\tHypothesis\tLabel\n")
+    f.write(
+        "Lexical Semantics\tPredicate-Argument Structure\tLogic\tKnowledge\tDomain\tPremise\tHypothesis\tLabel\n"
+    )
     for i, label in enumerate(gold):
       knowledge = "World knowledge" if i % 2 == 0 else ""
       f.write(f"\t\tNegation\t{knowledge}\tnews\t{premises[i]}\tthe weather changes\t{label}\n")
@@ -354,10 +448,14 @@ def test_glue_diagnostics_write_ax_tsv_and_score_categories(tmp_path):
   scores = finetune.glue_diagnostics(batches, None, fake_eval, config, mesh, str(tmp_path / "out"))
   predicted = [vocab.tokens.index(p.split()[0]) % 3 for p in premises]
   lines = (tmp_path / "out" / "AX.tsv").read_text().splitlines()
-  assert lines == ["index\tprediction"] + [f"{i}\t{metrics.MNLI_LABELS[k]}" for i, k in enumerate(predicted)]
+  assert lines == ["index\tprediction"] + [
+      f"{i}\t{metrics.MNLI_LABELS[k]}" for i, k in enumerate(predicted)
+  ]
   expected = metrics.glue_diagnostic_breakdown(str(diagnostics), predicted)
   assert scores["ax/Knowledge/r3"] == pytest.approx(expected["Knowledge"]["r3"])
-  assert scores["ax/Knowledge/World knowledge/r3"] == pytest.approx(expected["Knowledge/World knowledge"]["r3"])
+  assert scores["ax/Knowledge/World knowledge/r3"] == pytest.approx(
+      expected["Knowledge/World knowledge"]["r3"]
+  )
   assert scores["ax/all/r3"] == pytest.approx(expected["all"]["r3"])
 
 
@@ -365,17 +463,22 @@ def test_scores_drop_padding_rows_and_read_regression_scores():
   downstream.register_downstream_tasks()
   config = finetune_config.get_config("task=stsb,size=tiny")
   labels = np.array([0.5, 2.0, 4.0, 0.0], np.float32)
-  batches = [{"label": labels[:2], "valid": np.array([1, 1])},
-             {"label": labels[2:], "valid": np.array([1, 0])}]  # the last row is padding
+  batches = [
+      {"label": labels[:2], "valid": np.array([1, 1])},
+      {"label": labels[2:], "valid": np.array([1, 0])},
+  ]  # the last row is padding
   logits = np.array([[1.0], [2.0], [3.0], [-50.0]], np.float32)
-  scores = finetune.score(downstream.get_downstream_spec("glue_stsb"), "validation",
-                          {"logits": logits}, batches, config)
+  scores = finetune.score(
+      downstream.get_downstream_spec("glue_stsb"), "validation", {"logits": logits}, batches, config
+  )
   assert scores["pearson"] == pytest.approx(100 * np.corrcoef(labels[:3], logits[:3, 0])[0, 1])
   assert scores["spearman"] == pytest.approx(100.0)
   batches = [{"label": np.array([0, 1, 1, 0]), "valid": np.array([1, 1, 1, 0])}]
   cola = downstream.get_downstream_spec("glue_cola")
   logits = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 9.0]], np.float32)
-  assert finetune.score(cola, "validation", {"logits": logits}, batches, config) == \
-      cola.metric_fn(np.array([0, 1, 1]), np.array([0, 1, 0]))
-  assert finetune.majority_baseline(cola, np.array([3, 7]), batches) == \
-      cola.metric_fn(np.array([0, 1, 1]), np.array([1, 1, 1]))
+  assert finetune.score(cola, "validation", {"logits": logits}, batches, config) == cola.metric_fn(
+      np.array([0, 1, 1]), np.array([0, 1, 0])
+  )
+  assert finetune.majority_baseline(cola, np.array([3, 7]), batches) == cola.metric_fn(
+      np.array([0, 1, 1]), np.array([1, 1, 1])
+  )

@@ -42,8 +42,12 @@ def test_retrieval_listing_ranks_clips_by_sentence_score():
   rng = np.random.default_rng(1)
   clips = unit(rng.standard_normal((6, 16)))
   # Sentence i is a noisy copy of clip 5 - i; padding tokens must not count.
-  tokens = np.stack([np.stack([clips[5 - i] + 0.05 * rng.standard_normal(16) for _ in range(4)])
-                     for i in range(3)])
+  tokens = np.stack(
+      [
+          np.stack([clips[5 - i] + 0.05 * rng.standard_normal(16) for _ in range(4)])
+          for i in range(3)
+      ]
+  )
   mask = np.ones((3, 4), np.int32)
   mask[1, 2:] = 0
   tokens[1, 2:] = -clips[4] * 10  # garbage under the padding
@@ -65,9 +69,16 @@ def test_retrieval_listing_ranks_clips_by_sentence_score():
 
 def test_heatmap_png_has_one_panel_per_entry(tmp_path):
   rng = np.random.default_rng(2)
-  panels = [grounding.GroundingPanel(f"model {m}: sentence {s}", [f"w{i}" for i in range(4 + s)],
-                                     ["a", "b", "c"], rng.uniform(-1, 1, (4 + s, 3)))
-            for s in range(2) for m in range(2)]
+  panels = [
+      grounding.GroundingPanel(
+          f"model {m}: sentence {s}",
+          [f"w{i}" for i in range(4 + s)],
+          ["a", "b", "c"],
+          rng.uniform(-1, 1, (4 + s, 3)),
+      )
+      for s in range(2)
+      for m in range(2)
+  ]
   path = str(tmp_path / "sub" / "g.png")
   grounding.plot_grounding_heatmaps(panels, path)
   image = matplotlib.image.imread(path)
@@ -89,21 +100,32 @@ def runs(tmp_path_factory, load_tool):
   """Tiny teacher and NST student workdirs (random weights) and held-out clips of a generated corpus."""
   root = tmp_path_factory.mktemp("grounding")
   data_dir = str(root / "data")
-  synthetic.prepare_video_text(data_dir, num_videos=16, num_validation_videos=6, log=lambda *a: None)
+  synthetic.prepare_video_text(
+      data_dir, num_videos=16, num_validation_videos=6, log=lambda *a: None
+  )
   write_workdir = load_tool("import_vidlankd").write_workdir
   mesh = sharding.single_device_mesh()
 
   t_config = teacher_configs.get_config("size=tiny")
-  teacher = sharding.create_sharded(lambda: Teacher.from_config(t_config, rngs=nnx.Rngs(1)), mesh,
-                                    t_config.sharding_rules)
+  teacher = sharding.create_sharded(
+      lambda: Teacher.from_config(t_config, rngs=nnx.Rngs(1)), mesh, t_config.sharding_rules
+  )
   _, params, _ = common.nnx_params(teacher)
-  write_workdir(t_config, teacher, teacher_train.make_optimizer(t_config, params), str(root / "teacher"))
+  write_workdir(
+      t_config, teacher, teacher_train.make_optimizer(t_config, params), str(root / "teacher")
+  )
 
   s_config = distill_configs.get_config("size=tiny,objectives=nst")
   student = sharding.create_sharded(
-      lambda: Student(BertConfig.from_config(s_config.model), ("nst",), teacher_hidden_size=64,
-                      rngs=nnx.Rngs(2)), mesh, s_config.sharding_rules)
-  write_workdir(s_config, student, common.make_optimizer(s_config.optimizer, 10), str(root / "student"))
+      lambda: Student(
+          BertConfig.from_config(s_config.model), ("nst",), teacher_hidden_size=64, rngs=nnx.Rngs(2)
+      ),
+      mesh,
+      s_config.sharding_rules,
+  )
+  write_workdir(
+      s_config, student, common.make_optimizer(s_config.optimizer, 10), str(root / "student")
+  )
   return dict(root=root, data_dir=data_dir, teacher=teacher, student=student)
 
 
@@ -111,10 +133,28 @@ def runs(tmp_path_factory, load_tool):
 def tool_output(runs, load_tool):
   sentences_file = runs["root"] / "sentences.txt"
   sentences_file.write_text(SENTENCES[1] + "\n\n")
-  args = load_tool("grounding").parse_args([
-      "--teacher_workdir", str(runs["root"] / "teacher"), "--student_workdir", str(runs["root"] / "student"),
-      "--data_dir", runs["data_dir"], "--sentence", SENTENCES[0], "--sentences_file", str(sentences_file),
-      "--num_clips", "4", "--retrieval_clips", "10", "--k", "3", "--output_dir", str(runs["root"] / "out")])
+  args = load_tool("grounding").parse_args(
+      [
+          "--teacher_workdir",
+          str(runs["root"] / "teacher"),
+          "--student_workdir",
+          str(runs["root"] / "student"),
+          "--data_dir",
+          runs["data_dir"],
+          "--sentence",
+          SENTENCES[0],
+          "--sentences_file",
+          str(sentences_file),
+          "--num_clips",
+          "4",
+          "--retrieval_clips",
+          "10",
+          "--k",
+          "3",
+          "--output_dir",
+          str(runs["root"] / "out"),
+      ]
+  )
   return load_tool("grounding").run(args)
 
 

@@ -13,15 +13,24 @@ from vidlankd_jax import sharding
 from vidlankd_jax.models import heads
 from vidlankd_jax.models.bert import BertConfig
 
-CFG = BertConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                 max_position_embeddings=32)
+CFG = BertConfig(
+    vocab_size=100,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+)
 RULES = common.logical_axis_rules()
 B, C, L = 4, 3, 12
 
 
 def build(kind, num_labels=3, mesh=None):
-  return sharding.create_sharded(lambda: heads.build_head(kind, CFG, num_labels, rngs=nnx.Rngs(0)),
-                                 mesh or sharding.single_device_mesh(), RULES)
+  return sharding.create_sharded(
+      lambda: heads.build_head(kind, CFG, num_labels, rngs=nnx.Rngs(0)),
+      mesh or sharding.single_device_mesh(),
+      RULES,
+  )
 
 
 def rows(shape, seed=0, lengths=None):
@@ -59,14 +68,16 @@ def test_a_choice_score_depends_only_on_its_own_row(models):
   ids, mask, types = rows((B, C, L), lengths=np.full((B, C), L - 4))
   before = np.asarray(run(model, ids, mask, types)["logits"])
   changed = ids.copy()
-  changed[:, 2, :L - 4] = np.random.default_rng(1).integers(5, CFG.vocab_size, (B, L - 4))
+  changed[:, 2, : L - 4] = np.random.default_rng(1).integers(5, CFG.vocab_size, (B, L - 4))
   after = np.asarray(run(model, changed, mask, types)["logits"])
   np.testing.assert_allclose(after[:, :2], before[:, :2], rtol=1e-6, atol=1e-6)
   assert not np.allclose(after[:, 2], before[:, 2])
   # Tokens behind choice 1's own padding mask do not count either.
   padded = ids.copy()
-  padded[:, 1, L - 4:] = 7
-  np.testing.assert_allclose(np.asarray(run(model, padded, mask, types)["logits"]), before, rtol=1e-6, atol=1e-6)
+  padded[:, 1, L - 4 :] = 7
+  np.testing.assert_allclose(
+      np.asarray(run(model, padded, mask, types)["logits"]), before, rtol=1e-6, atol=1e-6
+  )
 
 
 def test_span_logits_of_padding_are_excluded(models):
@@ -106,7 +117,9 @@ def test_classification_and_choice_losses_are_weighted_cross_entropy():
   # Garbage in padding rows changes nothing.
   junk = logits.copy()
   junk[4:] = 1e4
-  np.testing.assert_allclose(heads.classification_loss(junk, labels, weights)[0], expected, rtol=1e-5)
+  np.testing.assert_allclose(
+      heads.classification_loss(junk, labels, weights)[0], expected, rtol=1e-5
+  )
 
 
 def test_regression_loss_is_weighted_mse():
@@ -148,7 +161,9 @@ def test_heads_carry_logical_shardings():
   mesh = sharding.make_mesh(cfg)
   model = build("multiple_choice", mesh=mesh)
   assert model.classifier.kernel.get_value().sharding.spec == P("fsdp", None)
-  assert model.bert.encoder.layers[0].attention.query.kernel.get_value().sharding.spec == P("fsdp", "tensor")
+  assert model.bert.encoder.layers[0].attention.query.kernel.get_value().sharding.spec == P(
+      "fsdp", "tensor"
+  )
   span = build("span", mesh=mesh)
   assert span.qa_outputs.kernel.get_value().sharding.spec == P("fsdp", None)
 
@@ -167,6 +182,7 @@ def test_a_few_steps_fit_a_separable_classification_batch():
     def loss_fn(p):
       out = nnx.merge(graphdef, p, rest)(ids, mask, types)
       return heads.task_loss("classification", out, batch)[0]
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss

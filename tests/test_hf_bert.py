@@ -1,7 +1,6 @@
 """Hugging Face BERT import/export: real MiniLM weights against transformers, round trips, errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,14 +10,14 @@ from flax import nnx
 
 from vidlankd_jax import sharding
 from vidlankd_jax.interop import hf_bert
-from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM
+from vidlankd_jax.models.bert import BertForMaskedLM
 
 
 def random_inputs(batch=3, length=24, vocab=30522, seed=0):
   rng = np.random.default_rng(seed)
   ids = rng.integers(min(1000, vocab // 2), vocab, (batch, length))
   mask = np.ones((batch, length), np.int64)
-  mask[1, length // 2:] = 0
+  mask[1, length // 2 :] = 0
   mask[-1, 4:] = 0
   types = np.zeros_like(ids)
   types[0, 12:] = 1
@@ -30,8 +29,11 @@ def test_minilm_matches_transformers_within_1e4(minilm_dir):
   hidden, pooled = hf_bert.encode(minilm_dir, ids, mask, types)
   ref = transformers.BertModel.from_pretrained(minilm_dir).eval()
   with torch.no_grad():
-    out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-              token_type_ids=torch.tensor(types))
+    out = ref(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        token_type_ids=torch.tensor(types),
+    )
   real = mask[..., None].astype(bool)  # padded positions are not defined outputs
   diff = np.abs(np.where(real, hidden - out.last_hidden_state.numpy(), 0.0)).max()
   assert hidden.shape == (3, 24, 384)
@@ -56,9 +58,14 @@ def test_load_export_load_gives_identical_arrays(minilm_dir, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_hf_mlm(tmp_path_factory):
   """A randomly initialised transformers BertForMaskedLM saved as pytorch_model.bin."""
-  cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                                num_attention_heads=4, intermediate_size=37,
-                                max_position_embeddings=40)
+  cfg = transformers.BertConfig(
+      vocab_size=99,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=37,
+      max_position_embeddings=40,
+  )
   torch.manual_seed(0)
   model = transformers.BertForMaskedLM(cfg).eval()
   with torch.no_grad():  # non-trivial LayerNorm and bias values
@@ -77,22 +84,33 @@ def test_masked_lm_head_from_pytorch_bin_matches_transformers(tiny_hf_mlm):
   model = hf_bert.from_pretrained(path, with_mlm_head=True)
   hidden, logits = model(ids.astype(np.int32), mask.astype(np.int32), types.astype(np.int32))
   with torch.no_grad():
-    out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-              token_type_ids=torch.tensor(types), output_hidden_states=True)
+    out = ref(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        token_type_ids=torch.tensor(types),
+        output_hidden_states=True,
+    )
   real = mask[..., None].astype(bool)
   assert np.abs(np.where(real, np.asarray(logits) - out.logits.numpy(), 0)).max() < 1e-4
   # Gathering the masked positions gives the same logits as the full sequence.
   positions = np.array([[1, 5, 7], [0, 2, 3]], np.int32)
-  _, gathered = model(ids.astype(np.int32), mask.astype(np.int32), types.astype(np.int32), positions)
-  np.testing.assert_allclose(np.asarray(gathered),
-                             np.take_along_axis(np.asarray(logits), positions[..., None], 1), atol=1e-5)
+  _, gathered = model(
+      ids.astype(np.int32), mask.astype(np.int32), types.astype(np.int32), positions
+  )
+  np.testing.assert_allclose(
+      np.asarray(gathered),
+      np.take_along_axis(np.asarray(logits), positions[..., None], 1),
+      atol=1e-5,
+  )
 
 
 def test_masked_lm_export_loads_in_transformers_without_missing_keys(tiny_hf_mlm, tmp_path):
   path, ref = tiny_hf_mlm
   model = hf_bert.from_pretrained(path, with_mlm_head=True)
   hf_bert.save_pretrained(model, str(tmp_path))
-  loaded, info = transformers.BertForMaskedLM.from_pretrained(str(tmp_path), output_loading_info=True)
+  loaded, info = transformers.BertForMaskedLM.from_pretrained(
+      str(tmp_path), output_loading_info=True
+  )
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   for (name, a), b in zip(ref.state_dict().items(), loaded.state_dict().values()):
     np.testing.assert_allclose(a.numpy(), b.numpy(), atol=0, err_msg=name)
@@ -102,15 +120,23 @@ def test_old_gamma_beta_names_and_missing_or_misshapen_weights(tiny_hf_mlm):
   path, _ = tiny_hf_mlm
   state = hf_bert.read_state_dict(path)
   cfg = hf_bert.read_config(path)
-  build = lambda: sharding.create_sharded(lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(1)),
-                                          sharding.single_device_mesh(), sharding.DEFAULT_RULES)
-  renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-             for k, v in state.items()}
+  build = lambda: sharding.create_sharded(
+      lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(1)),
+      sharding.single_device_mesh(),
+      sharding.DEFAULT_RULES,
+  )
+  renamed = {
+      k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+          "LayerNorm.bias", "LayerNorm.beta"
+      ): v
+      for k, v in state.items()
+  }
   model = build()
   assert hf_bert.load_state_dict(model, renamed) == []
   np.testing.assert_array_equal(
       np.asarray(model.bert.embeddings.layer_norm.scale.get_value()),
-      state["bert.embeddings.LayerNorm.weight"])
+      state["bert.embeddings.LayerNorm.weight"],
+  )
 
   missing = dict(state)
   del missing["bert.encoder.layer.1.output.dense.weight"]

@@ -27,9 +27,18 @@ from vidlankd_jax.models.student import Student
 from vidlankd_jax.train import distill, finetune
 
 # The tiny size of configs/common.py (2 layers, 64 hidden, 2 heads, FFN 128), as configs read it.
-HF_CONFIG = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=128, max_position_embeddings=512, type_vocab_size=2,
-                 hidden_act="gelu", layer_norm_eps=1e-12, attn_implementation="eager")
+HF_CONFIG = dict(
+    vocab_size=30522,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    attn_implementation="eager",
+)
 VIDEO_DIM, PROJECTION, STEPS = 4096, 64, 12
 
 
@@ -38,8 +47,9 @@ class ReleasedVideoEncoder(nn.Module):
 
   def __init__(self, config):
     super().__init__()
-    self.new_video_embeddings = nn.Sequential(nn.Linear(VIDEO_DIM, PROJECTION),
-                                              nn.Linear(PROJECTION, config.hidden_size))
+    self.new_video_embeddings = nn.Sequential(
+        nn.Linear(VIDEO_DIM, PROJECTION), nn.Linear(PROJECTION, config.hidden_size)
+    )
 
 
 class ReleasedVideoBert(nn.Module):
@@ -64,8 +74,12 @@ class ReleasedVisnModel(nn.Module):
   def __init__(self, config):
     super().__init__()
     self.backbone = ReleasedVideoBert(config)
-    self.mlp_map = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(),
-                                 nn.Dropout(0.3), nn.Linear(config.hidden_size, config.hidden_size))
+    self.mlp_map = nn.Sequential(
+        nn.Linear(config.hidden_size, config.hidden_size),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Linear(config.hidden_size, config.hidden_size),
+    )
 
   def forward(self, features, mask):
     types = torch.ones_like(mask)  # the released training loop gives video steps token type 1
@@ -108,11 +122,17 @@ def released(tmp_path_factory):
   teacher_dir = tmp_path_factory.mktemp("released_teacher")
   config.to_json_file(str(teacher_dir / "config.json"))
   lang_state = dict(language.state_dict())
-  lang_state.update({"visual_hinge_head." + k.replace("decoder", "linear_decoder"): v
-                     for k, v in hinge.state_dict().items()})
+  lang_state.update(
+      {
+          "visual_hinge_head." + k.replace("decoder", "linear_decoder"): v
+          for k, v in hinge.state_dict().items()
+      }
+  )
   torch.save(lang_state, teacher_dir / vidlankd_torch.LANGUAGE_FILE)
-  torch.save({"module." + k: v for k, v in video.state_dict().items()},
-             teacher_dir / vidlankd_torch.VIDEO_FILE)
+  torch.save(
+      {"module." + k: v for k, v in video.state_dict().items()},
+      teacher_dir / vidlankd_torch.VIDEO_FILE,
+  )
 
   student = randomise(transformers.BertForMaskedLM(config), 4).eval()
   head = randomise(ReleasedHead(64), 5).eval()
@@ -123,8 +143,14 @@ def released(tmp_path_factory):
   student_state.update({"kd1_student_head." + k: v for k, v in head.state_dict().items()})
   student_state.update({"kd2_teacher_head." + k: v for k, v in teacher_head.state_dict().items()})
   torch.save(student_state, student_dir / vidlankd_torch.LANGUAGE_FILE)
-  return dict(teacher_dir=str(teacher_dir), student_dir=str(student_dir), language=language,
-              video=video, student=student, head=head)
+  return dict(
+      teacher_dir=str(teacher_dir),
+      student_dir=str(student_dir),
+      language=language,
+      video=video,
+      student=student,
+      head=head,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +158,14 @@ def imported(released, tmp_path_factory, load_tool):
   tool = load_tool("import_vidlankd")
   teacher_workdir = str(tmp_path_factory.mktemp("teacher_workdir"))
   student_workdir = str(tmp_path_factory.mktemp("student_workdir"))
-  assert tool.main(["teacher", "--model_dir", released["teacher_dir"], "--workdir", teacher_workdir]) == 0
-  assert tool.main(["student", "--model_dir", released["student_dir"], "--workdir", student_workdir]) == 0
+  assert (
+      tool.main(["teacher", "--model_dir", released["teacher_dir"], "--workdir", teacher_workdir])
+      == 0
+  )
+  assert (
+      tool.main(["student", "--model_dir", released["student_dir"], "--workdir", student_workdir])
+      == 0
+  )
   return dict(teacher=teacher_workdir, student=student_workdir, tool=tool)
 
 
@@ -164,7 +196,8 @@ def test_every_released_tensor_lands_where_it_belongs(released, imported):
   video = {k: v.numpy() for k, v in released["video"].state_dict().items()}
   table = vidlankd_torch.video_key_map(2)
   assert set(table) | {"backbone.bert.embeddings.word_embeddings.weight"} >= set(video) - {
-      "backbone.bert.embeddings.position_ids"}
+      "backbone.bert.embeddings.position_ids"
+  }
   for key, (path, transform) in table.items():
     ours = params["video/" + "/".join(map(str, path))]
     theirs = video[key]
@@ -180,10 +213,13 @@ def test_every_released_tensor_lands_where_it_belongs(released, imported):
   for key, (path, transpose) in hf_bert.encoder_key_map(2).items():
     if "bert." + key in language:
       ours = params["language/bert/" + "/".join(map(str, path))]
-      np.testing.assert_array_equal(ours, language["bert." + key].T if transpose else language["bert." + key])
+      np.testing.assert_array_equal(
+          ours, language["bert." + key].T if transpose else language["bert." + key]
+      )
   np.testing.assert_array_equal(params["language/mlm/bias"], language["cls.predictions.bias"])
-  np.testing.assert_array_equal(params["language/mlm/transform/kernel"],
-                                language["cls.predictions.transform.dense.weight"].T)
+  np.testing.assert_array_equal(
+      params["language/mlm/transform/kernel"], language["cls.predictions.transform.dense.weight"].T
+  )
 
 
 def test_teacher_loads_in_distillation_and_matches_the_released_modules(released, imported):
@@ -193,8 +229,12 @@ def test_teacher_loads_in_distillation_and_matches_the_released_modules(released
   teacher = distill.load_teacher(config, sharding.single_device_mesh())
   ids, mask, types = inputs()
   with torch.no_grad():
-    ref = released["language"](input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                               token_type_ids=torch.tensor(types), output_hidden_states=True)
+    ref = released["language"](
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        token_type_ids=torch.tensor(types),
+        output_hidden_states=True,
+    )
   hidden, logits = nnx.jit(lambda m, a, b, c: m(a, b, c))(teacher.language, ids, mask, types)
   real = mask.astype(bool)
   assert np.abs(np.asarray(logits) - ref.logits.numpy())[real].max() < 1e-4
@@ -218,21 +258,24 @@ def test_teacher_loads_in_distillation_and_matches_the_released_modules(released
 def test_workdirs_carry_the_fingerprints_and_configs_our_runs_write(imported):
   teacher_cfg = json.load(open(os.path.join(imported["teacher"], "config.json")))
   assert teacher_cfg["stage"] == "teacher" and teacher_cfg["video"]["embedding_passes"] == 2
-  meta = ckpt_lib.CheckpointManager(os.path.join(imported["teacher"], "checkpoints"), every_steps=1,
-                                    keep=1).read_meta(0)
+  meta = ckpt_lib.CheckpointManager(
+      os.path.join(imported["teacher"], "checkpoints"), every_steps=1, keep=1
+  ).read_meta(0)
   config = distill_configs.get_config("size=tiny,objectives=nst")
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="video.embedding_passes"):
     ckpt_lib.check_fingerprint(meta["fingerprint"], distill.teacher_fingerprint(config), "teacher")
   config.teacher.video.embedding_passes = 2  # what the import tool tells distillation runs to set
   assert meta["fingerprint"] == distill.teacher_fingerprint(config)
-  student_meta = ckpt_lib.CheckpointManager(os.path.join(imported["student"], "checkpoints"),
-                                            every_steps=1, keep=1).read_meta(0)
+  student_meta = ckpt_lib.CheckpointManager(
+      os.path.join(imported["student"], "checkpoints"), every_steps=1, keep=1
+  ).read_meta(0)
   assert student_meta["fingerprint"] == ckpt_lib.fingerprint(config)  # tiny student, nst
 
 
 def test_student_feeds_fine_tuning_and_matches_the_released_modules(released, imported):
-  init = finetune.read_initial_encoder(ml_collections.ConfigDict(
-      {"source": imported["student"], "step": -1}), default_heads=12)
+  init = finetune.read_initial_encoder(
+      ml_collections.ConfigDict({"source": imported["student"], "step": -1}), default_heads=12
+  )
   assert init.architecture["num_heads"] == 2 and init.architecture["hidden_size"] == 64
   word = released["student"].state_dict()["bert.embeddings.word_embeddings.weight"].numpy()
   np.testing.assert_array_equal(init.params["embeddings/word_embeddings/embedding"], word)
@@ -240,14 +283,24 @@ def test_student_feeds_fine_tuning_and_matches_the_released_modules(released, im
   directory = os.path.join(imported["student"], "checkpoints")
   assert set(ckpt_lib.restore_params_numpy(directory)["kd_heads"]) == {"nst"}
   student = sharding.create_sharded(
-      lambda: Student(BertConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
-                      ("nst",), teacher_hidden_size=64, rngs=nnx.Rngs(0)),
-      sharding.single_device_mesh(), sharding.DEFAULT_RULES)
+      lambda: Student(
+          BertConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
+          ("nst",),
+          teacher_hidden_size=64,
+          rngs=nnx.Rngs(0),
+      ),
+      sharding.single_device_mesh(),
+      sharding.DEFAULT_RULES,
+  )
   nnx.update(student, ckpt_lib.restore_params(directory, nnx.state(student, nnx.Param)))
   ids, mask, types = inputs(seed=2)
   with torch.no_grad():
-    ref = released["student"](input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                              token_type_ids=torch.tensor(types), output_hidden_states=True)
+    ref = released["student"](
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        token_type_ids=torch.tensor(types),
+        output_hidden_states=True,
+    )
     ref_head = released["head"](ref.hidden_states[-1]).numpy()
   ref_head /= np.linalg.norm(ref_head, axis=-1, keepdims=True)
   _, logits, _ = nnx.jit(lambda m, a, b, c: m(a, b, c))(student, ids, mask, types)
@@ -259,13 +312,19 @@ def test_student_feeds_fine_tuning_and_matches_the_released_modules(released, im
 
 def test_bad_checkpoints_raise_errors_naming_the_key(released, imported, tmp_path):
   tool = imported["tool"]
-  video_state = vidlankd_torch.read_checkpoint(os.path.join(released["teacher_dir"], "visn_model.chkpt"))
+  video_state = vidlankd_torch.read_checkpoint(
+      os.path.join(released["teacher_dir"], "visn_model.chkpt")
+  )
   teacher = sharding.create_sharded(
       lambda: tool.Teacher.from_config(
-          tool.teacher_config(hf_bert.config_from_hf(HF_CONFIG),
-                                     vidlankd_torch.video_architecture(video_state, "v"))[0],
-          rngs=nnx.Rngs(0)),
-      sharding.single_device_mesh(), sharding.DEFAULT_RULES)
+          tool.teacher_config(
+              hf_bert.config_from_hf(HF_CONFIG), vidlankd_torch.video_architecture(video_state, "v")
+          )[0],
+          rngs=nnx.Rngs(0),
+      ),
+      sharding.single_device_mesh(),
+      sharding.DEFAULT_RULES,
+  )
   missing = {k: v for k, v in video_state.items() if k != "mlp_map.3.bias"}
   with pytest.raises(ValueError, match="mlp_map.3.bias"):
     vidlankd_torch.load_video(teacher.video, missing, "visn_model.chkpt")
@@ -277,10 +336,13 @@ def test_bad_checkpoints_raise_errors_naming_the_key(released, imported, tmp_pat
   with pytest.raises(ValueError, match=key.replace(".", r"\.")):
     vidlankd_torch.load_video(teacher.video, bad, "visn_model.chkpt")
 
-  language = vidlankd_torch.read_checkpoint(os.path.join(released["teacher_dir"], "pytorch_model.bin"))
+  language = vidlankd_torch.read_checkpoint(
+      os.path.join(released["teacher_dir"], "pytorch_model.bin")
+  )
   with pytest.raises(ValueError, match=r"cls\.extra\.weight"):
-    vidlankd_torch.load_language(teacher.language, {**language, "cls.extra.weight": np.zeros(2)},
-                                 "pytorch_model.bin")
+    vidlankd_torch.load_language(
+        teacher.language, {**language, "cls.extra.weight": np.zeros(2)}, "pytorch_model.bin"
+    )
   gone = {k: v for k, v in language.items() if k != "bert.encoder.layer.0.attention.self.key.bias"}
   with pytest.raises(ValueError, match="attention.self.key.bias"):
     vidlankd_torch.load_language(teacher.language, gone, "pytorch_model.bin")

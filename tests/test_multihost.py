@@ -30,23 +30,39 @@ pytestmark = pytest.mark.slow
 
 
 def teacher_overrides(data_dir):
-  return {"data.data_dir": data_dir, "train.steps": TEACHER_STEPS, "train.log_every": 1,
-          "eval.every_steps": TEACHER_STEPS, "eval.batches": 1, "eval.retrieval_clips": 32,
-          "checkpoint.every_steps": 5}
+  return {
+      "data.data_dir": data_dir,
+      "train.steps": TEACHER_STEPS,
+      "train.log_every": 1,
+      "eval.every_steps": TEACHER_STEPS,
+      "eval.batches": 1,
+      "eval.retrieval_clips": 32,
+      "checkpoint.every_steps": 5,
+  }
 
 
 def distill_overrides(text_dir, teacher_dir):
-  return {"data.data_dir": text_dir, "teacher.workdir": teacher_dir,
-          "train.steps": DISTILL_STEPS, "train.log_every": 1, "eval.every_steps": DISTILL_STEPS,
-          "eval.batches": 2, "checkpoint.every_steps": DISTILL_STEPS}
+  return {
+      "data.data_dir": text_dir,
+      "teacher.workdir": teacher_dir,
+      "train.steps": DISTILL_STEPS,
+      "train.log_every": 1,
+      "eval.every_steps": DISTILL_STEPS,
+      "eval.batches": 2,
+      "checkpoint.every_steps": DISTILL_STEPS,
+  }
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   synthetic.prepare_video_text(str(root / "video"), log=lambda *_: None)
-  return {"root": root, "video": str(root / "video"), "cache": str(root / "jax_cache"),
-          "text": worker.write_text_corpus(str(root))}
+  return {
+      "root": root,
+      "video": str(root / "video"),
+      "cache": str(root / "jax_cache"),
+      "text": worker.write_text_corpus(str(root)),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +71,34 @@ def teacher_runs(shared):
   reference = str(shared["root"] / "teacher_1x8")
   two_hosts = str(shared["root"] / "teacher_2x4")
   overrides = teacher_overrides(shared["video"])
-  ref_procs = worker.launch(TEACHER, reference, overrides, devices=8, cache_dir=shared["cache"],
-                            worker_options=("--as_hosts=2",))
-  procs = worker.launch(TEACHER, two_hosts, overrides, processes=2, devices=4,
-                        cache_dir=shared["cache"])
+  ref_procs = worker.launch(
+      TEACHER,
+      reference,
+      overrides,
+      devices=8,
+      cache_dir=shared["cache"],
+      worker_options=("--as_hosts=2",),
+  )
+  procs = worker.launch(
+      TEACHER, two_hosts, overrides, processes=2, devices=4, cache_dir=shared["cache"]
+  )
   worker.wait_for_step(two_hosts, 3, procs)
   procs[1].send_signal(signal.SIGTERM)
   first_logs = worker.wait(procs, two_hosts)
   assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in first_logs)
   stopped = worker.checkpoint_steps(two_hosts)[0][-1]
-  second_logs = worker.run(TEACHER, two_hosts, overrides, processes=2, devices=4,
-                           cache_dir=shared["cache"])
+  second_logs = worker.run(
+      TEACHER, two_hosts, overrides, processes=2, devices=4, cache_dir=shared["cache"]
+  )
   worker.wait(ref_procs, reference)
   assert ref_procs[0].returncode == 0
-  return {"reference": reference, "two_hosts": two_hosts, "stopped": stopped,
-          "first_logs": first_logs, "second_logs": second_logs}
+  return {
+      "reference": reference,
+      "two_hosts": two_hosts,
+      "stopped": stopped,
+      "first_logs": first_logs,
+      "second_logs": second_logs,
+  }
 
 
 def assert_same_training(workdir, reference, rtol):
@@ -80,8 +109,11 @@ def assert_same_training(workdir, reference, rtol):
     for key in g:
       if key.endswith("loss") or key == "train/grad_norm":
         np.testing.assert_allclose(g[key], w[key], rtol=rtol, err_msg=f"{key} at step {g['step']}")
-  for a, b in zip(jax.tree.leaves(worker.final_params(workdir)),
-                  jax.tree.leaves(worker.final_params(reference)), strict=True):
+  for a, b in zip(
+      jax.tree.leaves(worker.final_params(workdir)),
+      jax.tree.leaves(worker.final_params(reference)),
+      strict=True,
+  ):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -119,8 +151,14 @@ def test_four_host_distillation_equals_one_process_over_the_same_global_batch(te
   reference = str(shared["root"] / "distill_1x8")
   four_hosts = str(shared["root"] / "distill_4x2")
   overrides = distill_overrides(shared["text"], teacher_runs["two_hosts"])
-  ref_procs = worker.launch(DISTILL, reference, overrides, devices=8, cache_dir=shared["cache"],
-                            worker_options=("--as_hosts=4",))
+  ref_procs = worker.launch(
+      DISTILL,
+      reference,
+      overrides,
+      devices=8,
+      cache_dir=shared["cache"],
+      worker_options=("--as_hosts=4",),
+  )
   worker.run(DISTILL, four_hosts, overrides, processes=4, devices=2, cache_dir=shared["cache"])
   worker.wait(ref_procs, reference)
   assert ref_procs[0].returncode == 0

@@ -22,9 +22,16 @@ DEVICES = 2
 
 
 def overrides(data_dir):
-  return {"data.data_dir": data_dir, "train.steps": STEPS, "train.log_every": 1,
-          "eval.every_steps": STEPS, "eval.batches": 1, "eval.retrieval_clips": 32,
-          "checkpoint.every_steps": 4, "checkpoint.keep": 2}
+  return {
+      "data.data_dir": data_dir,
+      "train.steps": STEPS,
+      "train.log_every": 1,
+      "eval.every_steps": STEPS,
+      "eval.batches": 1,
+      "eval.retrieval_clips": 32,
+      "checkpoint.every_steps": 4,
+      "checkpoint.keep": 2,
+  }
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +41,20 @@ def shared(tmp_path_factory):
 
 
 def start(shared, workdir, **kwargs):
-  return worker.launch(CONFIG, workdir, overrides(shared["data"]), devices=DEVICES,
-                       cache_dir=shared["cache"], **kwargs)
+  return worker.launch(
+      CONFIG,
+      workdir,
+      overrides(shared["data"]),
+      devices=DEVICES,
+      cache_dir=shared["cache"],
+      **kwargs,
+  )
 
 
 def run(shared, workdir):
-  return worker.run(CONFIG, workdir, overrides(shared["data"]), devices=DEVICES,
-                    cache_dir=shared["cache"])[0]
+  return worker.run(
+      CONFIG, workdir, overrides(shared["data"]), devices=DEVICES, cache_dir=shared["cache"]
+  )[0]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +66,9 @@ def uninterrupted(shared):
 
 def assert_same_run(workdir, uninterrupted):
   params, metrics = uninterrupted
-  for a, b in zip(jax.tree.leaves(worker.final_params(workdir)), jax.tree.leaves(params),
-                  strict=True):
+  for a, b in zip(
+      jax.tree.leaves(worker.final_params(workdir)), jax.tree.leaves(params), strict=True
+  ):
     np.testing.assert_array_equal(a, b)
   assert worker.read_metrics(workdir) == metrics  # every step logged once, with equal values
   assert metrics[-1]["step"] == STEPS and "eval/recall@1" in metrics[-1]

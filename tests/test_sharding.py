@@ -1,7 +1,5 @@
 """Mesh construction, logical-axis rules, sharded BERT forward and train step vs one device."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +13,16 @@ from vidlankd_jax import sharding
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM
 from vidlankd_jax.train import common as train_common
 
-CFG = BertConfig(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                 max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
+CFG = BertConfig(
+    vocab_size=128,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
 RULES = common.logical_axis_rules()
 
 
@@ -80,12 +86,15 @@ def test_parameters_carry_the_shardings_the_rules_say():
   model2 = sharding.create_sharded(lambda: BertForMaskedLM(CFG, rngs=nnx.Rngs(0)), mesh, rules)
   assert spec(model2.bert.encoder.layers[0].intermediate.kernel) == P("fsdp", None)
   table = sharding.describe_shardings(nnx.state(model, nnx.Param))
-  row = next(r for r in table.splitlines() if r.startswith("bert/encoder/layers/0/attention/query/kernel"))
+  row = next(
+      r for r in table.splitlines() if r.startswith("bert/encoder/layers/0/attention/query/kernel")
+  )
   assert "(32, 32)" in row and "P('fsdp', 'tensor')" in row
 
 
-forward = nnx.jit(lambda m, b: m(b["input_ids"], b["attention_mask"], b["token_type_ids"],
-                                 b["mlm_positions"]))
+forward = nnx.jit(
+    lambda m, b: m(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["mlm_positions"])
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +117,9 @@ def test_sharded_forward_equals_single_device(shape, single_device_forward):
 
 def mlm_loss(params, graphdef, rest, batch):
   model = nnx.merge(graphdef, params, rest)
-  _, logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
-                    batch["mlm_positions"])
+  _, logits = model(
+      batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mlm_positions"]
+  )
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["mlm_targets"])
   return jnp.sum(ce * batch["mlm_weights"]) / jnp.sum(batch["mlm_weights"])
 
@@ -123,12 +133,15 @@ def one_train_step(mesh, batch, accum=1):
 
   def step(state, batch):
     loss_fn = lambda p, b, r: (mlm_loss(p, graphdef, rest, b), {})
-    grads, _ = train_common.accumulated_grads(loss_fn, state.params, batch, jax.random.key(0), accum)
+    grads, _ = train_common.accumulated_grads(
+        loss_fn, state.params, batch, jax.random.key(0), accum
+    )
     return train_common.apply_gradients(tx, state, grads)[0]
 
   shardings = sharding.state_shardings(state)
-  jitted = jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                   out_shardings=shardings)
+  jitted = jax.jit(
+      step, in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=shardings
+  )
   with sharding.mesh_context(mesh, RULES):
     new_state = jitted(state, sharding.global_batch(batch, mesh))
   return new_state

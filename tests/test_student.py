@@ -15,9 +15,16 @@ TEACHER_HIDDEN = 48  # wider than the student: the heads project to the teacher'
 
 def build(objectives, num_vokens=0):
   return sharding.create_sharded(
-      lambda: Student(STUDENT, objectives, teacher_hidden_size=TEACHER_HIDDEN,
-                      num_vokens=num_vokens, rngs=nnx.Rngs(0)),
-      sharding.single_device_mesh(), sharding.DEFAULT_RULES)
+      lambda: Student(
+          STUDENT,
+          objectives,
+          teacher_hidden_size=TEACHER_HIDDEN,
+          num_vokens=num_vokens,
+          rngs=nnx.Rngs(0),
+      ),
+      sharding.single_device_mesh(),
+      sharding.DEFAULT_RULES,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +82,8 @@ def test_heads_are_sharded_by_their_logical_axes():
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:8])
   model = sharding.create_sharded(
       lambda: Student(STUDENT, ("nst",), teacher_hidden_size=TEACHER_HIDDEN, rngs=nnx.Rngs(0)),
-      mesh, sharding.DEFAULT_RULES)
+      mesh,
+      sharding.DEFAULT_RULES,
+  )
   kernel = model.kd_heads["nst"].output.kernel[...]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")

@@ -2,20 +2,14 @@
 
 import functools
 import os
-import signal
-import subprocess
-import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import teacher as teacher_config
-from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import sharding
-from vidlankd_jax.data import synthetic
 from vidlankd_jax.models.teacher import Teacher
 from vidlankd_jax.train import common
 from vidlankd_jax.train import teacher as teacher_train
@@ -39,27 +33,34 @@ def random_batch(config, batch=8, seed=0):
   rng = np.random.default_rng(seed)
   l, p, t = config.data.seq_len, config.data.max_predictions, config.video.max_steps
   mask = np.ones((batch, l), np.int32)
-  mask[:, l // 2:] = 0
+  mask[:, l // 2 :] = 0
   vmask = np.ones((batch, t), np.int32)
-  vmask[:, t // 2:] = 0
+  vmask[:, t // 2 :] = 0
   ids = rng.integers(5, config.model.vocab_size, (batch, l)).astype(np.int32) * mask
-  return {"input_ids": ids, "unmasked_ids": ids, "attention_mask": mask,
-          "token_type_ids": np.zeros_like(ids),
-          "mlm_positions": rng.integers(1, l // 2, (batch, p)).astype(np.int32),
-          "mlm_targets": rng.integers(5, config.model.vocab_size, (batch, p)).astype(np.int32),
-          "mlm_weights": np.ones((batch, p), np.float32),
-          "video_features": rng.standard_normal((batch, t, config.video.input_dim)).astype(np.float32),
-          "video_mask": vmask}
+  return {
+      "input_ids": ids,
+      "unmasked_ids": ids,
+      "attention_mask": mask,
+      "token_type_ids": np.zeros_like(ids),
+      "mlm_positions": rng.integers(1, l // 2, (batch, p)).astype(np.int32),
+      "mlm_targets": rng.integers(5, config.model.vocab_size, (batch, p)).astype(np.int32),
+      "mlm_weights": np.ones((batch, p), np.float32),
+      "video_features": rng.standard_normal((batch, t, config.video.input_dim)).astype(np.float32),
+      "video_mask": vmask,
+  }
 
 
 def test_padding_steps_do_not_change_the_clip_vector():
   config = tiny_config()
-  model = sharding.create_sharded(lambda: Teacher.from_config(config, rngs=nnx.Rngs(0)),
-                                  sharding.single_device_mesh(), config.sharding_rules)
+  model = sharding.create_sharded(
+      lambda: Teacher.from_config(config, rngs=nnx.Rngs(0)),
+      sharding.single_device_mesh(),
+      config.sharding_rules,
+  )
   batch = random_batch(config)
   clip, _ = model.video(batch["video_features"], batch["video_mask"])
   noisy = batch["video_features"].copy()
-  noisy[:, config.video.max_steps // 2:] += 100.0
+  noisy[:, config.video.max_steps // 2 :] += 100.0
   clip2, _ = model.video(noisy, batch["video_mask"])
   np.testing.assert_allclose(np.asarray(clip), np.asarray(clip2), atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(clip), axis=-1), 1.0, atol=1e-5)
@@ -72,9 +73,16 @@ def one_step(config, mesh):
   tx = teacher_train.make_optimizer(config, params)
   state = common.init_train_state(tx, params)
   before = jax.tree.map(np.asarray, params)
-  step = jax.jit(functools.partial(
-      teacher_train.train_step, graphdef=graphdef, rest=rest, config=config, tx=tx,
-      schedule=common.learning_rate_schedule(config.optimizer, config.train.steps)))
+  step = jax.jit(
+      functools.partial(
+          teacher_train.train_step,
+          graphdef=graphdef,
+          rest=rest,
+          config=config,
+          tx=tx,
+          schedule=common.learning_rate_schedule(config.optimizer, config.train.steps),
+      )
+  )
   with sharding.mesh_context(mesh, config.sharding_rules):
     state, metrics = step(state, sharding.global_batch(random_batch(config), mesh))
   return before, state, jax.device_get(metrics)
@@ -88,16 +96,25 @@ def single_device_step():
 def test_joint_training_updates_the_video_tower_and_frozen_does_not(single_device_step):
   before, state, metrics = single_device_step
   assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
-  video_change = max(float(np.abs(np.asarray(a) - b).max()) for a, b in
-                     zip(jax.tree.leaves(state.params["video"]), jax.tree.leaves(before["video"])))
+  video_change = max(
+      float(np.abs(np.asarray(a) - b).max())
+      for a, b in zip(jax.tree.leaves(state.params["video"]), jax.tree.leaves(before["video"]))
+  )
   assert video_change > 0
-  frozen_before, frozen_state, _ = one_step(tiny_config(**{"video.frozen": True}),
-                                            sharding.single_device_mesh())
-  for a, b in zip(jax.tree.leaves(frozen_state.params["video"]), jax.tree.leaves(frozen_before["video"])):
+  frozen_before, frozen_state, _ = one_step(
+      tiny_config(**{"video.frozen": True}), sharding.single_device_mesh()
+  )
+  for a, b in zip(
+      jax.tree.leaves(frozen_state.params["video"]), jax.tree.leaves(frozen_before["video"])
+  ):
     np.testing.assert_array_equal(np.asarray(a), b)
-  language_change = max(float(np.abs(np.asarray(a) - b).max()) for a, b in
-                        zip(jax.tree.leaves(frozen_state.params["language"]),
-                            jax.tree.leaves(frozen_before["language"])))
+  language_change = max(
+      float(np.abs(np.asarray(a) - b).max())
+      for a, b in zip(
+          jax.tree.leaves(frozen_state.params["language"]),
+          jax.tree.leaves(frozen_before["language"]),
+      )
+  )
   assert language_change > 0
 
 

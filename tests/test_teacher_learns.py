@@ -36,12 +36,18 @@ def write_shuffled_corpus(raw_dir: str, out_dir: str, seed: int = 0) -> None:
   caption_json = os.path.join(raw_dir, "caption.json")
   with open(caption_json, encoding="utf-8") as f:
     captions = json.load(f)
-  num_held_out = inspect.signature(synthetic.prepare_video_text).parameters[
-      "num_validation_videos"].default
-  held_out = howto100m.select_validation_videos(caption_json, num_held_out,
-                                                howto100m.ConvertConfig.hash_salt)
-  slots = [(vid, i) for vid in sorted(captions) if vid not in held_out
-           for i in range(len(captions[vid]["text"]))]
+  num_held_out = (
+      inspect.signature(synthetic.prepare_video_text).parameters["num_validation_videos"].default
+  )
+  held_out = howto100m.select_validation_videos(
+      caption_json, num_held_out, howto100m.ConvertConfig.hash_salt
+  )
+  slots = [
+      (vid, i)
+      for vid in sorted(captions)
+      if vid not in held_out
+      for i in range(len(captions[vid]["text"]))
+  ]
   texts = [captions[vid]["text"][i] for vid, i in slots]
   order = np.random.default_rng(seed).permutation(len(texts))
   for (vid, i), j in zip(slots, order):
@@ -61,17 +67,24 @@ def train_both(tmp_path) -> tuple[dict, dict, int]:
   """
   config = teacher_configs.get_config("size=tiny,data=synthetic")
   true_dir, shuffled_dir = str(tmp_path / "true"), str(tmp_path / "shuffled")
-  synthetic.prepare_video_text(true_dir, word_budget=config.data.seq_len // 2,
-                               max_steps=config.video.max_steps)
-  write_shuffled_corpus(os.path.join(true_dir, "synthetic_raw"),
-                        os.path.join(shuffled_dir, "synthetic_raw"))
+  synthetic.prepare_video_text(
+      true_dir, word_budget=config.data.seq_len // 2, max_steps=config.video.max_steps
+  )
+  write_shuffled_corpus(
+      os.path.join(true_dir, "synthetic_raw"), os.path.join(shuffled_dir, "synthetic_raw")
+  )
   runs = {}
   for name, data_dir in (("true", true_dir), ("shuffled", shuffled_dir)):
     workdir = str(tmp_path / f"teacher_{name}")
-    overrides = {"data.data_dir": data_dir, "eval.every_steps": config.train.steps,
-                 "checkpoint.every_steps": config.train.steps}
-    runs[name] = (workdir, worker.launch("configs/teacher.py:size=tiny,data=synthetic", workdir,
-                                         overrides, devices=1))
+    overrides = {
+        "data.data_dir": data_dir,
+        "eval.every_steps": config.train.steps,
+        "checkpoint.every_steps": config.train.steps,
+    }
+    runs[name] = (
+        workdir,
+        worker.launch("configs/teacher.py:size=tiny,data=synthetic", workdir, overrides, devices=1),
+    )
   metrics = {}
   for name, (workdir, procs) in runs.items():
     logs = worker.wait(procs, workdir)
@@ -85,10 +98,12 @@ def test_teacher_retrieves_held_out_clips_far_above_chance_only_from_true_pairs(
   true, shuffled, steps = train_both(tmp_path)
   assert true["eval/retrieval_clips"] == shuffled["eval/retrieval_clips"]  # the same held-out set
   chance = true["eval/chance_recall@1"]
-  figures = (f"text-to-video recall@1 over {int(true['eval/retrieval_clips'])} held-out clips "
-             f"after {steps} steps (chance {chance:.4f}): true pairs "
-             f"{true['eval/recall@1']:.4f} (median rank {true['eval/median_rank']:.0f}), shuffled "
-             f"pairs {shuffled['eval/recall@1']:.4f} (median rank {shuffled['eval/median_rank']:.0f})")
+  figures = (
+      f"text-to-video recall@1 over {int(true['eval/retrieval_clips'])} held-out clips "
+      f"after {steps} steps (chance {chance:.4f}): true pairs "
+      f"{true['eval/recall@1']:.4f} (median rank {true['eval/median_rank']:.0f}), shuffled "
+      f"pairs {shuffled['eval/recall@1']:.4f} (median rank {shuffled['eval/median_rank']:.0f})"
+  )
   print(figures)
   assert true["eval/recall@1"] >= FAR_ABOVE_CHANCE * chance, figures
   assert shuffled["eval/recall@1"] < FAR_ABOVE_CHANCE * chance, figures

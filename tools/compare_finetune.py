@@ -69,11 +69,20 @@ def load_results(directory: str) -> dict | None:
     return json.load(f)
 
 
-def compare(workdir: str, inits: dict[str, str], tasks: list[str], *, seeds: str, size: str = "",
-            overrides: list[str] = (), table_only: bool = False) -> str:
+def compare(
+    workdir: str,
+    inits: dict[str, str],
+    tasks: list[str],
+    *,
+    seeds: str,
+    size: str = "",
+    overrides: list[str] = (),
+    table_only: bool = False,
+) -> str:
   """Runs what is missing (unless `table_only`) and returns the markdown comparison table."""
   from vidlankd_jax import main as main_lib
   from vidlankd_jax.train import finetune
+
   tasks = [finetune_config.TASK_ALIASES.get(t, t) for t in tasks]
   results: dict[str, dict[str, dict]] = {}
   for name, source in inits.items():
@@ -98,14 +107,26 @@ def compare(workdir: str, inits: dict[str, str], tasks: list[str], *, seeds: str
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--workdir", required=True, help="Folder of the runs and comparison.md.")
-  parser.add_argument("--init", action="append", required=True,
-                      help="name=source: a teacher/student workdir, hf:<dir> or scratch (repeatable).")
-  parser.add_argument("--tasks", required=True, help="Comma-separated tasks (registered or GLUE short names).")
+  parser.add_argument(
+      "--init",
+      action="append",
+      required=True,
+      help="name=source: a teacher/student workdir, hf:<dir> or scratch (repeatable).",
+  )
+  parser.add_argument(
+      "--tasks", required=True, help="Comma-separated tasks (registered or GLUE short names)."
+  )
   parser.add_argument("--seeds", default="1,2,3", help="Fine-tuning seeds of every run.")
-  parser.add_argument("--size", default="", help="Model size ('' = the weights' own; scratch: base).")
-  parser.add_argument("--set", action="append", default=[], help="Config override section.key=value.")
+  parser.add_argument(
+      "--size", default="", help="Model size ('' = the weights' own; scratch: base)."
+  )
+  parser.add_argument(
+      "--set", action="append", default=[], help="Config override section.key=value."
+  )
   parser.add_argument("--table_only", action="store_true", help="Only tabulate existing results.")
   args = parser.parse_args(argv)
   try:
@@ -113,8 +134,17 @@ def main(argv=None) -> None:
   except UsageError as e:
     parser.error(str(e))
   tasks = [t for t in args.tasks.split(",") if t]
-  print(compare(args.workdir, inits, tasks, seeds=args.seeds, size=args.size, overrides=args.set,
-                table_only=args.table_only))
+  print(
+      compare(
+          args.workdir,
+          inits,
+          tasks,
+          seeds=args.seeds,
+          size=args.size,
+          overrides=args.set,
+          table_only=args.table_only,
+      )
+  )
 
 
 if __name__ == "__main__":

@@ -16,52 +16,79 @@ import sys
 from typing import Sequence
 
 from vidlankd_jax.data.howto100m import (  # noqa: F401  (re-exported for scripts)
-    PAIRINGS, BadInputError, ConvertConfig, convert, convert_shard, iter_json_object,
-    join_segments, load_video_features, make_video_clips, remove_overlap, route_captions,
-    select_validation_videos)
+    PAIRINGS,
+    BadInputError,
+    ConvertConfig,
+    convert,
+    convert_shard,
+    iter_json_object,
+    join_segments,
+    load_video_features,
+    make_video_clips,
+    remove_overlap,
+    route_captions,
+    select_validation_videos,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ConvertConfig:
-    defaults = ConvertConfig("", "", "", "")
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--caption_json", required=True)
-    p.add_argument("--features_2d_dir", required=True, help="folder of VID.npy [T, 2048]")
-    p.add_argument("--features_3d_dir", required=True, help="folder of VID.npy [~1.5T, 2048]")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--pairing", choices=PAIRINGS, default=defaults.pairing,
-                   help="reference: each video's opening clip only; all: every window")
-    p.add_argument("--word_budget", type=int, default=defaults.word_budget)
-    p.add_argument("--max_steps", type=int, default=defaults.max_steps)
-    p.add_argument("--num_validation_videos", type=int, default=defaults.num_validation_videos)
-    p.add_argument("--train_shards", type=int, default=defaults.train_shards)
-    p.add_argument("--validation_shards", type=int, default=defaults.validation_shards)
-    p.add_argument("--dim_2d", type=int, default=defaults.dim_2d)
-    p.add_argument("--dim_3d", type=int, default=defaults.dim_3d)
-    p.add_argument("--time_tolerance", type=float, default=defaults.time_tolerance,
-                   help="seconds a caption may end after the last feature step")
-    p.add_argument("--hash_salt", default=defaults.hash_salt,
-                   help="changes the (deterministic) validation choice and shard assignment")
-    p.add_argument("--skip_bad", action="store_true",
-                   help="skip and count bad videos instead of stopping at the first one")
-    p.add_argument("--workers", type=int, default=defaults.workers)
-    p.add_argument("--progress_interval", type=float, default=defaults.progress_interval,
-                   help="seconds between progress lines")
-    args = p.parse_args(argv)
-    return ConvertConfig(**vars(args))
+  defaults = ConvertConfig("", "", "", "")
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--caption_json", required=True)
+  p.add_argument("--features_2d_dir", required=True, help="folder of VID.npy [T, 2048]")
+  p.add_argument("--features_3d_dir", required=True, help="folder of VID.npy [~1.5T, 2048]")
+  p.add_argument("--output_dir", required=True)
+  p.add_argument(
+      "--pairing",
+      choices=PAIRINGS,
+      default=defaults.pairing,
+      help="reference: each video's opening clip only; all: every window",
+  )
+  p.add_argument("--word_budget", type=int, default=defaults.word_budget)
+  p.add_argument("--max_steps", type=int, default=defaults.max_steps)
+  p.add_argument("--num_validation_videos", type=int, default=defaults.num_validation_videos)
+  p.add_argument("--train_shards", type=int, default=defaults.train_shards)
+  p.add_argument("--validation_shards", type=int, default=defaults.validation_shards)
+  p.add_argument("--dim_2d", type=int, default=defaults.dim_2d)
+  p.add_argument("--dim_3d", type=int, default=defaults.dim_3d)
+  p.add_argument(
+      "--time_tolerance",
+      type=float,
+      default=defaults.time_tolerance,
+      help="seconds a caption may end after the last feature step",
+  )
+  p.add_argument(
+      "--hash_salt",
+      default=defaults.hash_salt,
+      help="changes the (deterministic) validation choice and shard assignment",
+  )
+  p.add_argument(
+      "--skip_bad",
+      action="store_true",
+      help="skip and count bad videos instead of stopping at the first one",
+  )
+  p.add_argument("--workers", type=int, default=defaults.workers)
+  p.add_argument(
+      "--progress_interval",
+      type=float,
+      default=defaults.progress_interval,
+      help="seconds between progress lines",
+  )
+  args = p.parse_args(argv)
+  return ConvertConfig(**vars(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    try:
-        convert(cfg)
-    except (BadInputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if isinstance(e, BadInputError):
-            print("(use --skip_bad to skip such videos and count them in the summary)",
-                  file=sys.stderr)
-        return 1
-    return 0
+  cfg = parse_args(argv)
+  try:
+    convert(cfg)
+  except (BadInputError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    if isinstance(e, BadInputError):
+      print("(use --skip_bad to skip such videos and count them in the summary)", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -47,15 +47,29 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{workdir}: no config.json; is it a run's workdir?") from e
 
 
-def load_teacher(workdir: str, step: int | None = None) -> tuple[Teacher, ml_collections.ConfigDict]:
+def load_teacher(
+    workdir: str, step: int | None = None
+) -> tuple[Teacher, ml_collections.ConfigDict]:
   config = read_run_config(workdir)
   if config.get("stage") != "teacher":
-    raise ValueError(f"{workdir}: config.json is of stage {config.get('stage')!r}, not a teacher run")
-  teacher = sharding.create_sharded(lambda: Teacher.from_config(config, rngs=nnx.Rngs(0)),
-                                    sharding.single_device_mesh(), sharding.DEFAULT_RULES)
+    raise ValueError(
+        f"{workdir}: config.json is of stage {config.get('stage')!r}, not a teacher run"
+    )
+  teacher = sharding.create_sharded(
+      lambda: Teacher.from_config(config, rngs=nnx.Rngs(0)),
+      sharding.single_device_mesh(),
+      sharding.DEFAULT_RULES,
+  )
   params = nnx.state(teacher, nnx.Param)
-  nnx.update(teacher, ckpt_lib.restore_params(finetune.checkpoint_dirs(workdir)[0], params, step,
-                                              expected_fingerprint=ckpt_lib.fingerprint(config)))
+  nnx.update(
+      teacher,
+      ckpt_lib.restore_params(
+          finetune.checkpoint_dirs(workdir)[0],
+          params,
+          step,
+          expected_fingerprint=ckpt_lib.fingerprint(config),
+      ),
+  )
   return teacher, config
 
 
@@ -64,21 +78,31 @@ def load_student(workdir: str, head: str, step: int | None = None) -> Student:
   config = read_run_config(workdir)
   objectives = str(config.get("kd", {}).get("objectives", "")).split("+")
   if head not in FEATURE_OBJECTIVES or head not in objectives:
-    raise ValueError(f"{workdir}: the student has no {head!r} distillation head (objectives "
-                     f"{'+'.join(objectives)}; heads map tokens to the teacher for {FEATURE_OBJECTIVES})")
+    raise ValueError(
+        f"{workdir}: the student has no {head!r} distillation head (objectives "
+        f"{'+'.join(objectives)}; heads map tokens to the teacher for {FEATURE_OBJECTIVES})"
+    )
   student = sharding.create_sharded(
-      lambda: Student(BertConfig.from_config(config.model), (head,),
-                      teacher_hidden_size=config.teacher.model.hidden_size, rngs=nnx.Rngs(0)),
-      sharding.single_device_mesh(), sharding.DEFAULT_RULES)
+      lambda: Student(
+          BertConfig.from_config(config.model),
+          (head,),
+          teacher_hidden_size=config.teacher.model.hidden_size,
+          rngs=nnx.Rngs(0),
+      ),
+      sharding.single_device_mesh(),
+      sharding.DEFAULT_RULES,
+  )
   params = ckpt_lib.restore_params_numpy(finetune.checkpoint_dirs(workdir)[0], step)
-  finetune.load_encoder(student, finetune.InitialEncoder(workdir, params=traverse_util.flatten_dict(
-      params, sep="/")))
+  finetune.load_encoder(
+      student, finetune.InitialEncoder(workdir, params=traverse_util.flatten_dict(params, sep="/"))
+  )
   return student
 
 
 def encode_sentences(sentences: list[str], vocab_file: str, lower_case: bool, max_len: int):
   """([CLS] pieces [SEP] ids [S, L], attention mask [S, L], word pieces per sentence)."""
   from vidlankd_jax.data import vocab as vocab_lib
+
   vocab = vocab_lib.WordPieceVocabulary(vocab_file, lower_case=lower_case)
   names = vocab_lib.read_vocab_file(vocab_file)
   rows = [[vocab.cls_id] + list(vocab.encode(s))[: max_len - 2] + [vocab.sep_id] for s in sentences]
@@ -86,23 +110,31 @@ def encode_sentences(sentences: list[str], vocab_file: str, lower_case: bool, ma
   ids = np.zeros((len(rows), length), np.int32)
   mask = np.zeros_like(ids)
   for i, row in enumerate(rows):
-    ids[i, :len(row)] = row
-    mask[i, :len(row)] = 1
+    ids[i, : len(row)] = row
+    mask[i, : len(row)] = 1
   return ids, mask, [[names[t] for t in row] for row in rows]
 
 
-def held_out_clips(data_dir: str, vocab_file: str, lower_case: bool, feature_dim: int,
-                   max_steps: int, num_clips: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def held_out_clips(
+    data_dir: str,
+    vocab_file: str,
+    lower_case: bool,
+    feature_dim: int,
+    max_steps: int,
+    num_clips: int,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """The first `num_clips` validation clips: features [N, T, D], mask [N, T], captions."""
   import tensorflow as tf
   from vidlankd_jax.data import tasks, video_text
   from vidlankd_jax.data import vocab as vocab_lib
+
   pattern = tasks.task_file_pattern(data_dir, tasks.VIDEO_TEXT_TASK, "validation")
   files = sorted(glob.glob(pattern))
   if not files:
     raise FileNotFoundError(f"no held-out clips: nothing matches {pattern}")
   parsed = tf.data.TFRecordDataset(files).map(
-      lambda r: tf.io.parse_single_example(r, video_text.FEATURE_SPEC))
+      lambda r: tf.io.parse_single_example(r, video_text.FEATURE_SPEC)
+  )
   vocab = vocab_lib.WordPieceVocabulary(vocab_file, lower_case=lower_case)
   fitted = tasks.decode_video_clip(parsed, {"video_features": max_steps}, vocab, feature_dim)
   ds = tf.data.Dataset.zip((fitted, parsed.map(lambda ex: ex["caption"]))).take(num_clips)
@@ -117,12 +149,19 @@ def held_out_clips(data_dir: str, vocab_file: str, lower_case: bool, feature_dim
 
 
 def clip_vectors(teacher: Teacher, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  return np.concatenate([grounding.teacher_clip_vectors(teacher, features[i:i + CLIP_BATCH],
-                                                        mask[i:i + CLIP_BATCH])
-                         for i in range(0, len(features), CLIP_BATCH)])
+  return np.concatenate(
+      [
+          grounding.teacher_clip_vectors(
+              teacher, features[i : i + CLIP_BATCH], mask[i : i + CLIP_BATCH]
+          )
+          for i in range(0, len(features), CLIP_BATCH)
+      ]
+  )
 
 
-def heatmap_clips(listings: list[list[tuple[int, float, str]]], num_clips: int, pool: int) -> list[int]:
+def heatmap_clips(
+    listings: list[list[tuple[int, float, str]]], num_clips: int, pool: int
+) -> list[int]:
   """The clips the heatmaps show: each sentence's best matches in turn, then the pool's first."""
   chosen: list[int] = []
   for rank in range(max(len(l) for l in listings)):
@@ -145,8 +184,10 @@ def listing_markdown(sentences: list[str], listings: dict[str, list], k: int, po
     lines += [f"## {sentence}", ""]
     for model, per_sentence in listings.items():
       lines += [f"**{model}**", "", "| rank | clip | score | caption |", "|---:|---:|---:|---|"]
-      lines += [f"| {r} | {j} | {score:.4f} | {caption.replace('|', '/')} |"
-                for r, (j, score, caption) in enumerate(per_sentence[i], start=1)]
+      lines += [
+          f"| {r} | {j} | {score:.4f} | {caption.replace('|', '/')} |"
+          for r, (j, score, caption) in enumerate(per_sentence[i], start=1)
+      ]
       lines.append("")
   return "\n".join(lines)
 
@@ -154,6 +195,7 @@ def listing_markdown(sentences: list[str], listings: dict[str, list], k: int, po
 def run(args) -> dict:
   """Writes grounding.png and retrieval.md; returns what it computed (for callers and tests)."""
   from vidlankd_jax.data import vocab as vocab_lib
+
   sentences = list(args.sentence)
   if args.sentences_file:
     with open(args.sentences_file, encoding="utf-8") as f:
@@ -165,29 +207,43 @@ def run(args) -> dict:
   student = load_student(args.student_workdir, args.head, step) if args.student_workdir else None
   vocab_file = config.data.get("vocab_file") or vocab_lib.default_vocab_file()
   lower_case = bool(config.data.get("lower_case", True))
-  max_steps = min(int(config.data.get("max_video_steps", config.video.max_steps)), config.video.max_steps)
+  max_steps = min(
+      int(config.data.get("max_video_steps", config.video.max_steps)), config.video.max_steps
+  )
   features, video_mask, captions = held_out_clips(
-      args.data_dir, vocab_file, lower_case, config.video.input_dim, max_steps, args.retrieval_clips)
+      args.data_dir, vocab_file, lower_case, config.video.input_dim, max_steps, args.retrieval_clips
+  )
   clips = clip_vectors(teacher, features, video_mask)
   k = min(args.k, len(clips))
 
-  ids, mask, pieces = encode_sentences(sentences, vocab_file, lower_case,
-                                       config.model.max_position_embeddings)
+  ids, mask, pieces = encode_sentences(
+      sentences, vocab_file, lower_case, config.model.max_position_embeddings
+  )
   tokens = {"teacher": grounding.teacher_token_vectors(teacher, ids, mask)}
   if student is not None:
-    tokens[f"student ({args.head} head)"] = grounding.student_token_vectors(student, ids, mask, head=args.head)
-  listings = {name: grounding.retrieval_listing(grounding.sentence_vectors(vectors, mask), clips,
-                                                captions, k)
-              for name, vectors in tokens.items()}
+    tokens[f"student ({args.head} head)"] = grounding.student_token_vectors(
+        student, ids, mask, head=args.head
+    )
+  listings = {
+      name: grounding.retrieval_listing(
+          grounding.sentence_vectors(vectors, mask), clips, captions, k
+      )
+      for name, vectors in tokens.items()
+  }
   shown = heatmap_clips(listings["teacher"], args.num_clips, len(clips))
   labels = [clip_label(j, captions[j]) for j in shown]
   panels = []
   for i, sentence in enumerate(sentences):
     rows = [t for t, piece in enumerate(pieces[i]) if piece not in SPECIAL_TOKENS]
     for name, vectors in tokens.items():
-      panels.append(grounding.GroundingPanel(
-          title=f"{name}: {sentence}", tokens=[pieces[i][t] for t in rows], clip_labels=labels,
-          scores=grounding.token_clip_similarity(vectors[i, rows], clips[shown])))
+      panels.append(
+          grounding.GroundingPanel(
+              title=f"{name}: {sentence}",
+              tokens=[pieces[i][t] for t in rows],
+              clip_labels=labels,
+              scores=grounding.token_clip_similarity(vectors[i, rows], clips[shown]),
+          )
+      )
   os.makedirs(args.output_dir, exist_ok=True)
   picture = os.path.join(args.output_dir, "grounding.png")
   grounding.plot_grounding_heatmaps(panels, picture, columns=len(tokens))
@@ -200,17 +256,23 @@ def run(args) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--teacher_workdir", required=True)
   parser.add_argument("--student_workdir", default="", help="a distillation run (optional)")
-  parser.add_argument("--head", default="nst", help=f"the student's head: one of {FEATURE_OBJECTIVES}")
+  parser.add_argument(
+      "--head", default="nst", help=f"the student's head: one of {FEATURE_OBJECTIVES}"
+  )
   parser.add_argument("--data_dir", required=True, help="holds howto100m/ (validation shards)")
   parser.add_argument("--sentence", action="append", default=[], help="a sentence (repeatable)")
   parser.add_argument("--sentences_file", default="", help="one sentence per line")
   parser.add_argument("--num_clips", type=int, default=8, help="clips shown in the heatmaps")
   parser.add_argument("--retrieval_clips", type=int, default=256, help="held-out clips ranked")
   parser.add_argument("--k", type=int, default=5, help="clips listed per sentence")
-  parser.add_argument("--step", type=int, default=-1, help="checkpoint step of both runs; -1: latest")
+  parser.add_argument(
+      "--step", type=int, default=-1, help="checkpoint step of both runs; -1: latest"
+  )
   parser.add_argument("--output_dir", required=True)
   args = parser.parse_args(argv)
   if args.num_clips < 1 or args.retrieval_clips < 1 or args.k < 1:

@@ -43,8 +43,16 @@ from vidlankd_jax.models.student import Student  # noqa: E402
 from vidlankd_jax.models.teacher import Teacher  # noqa: E402
 from vidlankd_jax.train import common  # noqa: E402
 
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
+ARCHITECTURE = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+)
 
 
 def named_size(cfg: BertConfig) -> str | None:
@@ -68,8 +76,12 @@ def teacher_config(language: BertConfig, video: dict[str, int]) -> tuple[object,
   size = named_size(language) or "base"
   config = teacher_configs.get_config(f"size={size}")
   overrides: list[str] = []
-  video_cfg = BertConfig(**{**{k: getattr(language, k) for k in ARCHITECTURE},
-                            "type_vocab_size": video["type_vocab_size"]})
+  video_cfg = BertConfig(
+      **{
+          **{k: getattr(language, k) for k in ARCHITECTURE},
+          "type_vocab_size": video["type_vocab_size"],
+      }
+  )
   with config.unlocked():
     _set_architecture(config.model, language, "teacher.model", overrides)
     _set_architecture(config.video, video_cfg, "teacher.video", overrides)
@@ -85,14 +97,17 @@ def teacher_config(language: BertConfig, video: dict[str, int]) -> tuple[object,
   return config, overrides
 
 
-def student_config(language: BertConfig, objectives: tuple[str, ...],
-                   teacher_hidden: int) -> tuple[object, list[str]]:
+def student_config(
+    language: BertConfig, objectives: tuple[str, ...], teacher_hidden: int
+) -> tuple[object, list[str]]:
   """A distillation config (configs/distill.py) whose student is the released one."""
   size = named_size(language) or "base"
-  teacher_size = next((n for n, dims in common_configs.MODEL_SIZES.items()
-                       if dims[1] == teacher_hidden), size)
+  teacher_size = next(
+      (n for n, dims in common_configs.MODEL_SIZES.items() if dims[1] == teacher_hidden), size
+  )
   config = distill_configs.get_config(
-      f"size={size},teacher_size={teacher_size},objectives={'+'.join(objectives) or 'none'}")
+      f"size={size},teacher_size={teacher_size},objectives={'+'.join(objectives) or 'none'}"
+  )
   overrides: list[str] = []
   with config.unlocked():
     _set_architecture(config.model, language, "model", overrides)
@@ -107,13 +122,20 @@ def write_workdir(config, model: nnx.Module, tx, workdir: str) -> None:
   """Step-0 checkpoint of `model`'s params (fresh optimiser state) plus config.json."""
   manager_dir = os.path.join(workdir, "checkpoints")
   ckpt = ckpt_lib.CheckpointManager(
-      manager_dir, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-      best_metric=config.checkpoint.best_metric, best_mode=config.checkpoint.best_mode,
-      async_save=False, fingerprint=ckpt_lib.fingerprint(config))
+      manager_dir,
+      every_steps=config.checkpoint.every_steps,
+      keep=config.checkpoint.keep,
+      best_metric=config.checkpoint.best_metric,
+      best_mode=config.checkpoint.best_mode,
+      async_save=False,
+      fingerprint=ckpt_lib.fingerprint(config),
+  )
   try:
     if ckpt.latest_step() is not None:
-      raise FileExistsError(f"{manager_dir} already holds checkpoints (step {ckpt.latest_step()}); "
-                            "import into a new workdir")
+      raise FileExistsError(
+          f"{manager_dir} already holds checkpoints (step {ckpt.latest_step()}); "
+          "import into a new workdir"
+      )
     _, params, _ = common.nnx_params(model)
     ckpt.save(0, common.init_train_state(tx, params), force=True)
   finally:
@@ -133,16 +155,23 @@ def import_teacher(model_dir: str, workdir: str, language_file: str = "", video_
   video_state = vidlankd_torch.read_checkpoint(video_path)
   video = vidlankd_torch.video_architecture(video_state, video_path)
   if (video["hidden_size"], video["num_layers"], video["intermediate_size"]) != (
-      language.hidden_size, language.num_layers, language.intermediate_size):
-    raise ValueError(f"{video_path}: video model of hidden {video['hidden_size']}, "
-                     f"{video['num_layers']} layers, FFN {video['intermediate_size']} does not share "
-                     f"{model_dir}/config.json's sizes (the released video model uses the language config)")
+      language.hidden_size,
+      language.num_layers,
+      language.intermediate_size,
+  ):
+    raise ValueError(
+        f"{video_path}: video model of hidden {video['hidden_size']}, "
+        f"{video['num_layers']} layers, FFN {video['intermediate_size']} does not share "
+        f"{model_dir}/config.json's sizes (the released video model uses the language config)"
+    )
   config, overrides = teacher_config(language, video)
   teacher = _build(lambda: Teacher.from_config(config, rngs=nnx.Rngs(config.seed)), config)
-  vidlankd_torch.load_language(teacher.language, vidlankd_torch.read_checkpoint(language_path),
-                               language_path)
+  vidlankd_torch.load_language(
+      teacher.language, vidlankd_torch.read_checkpoint(language_path), language_path
+  )
   vidlankd_torch.load_video(teacher.video, video_state, video_path)
   from vidlankd_jax.train import teacher as teacher_lib
+
   _, params, _ = common.nnx_params(teacher)
   write_workdir(config, teacher, teacher_lib.make_optimizer(config, params), workdir)
   return config, overrides
@@ -156,25 +185,46 @@ def import_student(model_dir: str, workdir: str, language_file: str = ""):
   objectives = vidlankd_torch.student_objectives(state)
   teacher_hidden = vidlankd_torch.head_output_size(state) or language.hidden_size
   config, overrides = student_config(language, objectives, teacher_hidden)
-  student = _build(lambda: Student(BertConfig.from_config(config.model), objectives,
-                                   teacher_hidden_size=teacher_hidden, rngs=nnx.Rngs(config.seed)),
-                   config)
+  student = _build(
+      lambda: Student(
+          BertConfig.from_config(config.model),
+          objectives,
+          teacher_hidden_size=teacher_hidden,
+          rngs=nnx.Rngs(config.seed),
+      ),
+      config,
+  )
   vidlankd_torch.load_student(student, state, path)
-  write_workdir(config, student, common.make_optimizer(config.optimizer, config.train.steps), workdir)
+  write_workdir(
+      config, student, common.make_optimizer(config.optimizer, config.train.steps), workdir
+  )
   return config, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("kind", choices=("teacher", "student"))
-  parser.add_argument("--model_dir", required=True,
-                      help="released checkpoint folder (config.json, pytorch_model.bin[, visn_model.chkpt])")
+  parser.add_argument(
+      "--model_dir",
+      required=True,
+      help="released checkpoint folder (config.json, pytorch_model.bin[, visn_model.chkpt])",
+  )
   parser.add_argument("--workdir", required=True, help="new workdir to write")
-  parser.add_argument("--language_file", default="", help="language model file (default: <model_dir>/pytorch_model.bin)")
-  parser.add_argument("--video_file", default="", help="teacher video model (default: <model_dir>/visn_model.chkpt)")
+  parser.add_argument(
+      "--language_file",
+      default="",
+      help="language model file (default: <model_dir>/pytorch_model.bin)",
+  )
+  parser.add_argument(
+      "--video_file", default="", help="teacher video model (default: <model_dir>/visn_model.chkpt)"
+  )
   args = parser.parse_args(argv)
   if args.kind == "teacher":
-    config, overrides = import_teacher(args.model_dir, args.workdir, args.language_file, args.video_file)
+    config, overrides = import_teacher(
+        args.model_dir, args.workdir, args.language_file, args.video_file
+    )
     what = f"teacher (size {config.model.size}, video input {config.video.input_dim})"
     overrides.append("--config.teacher.video.embedding_passes=2")
   else:

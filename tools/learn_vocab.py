@@ -29,61 +29,60 @@ def learn_vocab(
     lower_thresh: int = 10,
     num_iterations: int = 4,
 ) -> list[str]:
-    """Learns WordPiece tokens from paragraphs of text; the specials come first."""
-    dataset = tf.data.Dataset.from_generator(
-        lambda: (p for p in paragraphs), output_signature=tf.TensorSpec([], tf.string)
-    ).batch(1024)
-    tokens = bvd.bert_vocab_from_dataset(
-        dataset,
-        vocab_size=vocab_size,
-        reserved_tokens=list(vocab_lib.SPECIAL_TOKENS),
-        bert_tokenizer_params={"lower_case": lower_case},
-        learn_params={
-            "upper_thresh": upper_thresh,
-            "lower_thresh": lower_thresh,
-            "num_iterations": num_iterations,
-        },
-    )
-    specials = list(vocab_lib.SPECIAL_TOKENS)
-    return specials + [t for t in tokens if t not in specials]
+  """Learns WordPiece tokens from paragraphs of text; the specials come first."""
+  dataset = tf.data.Dataset.from_generator(
+      lambda: (p for p in paragraphs), output_signature=tf.TensorSpec([], tf.string)
+  ).batch(1024)
+  tokens = bvd.bert_vocab_from_dataset(
+      dataset,
+      vocab_size=vocab_size,
+      reserved_tokens=list(vocab_lib.SPECIAL_TOKENS),
+      bert_tokenizer_params={"lower_case": lower_case},
+      learn_params={
+          "upper_thresh": upper_thresh,
+          "lower_thresh": lower_thresh,
+          "num_iterations": num_iterations,
+      },
+  )
+  specials = list(vocab_lib.SPECIAL_TOKENS)
+  return specials + [t for t in tokens if t not in specials]
 
 
 def write_vocab(tokens: Sequence[str], path: str) -> None:
-    """Writes one token per line (atomically), after checking the specials and duplicates."""
-    if list(tokens[: len(vocab_lib.SPECIAL_TOKENS)]) != list(vocab_lib.SPECIAL_TOKENS):
-        raise ValueError(f"The vocabulary must start with {vocab_lib.SPECIAL_TOKENS}.")
-    if len(set(tokens)) != len(tokens):
-        raise ValueError("The vocabulary has duplicate tokens.")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(t + "\n" for t in tokens))
-    os.replace(tmp, path)
+  """Writes one token per line (atomically), after checking the specials and duplicates."""
+  if list(tokens[: len(vocab_lib.SPECIAL_TOKENS)]) != list(vocab_lib.SPECIAL_TOKENS):
+    raise ValueError(f"The vocabulary must start with {vocab_lib.SPECIAL_TOKENS}.")
+  if len(set(tokens)) != len(tokens):
+    raise ValueError("The vocabulary has duplicate tokens.")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("".join(t + "\n" for t in tokens))
+  os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", required=True, nargs="+", help="raw corpus files")
-    parser.add_argument("--output", required=True, help="vocab.txt to write")
-    parser.add_argument("--format", default="auto", choices=("auto",) + text_lib.FORMATS)
-    parser.add_argument("--vocab_size", type=int, default=30522)
-    parser.add_argument("--cased", action="store_true", help="keep case (default lowercases)")
-    parser.add_argument("--max_paragraphs", type=int, default=0, help="0 reads everything")
-    parser.add_argument("--lower_thresh", type=int, default=10,
-                        help="lowest word-piece count considered")
-    args = parser.parse_args(argv)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--input", required=True, nargs="+", help="raw corpus files")
+  parser.add_argument("--output", required=True, help="vocab.txt to write")
+  parser.add_argument("--format", default="auto", choices=("auto",) + text_lib.FORMATS)
+  parser.add_argument("--vocab_size", type=int, default=30522)
+  parser.add_argument("--cased", action="store_true", help="keep case (default lowercases)")
+  parser.add_argument("--max_paragraphs", type=int, default=0, help="0 reads everything")
+  parser.add_argument(
+      "--lower_thresh", type=int, default=10, help="lowest word-piece count considered"
+  )
+  args = parser.parse_args(argv)
 
-    paragraphs = (
-        p.text for path in args.input for p in text_lib.iter_paragraphs(path, args.format)
-    )
-    if args.max_paragraphs > 0:
-        paragraphs = itertools.islice(paragraphs, args.max_paragraphs)
-    tokens = learn_vocab(
-        paragraphs, args.vocab_size, lower_case=not args.cased, lower_thresh=args.lower_thresh
-    )
-    write_vocab(tokens, args.output)
-    print(f"wrote {len(tokens)} tokens to {args.output}")
-    return 0
+  paragraphs = (p.text for path in args.input for p in text_lib.iter_paragraphs(path, args.format))
+  if args.max_paragraphs > 0:
+    paragraphs = itertools.islice(paragraphs, args.max_paragraphs)
+  tokens = learn_vocab(
+      paragraphs, args.vocab_size, lower_case=not args.cased, lower_thresh=args.lower_thresh
+  )
+  write_vocab(tokens, args.output)
+  print(f"wrote {len(tokens)} tokens to {args.output}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -21,29 +21,38 @@ from vidlankd_jax.data.text import convert_text, iter_paragraphs  # noqa: F401  
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--input", required=True, nargs="+", help="raw corpus files, in order")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--prefix", required=True, help="shard name prefix, e.g. wiki103, wikipedia")
-    p.add_argument("--split", default="train", choices=("train", "validation"))
-    p.add_argument("--num_shards", type=int, default=16)
-    p.add_argument("--format", default="auto", choices=("auto",) + text_lib.FORMATS)
-    p.add_argument("--vocab_file", default=None, help="default: bert-base-uncased vocab")
-    p.add_argument("--cased", action="store_true", help="do not lowercase")
-    p.add_argument("--block_len", type=int, default=text_lib.BLOCK_LEN)
-    p.add_argument("--progress_interval", type=float, default=30.0)
-    args = p.parse_args(argv)
-    try:
-        vocab = vocab_lib.WordPieceVocabulary(args.vocab_file or vocab_lib.default_vocab_file(),
-                                              lower_case=not args.cased)
-        convert_text(args.input, args.output_dir, vocab, prefix=args.prefix, split=args.split,
-                     num_shards=args.num_shards, fmt=args.format, block_len=args.block_len,
-                     progress_interval=args.progress_interval)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--input", required=True, nargs="+", help="raw corpus files, in order")
+  p.add_argument("--output_dir", required=True)
+  p.add_argument("--prefix", required=True, help="shard name prefix, e.g. wiki103, wikipedia")
+  p.add_argument("--split", default="train", choices=("train", "validation"))
+  p.add_argument("--num_shards", type=int, default=16)
+  p.add_argument("--format", default="auto", choices=("auto",) + text_lib.FORMATS)
+  p.add_argument("--vocab_file", default=None, help="default: bert-base-uncased vocab")
+  p.add_argument("--cased", action="store_true", help="do not lowercase")
+  p.add_argument("--block_len", type=int, default=text_lib.BLOCK_LEN)
+  p.add_argument("--progress_interval", type=float, default=30.0)
+  args = p.parse_args(argv)
+  try:
+    vocab = vocab_lib.WordPieceVocabulary(
+        args.vocab_file or vocab_lib.default_vocab_file(), lower_case=not args.cased
+    )
+    convert_text(
+        args.input,
+        args.output_dir,
+        vocab,
+        prefix=args.prefix,
+        split=args.split,
+        num_shards=args.num_shards,
+        fmt=args.format,
+        block_len=args.block_len,
+        progress_interval=args.progress_interval,
+    )
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -40,8 +40,15 @@ class CorruptCheckpointError(ValueError):
 
 
 # What TensorStore/Orbax say when a file of a checkpoint is missing or cut short.
-_DAMAGE_MARKERS = ("NOT_FOUND", "OUT_OF_RANGE", "DATA_LOSS", "was not found in the checkpoint",
-                   "No such file", "Error reading", "does not exist")
+_DAMAGE_MARKERS = (
+    "NOT_FOUND",
+    "OUT_OF_RANGE",
+    "DATA_LOSS",
+    "was not found in the checkpoint",
+    "No such file",
+    "Error reading",
+    "does not exist",
+)
 
 
 def _short(error: Exception) -> str:
@@ -57,25 +64,37 @@ def fingerprint(config) -> dict:
   for section in ("video", "student"):
     if section in config:
       # embedding_passes changes what the video weights compute (imported released teachers).
-      out.update({f"{section}.{k}": config[section].get(k)
-                  for k in keys + ("input_dim", "embedding_passes") if k in config[section]})
+      out.update(
+          {
+              f"{section}.{k}": config[section].get(k)
+              for k in keys + ("input_dim", "embedding_passes")
+              if k in config[section]
+          }
+      )
   if "kd" in config:
     out["kd.objectives"] = str(config.kd.get("objectives", ""))
   return out
 
 
 def check_fingerprint(saved: dict, current: dict, directory: str) -> None:
-  diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-           for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  diffs = [
+      f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+      for k in sorted(set(saved) | set(current))
+      if saved.get(k) != current.get(k)
+  ]
   if diffs:
     raise IncompatibleCheckpointError(
-        f"checkpoint in {directory} does not match this config:\n  " + "\n  ".join(diffs))
+        f"checkpoint in {directory} does not match this config:\n  " + "\n  ".join(diffs)
+    )
 
 
 def to_pure(tree: PyTree) -> PyTree:
   """nnx.State nodes -> plain nested dicts of arrays: the on-disk layout any tool can read."""
-  return jax.tree.map(lambda x: x.to_pure_dict() if isinstance(x, nnx.State) else x, tree,
-                      is_leaf=lambda x: isinstance(x, nnx.State))
+  return jax.tree.map(
+      lambda x: x.to_pure_dict() if isinstance(x, nnx.State) else x,
+      tree,
+      is_leaf=lambda x: isinstance(x, nnx.State),
+  )
 
 
 def from_pure(target: PyTree, restored: PyTree, what: str) -> PyTree:
@@ -84,7 +103,8 @@ def from_pure(target: PyTree, restored: PyTree, what: str) -> PyTree:
   structure = jax.tree.structure(target)
   if len(leaves) != structure.num_leaves:
     raise IncompatibleCheckpointError(
-        f"{what}: checkpoint has {len(leaves)} arrays, this run's state has {structure.num_leaves}")
+        f"{what}: checkpoint has {len(leaves)} arrays, this run's state has {structure.num_leaves}"
+    )
   return jax.tree.unflatten(structure, leaves)
 
 
@@ -100,28 +120,50 @@ class CheckpointManager:
   asynchronous: `save` returns once the arrays are copied off the devices.
   """
 
-  def __init__(self, directory: str, *, every_steps: int, keep: int, best_metric: str = "",
-               best_mode: str = "max", async_save: bool = True, fingerprint: dict | None = None):
+  def __init__(
+      self,
+      directory: str,
+      *,
+      every_steps: int,
+      keep: int,
+      best_metric: str = "",
+      best_mode: str = "max",
+      async_save: bool = True,
+      fingerprint: dict | None = None,
+  ):
     self.directory = checkpoint_path(directory)
     self.fingerprint = fingerprint or {}
     # Saves cut short (a killed process) leave `<step>.orbax-checkpoint-tmp*` folders; Orbax
     # deletes them below and the newest finished step is used.
-    unfinished = sorted(p.name for p in self.directory.iterdir()
-                        if ".orbax-checkpoint-tmp" in p.name) if self.directory.exists() else []
+    unfinished = (
+        sorted(p.name for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+        if self.directory.exists()
+        else []
+    )
     if unfinished and jax.process_index() == 0:
-      print(f"discarding unfinished checkpoint save(s) {', '.join(unfinished)} in "
-            f"{self.directory}", flush=True)
+      print(
+          f"discarding unfinished checkpoint save(s) {', '.join(unfinished)} in "
+          f"{self.directory}",
+          flush=True,
+      )
     self.best_metric = best_metric
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if best_metric:
-      policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "max", n=1,
-          keep_checkpoints_without_metrics=False))
+      policies.append(
+          ocp.checkpoint_managers.BestN(
+              get_metric_fn=lambda m: m[best_metric],
+              reverse=best_mode == "max",
+              n=1,
+              keep_checkpoints_without_metrics=False,
+          )
+      )
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
-            ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
-            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-        ]),
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
+            [
+                ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+            ]
+        ),
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         create=True,
@@ -135,13 +177,27 @@ class CheckpointManager:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: TrainState, *, metrics: dict | None = None,
-           data_position: dict | None = None, force: bool = False) -> bool:
+  def save(
+      self,
+      step: int,
+      state: TrainState,
+      *,
+      metrics: dict | None = None,
+      data_position: dict | None = None,
+      force: bool = False,
+  ) -> bool:
     """Saves if the policy says so at `step` (interval or preemption) or if `force`."""
-    items = {"params": ocp.args.StandardSave(to_pure(state.params)),
-             "opt_state": ocp.args.StandardSave(to_pure(state.opt_state)),
-             "meta": ocp.args.JsonSave({"step": int(step), "fingerprint": self.fingerprint,
-                                        "data_position": data_position or {}})}
+    items = {
+        "params": ocp.args.StandardSave(to_pure(state.params)),
+        "opt_state": ocp.args.StandardSave(to_pure(state.opt_state)),
+        "meta": ocp.args.JsonSave(
+            {
+                "step": int(step),
+                "fingerprint": self.fingerprint,
+                "data_position": data_position or {},
+            }
+        ),
+    }
     if state.extra is not None:
       items["extra"] = ocp.args.StandardSave(to_pure(state.extra))
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
@@ -166,12 +222,20 @@ class CheckpointManager:
     meta = self.read_meta(step)
     check_fingerprint(meta.get("fingerprint", {}), self.fingerprint, str(self.directory))
     names = ["params", "opt_state"] + (["extra"] if target.extra is not None else [])
-    restored = {name: from_pure(getattr(target, name), self._restore_item(
-        step, name, ocp.args.StandardRestore(abstract_like(to_pure(getattr(target, name))))),
-        f"{self.directory}/{step}/{name}") for name in names}
+    restored = {
+        name: from_pure(
+            getattr(target, name),
+            self._restore_item(
+                step, name, ocp.args.StandardRestore(abstract_like(to_pure(getattr(target, name))))
+            ),
+            f"{self.directory}/{step}/{name}",
+        )
+        for name in names
+    }
     state = target.replace(
         step=jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32), target.step.sharding),
-        **restored)
+        **restored,
+    )
     logging.info("restored checkpoint step %d from %s", step, self.directory)
     return state, meta
 
@@ -183,11 +247,13 @@ class CheckpointManager:
     except Exception as e:  # Orbax and TensorStore raise many types; name the item at fault
       if not any(marker in str(e) for marker in _DAMAGE_MARKERS):
         raise IncompatibleCheckpointError(
-            f"{where} cannot be restored into this run's state: {_short(e)}") from e
+            f"{where} cannot be restored into this run's state: {_short(e)}"
+        ) from e
       older = [s for s in self.all_steps() if s < step]
       hint = f"; delete {self.directory}/{step} to resume from step {max(older)}" if older else ""
       raise CorruptCheckpointError(
-          f"checkpoint {where} is damaged or incomplete: {_short(e)}{hint}") from e
+          f"checkpoint {where} is damaged or incomplete: {_short(e)}{hint}"
+      ) from e
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -197,20 +263,31 @@ class CheckpointManager:
     self._manager.close()
 
 
-def restore_params(directory: str, abstract_params: PyTree, step: int | None = None,
-                   expected_fingerprint: dict | None = None) -> PyTree:
+def restore_params(
+    directory: str,
+    abstract_params: PyTree,
+    step: int | None = None,
+    expected_fingerprint: dict | None = None,
+) -> PyTree:
   """Only the `params` item of a checkpoint (e.g. the teacher for distillation), read-only."""
-  manager = ocp.CheckpointManager(checkpoint_path(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  manager = ocp.CheckpointManager(
+      checkpoint_path(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+  )
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
   if expected_fingerprint:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved = meta.get("fingerprint", {})
-    check_fingerprint({k: saved.get(k) for k in expected_fingerprint}, expected_fingerprint, directory)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_like(to_pure(abstract_params)))))
+    check_fingerprint(
+        {k: saved.get(k) for k in expected_fingerprint}, expected_fingerprint, directory
+    )
+  restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_like(to_pure(abstract_params)))
+      ),
+  )
   manager.close()
   return from_pure(abstract_params, restored["params"], f"{directory}/{step}/params")
 
@@ -251,8 +328,10 @@ def restore_params_numpy(directory: str, step: int | None = None) -> dict:
   encoder under `params["language"]["bert"]`), whatever mesh the checkpoint was written on.
   """
   import numpy as np
-  manager = ocp.CheckpointManager(checkpoint_path(directory),
-                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+  manager = ocp.CheckpointManager(
+      checkpoint_path(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+  )
   step = manager.latest_step() if step is None else step
   manager.close()
   if step is None:

@@ -17,15 +17,26 @@ from typing import Sequence
 
 def parse_args(argv: Sequence[str] | None):
   from vidlankd_jax.demo.pipeline import SIZES
+
   parser = argparse.ArgumentParser(prog="vidlankd", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
   demo = commands.add_parser("demo", help="every stage end to end at tiny size, no downloads")
   demo.add_argument("--workdir", required=True, help="where data, checkpoints and the report go")
-  demo.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
-  demo.add_argument("--size", default="demo", choices=sorted(SIZES),
-                    help="demo: minutes on 2 CPU cores; test: seconds (default: %(default)s)")
-  demo.add_argument("--steps", type=int, default=None,
-                    help="training steps of the teacher and of each student (default: the size's)")
+  demo.add_argument(
+      "--fresh", action="store_true", help="redo every stage instead of reusing finished ones"
+  )
+  demo.add_argument(
+      "--size",
+      default="demo",
+      choices=sorted(SIZES),
+      help="demo: minutes on 2 CPU cores; test: seconds (default: %(default)s)",
+  )
+  demo.add_argument(
+      "--steps",
+      type=int,
+      default=None,
+      help="training steps of the teacher and of each student (default: the size's)",
+  )
   return parser, parser.parse_args(argv)
 
 
@@ -35,8 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.steps is not None and args.steps <= 0:
     parser.error(f"--steps must be positive, got {args.steps}")
   from absl import logging
+
   logging.set_verbosity(logging.WARNING)  # the loops print their own progress lines
   from vidlankd_jax.demo import run_demo
+
   run_demo(args.workdir, size=args.size, steps=args.steps, fresh=args.fresh)
   return 0
 

@@ -17,10 +17,16 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :arg.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A configs/*.py file, with :arg.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and logs go.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process runs)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (multi-process runs)."
+)
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 
 STAGES = {
@@ -31,13 +37,19 @@ STAGES = {
 
 # Environment variables that mean "this host is one of several": Cloud TPU VMs of a pod slice,
 # multi-slice (Megascale) jobs, and SLURM/Open MPI style launchers handled by JAX's cluster detection.
-_MULTI_HOST_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                   "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+_MULTI_HOST_ENV = (
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "JAX_COORDINATOR_ADDRESS",
+)
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
   """Starts JAX's distributed runtime when this is one process of several; else does nothing."""
   import jax
+
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
@@ -46,16 +58,23 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts or not hosts:
       jax.distributed.initialize()
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+      "process %d of %d, %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
 
 
 def write_config(config, workdir: str) -> None:
   """Records the resolved config (after command-line overrides) in the workdir."""
   import jax
+
   if jax.process_index() != 0:
     return
   from etils import epath  # local folders and gs:// buckets alike
+
   path = epath.Path(workdir)
   path.mkdir(parents=True, exist_ok=True)
   (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -44,12 +44,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
-                       f"{dict(zip(MESH_AXES, sizes))}")
+      raise ValueError(
+          f"mesh: {num_devices} devices are not divisible by the fixed axes "
+          f"{dict(zip(MESH_AXES, sizes))}"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"{num_devices} are available")
+    raise ValueError(
+        f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        f"{num_devices} are available"
+    )
   return tuple(sizes)
 
 
@@ -78,14 +82,17 @@ def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
 def single_device_mesh(device=None) -> Mesh:
   """A 1x1x1 mesh: what unit tests and single-device tools build models under."""
   device = device or jax.devices()[0]
-  return Mesh(np.asarray([device]).reshape(1, 1, 1), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(
+      np.asarray([device]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def rules_from_config(rules) -> tuple:
   """ml-collections turns tuples into lists: back to a tuple of (name, axes) pairs."""
+
   def axes(a):
     return tuple(a) if isinstance(a, (list, tuple)) else a
+
   return tuple((str(name), axes(a)) for name, a in rules)
 
 
@@ -130,15 +137,18 @@ def host_data_shard(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
   hold the same rows and must read the same shard.
   """
   index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
-  ranges = sorted({(idx[0].start or 0, idx[0].stop or global_batch_size)
-                   for idx in index_map.values()})
+  ranges = sorted(
+      {(idx[0].start or 0, idx[0].stop or global_batch_size) for idx in index_map.values()}
+  )
   if any(prev[1] != nxt[0] for prev, nxt in zip(ranges, ranges[1:])):
     raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {ranges}")
   first, last = ranges[0][0], ranges[-1][1]
   local_rows = last - first
   if global_batch_size % local_rows or first % local_rows:
-    raise ValueError(f"global batch {global_batch_size} cannot be split into host shards of "
-                     f"{local_rows} rows")
+    raise ValueError(
+        f"global batch {global_batch_size} cannot be split into host shards of "
+        f"{local_rows} rows"
+    )
   return first // local_rows, global_batch_size // local_rows
 
 
@@ -150,8 +160,10 @@ def host_local_batch_size(mesh: Mesh, global_batch_size: int) -> int:
 def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each host's local batch into global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in host_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+      for k, v in host_batch.items()
+  }
 
 
 def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
@@ -163,6 +175,7 @@ def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
   """
   if jax.process_count() > 1:
     from orbax.checkpoint import multihost  # the coordination-service barrier Orbax uses
+
     multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 

@@ -49,145 +49,173 @@ FEATURES_3D_PER_SECOND = 24.0 / 16.0
 
 # Reasons a video is rejected (keys of the summary's "skipped" counts).
 BAD_REASONS = (
-    "malformed_captions", "non_text_caption", "empty_captions", "bad_caption_times",
-    "caption_past_video_end", "missing_features", "unreadable_features", "wrong_feature_shape",
-    "nonfinite_features", "misaligned_3d_features",
+    "malformed_captions",
+    "non_text_caption",
+    "empty_captions",
+    "bad_caption_times",
+    "caption_past_video_end",
+    "missing_features",
+    "unreadable_features",
+    "wrong_feature_shape",
+    "nonfinite_features",
+    "misaligned_3d_features",
 )
 
 
 class BadInputError(ValueError):
-    """A video whose captions or features cannot make a correct record."""
+  """A video whose captions or features cannot make a correct record."""
 
-    def __init__(self, reason: str, video_id: str, path: str, detail: str):
-        assert reason in BAD_REASONS, reason
-        self.reason, self.video_id, self.path, self.detail = reason, video_id, path, detail
-        super().__init__(f"video {video_id!r} ({path}): {reason}: {detail}")
+  def __init__(self, reason: str, video_id: str, path: str, detail: str):
+    assert reason in BAD_REASONS, reason
+    self.reason, self.video_id, self.path, self.detail = reason, video_id, path, detail
+    super().__init__(f"video {video_id!r} ({path}): {reason}: {detail}")
 
-    def __reduce__(self):  # keeps the fields when raised in a worker process
-        return (BadInputError, (self.reason, self.video_id, self.path, self.detail))
+  def __reduce__(self):  # keeps the fields when raised in a worker process
+    return (BadInputError, (self.reason, self.video_id, self.path, self.detail))
 
 
 @dataclasses.dataclass(frozen=True)
 class ConvertConfig:
-    """Settings of one conversion; the output-affecting ones are recorded beside the shards."""
+  """Settings of one conversion; the output-affecting ones are recorded beside the shards."""
 
-    caption_json: str
-    features_2d_dir: str
-    features_3d_dir: str
-    output_dir: str
-    pairing: str = "reference"
-    word_budget: int = 126
-    max_steps: int = 384
-    num_validation_videos: int = 10_000
-    train_shards: int = 64
-    validation_shards: int = 4
-    dim_2d: int = 2048
-    dim_3d: int = 2048
-    # Seconds a caption may run past the last feature step (ASR times overshoot slightly).
-    time_tolerance: float = 2.0
-    # Allowed |len(3D) - 1.5 T| as a fraction of 1.5 T (plus 2 steps) before 3D is misaligned.
-    max_3d_length_mismatch: float = 0.1
-    hash_salt: str = "howto100m"
-    skip_bad: bool = False
-    workers: int = 1
-    progress_interval: float = 30.0
+  caption_json: str
+  features_2d_dir: str
+  features_3d_dir: str
+  output_dir: str
+  pairing: str = "reference"
+  word_budget: int = 126
+  max_steps: int = 384
+  num_validation_videos: int = 10_000
+  train_shards: int = 64
+  validation_shards: int = 4
+  dim_2d: int = 2048
+  dim_3d: int = 2048
+  # Seconds a caption may run past the last feature step (ASR times overshoot slightly).
+  time_tolerance: float = 2.0
+  # Allowed |len(3D) - 1.5 T| as a fraction of 1.5 T (plus 2 steps) before 3D is misaligned.
+  max_3d_length_mismatch: float = 0.1
+  hash_salt: str = "howto100m"
+  skip_bad: bool = False
+  workers: int = 1
+  progress_interval: float = 30.0
 
-    def __post_init__(self):
-        if self.pairing not in PAIRINGS:
-            raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}.")
-        for field in ("word_budget", "max_steps", "train_shards", "validation_shards",
-                      "dim_2d", "dim_3d", "workers"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
-        if self.num_validation_videos < 0:
-            raise ValueError("num_validation_videos must be >= 0.")
+  def __post_init__(self):
+    if self.pairing not in PAIRINGS:
+      raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}.")
+    for field in (
+        "word_budget",
+        "max_steps",
+        "train_shards",
+        "validation_shards",
+        "dim_2d",
+        "dim_3d",
+        "workers",
+    ):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+    if self.num_validation_videos < 0:
+      raise ValueError("num_validation_videos must be >= 0.")
 
-    def num_shards(self, split: str) -> int:
-        return self.train_shards if split == "train" else self.validation_shards
+  def num_shards(self, split: str) -> int:
+    return self.train_shards if split == "train" else self.validation_shards
 
-    def fingerprint(self) -> dict:
-        """The settings that determine the output's content."""
-        keep = ("caption_json", "features_2d_dir", "features_3d_dir", "pairing", "word_budget",
-                "max_steps", "num_validation_videos", "train_shards", "validation_shards",
-                "dim_2d", "dim_3d", "time_tolerance", "max_3d_length_mismatch", "hash_salt")
-        d = {k: getattr(self, k) for k in keep}
-        for k in ("caption_json", "features_2d_dir", "features_3d_dir"):
-            d[k] = os.path.abspath(d[k])
-        return d
+  def fingerprint(self) -> dict:
+    """The settings that determine the output's content."""
+    keep = (
+        "caption_json",
+        "features_2d_dir",
+        "features_3d_dir",
+        "pairing",
+        "word_budget",
+        "max_steps",
+        "num_validation_videos",
+        "train_shards",
+        "validation_shards",
+        "dim_2d",
+        "dim_3d",
+        "time_tolerance",
+        "max_3d_length_mismatch",
+        "hash_salt",
+    )
+    d = {k: getattr(self, k) for k in keep}
+    for k in ("caption_json", "features_2d_dir", "features_3d_dir"):
+      d[k] = os.path.abspath(d[k])
+    return d
 
 
 # ------------------------------------------------------------------------------------------
 # Streaming JSON
 
 
-def iter_json_object(path: str, chunk_chars: int = 1 << 20,
-                     max_value_chars: int = 256 << 20) -> Iterator[tuple[str, Any]]:
-    """Yields the (key, value) pairs of a top-level JSON object without loading the file."""
-    decoder = json.JSONDecoder()
-    ws = re.compile(r"[ \t\n\r]*")
-    try:
-        raw = open(path, "rb")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot open the caption file ({e}).") from e
-    with raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
-        buf, pos, consumed, eof = "", 0, 0, False
+def iter_json_object(
+    path: str, chunk_chars: int = 1 << 20, max_value_chars: int = 256 << 20
+) -> Iterator[tuple[str, Any]]:
+  """Yields the (key, value) pairs of a top-level JSON object without loading the file."""
+  decoder = json.JSONDecoder()
+  ws = re.compile(r"[ \t\n\r]*")
+  try:
+    raw = open(path, "rb")
+  except OSError as e:
+    raise ValueError(f"{path}: cannot open the caption file ({e}).") from e
+  with raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+    buf, pos, consumed, eof = "", 0, 0, False
 
-        def fill() -> None:
-            nonlocal buf, pos, consumed, eof
-            chunk = f.read(chunk_chars)
-            eof = not chunk
-            consumed += pos
-            buf, pos = buf[pos:] + chunk, 0
+    def fill() -> None:
+      nonlocal buf, pos, consumed, eof
+      chunk = f.read(chunk_chars)
+      eof = not chunk
+      consumed += pos
+      buf, pos = buf[pos:] + chunk, 0
 
-        def error(msg: str) -> ValueError:
-            return ValueError(f"{path}: invalid JSON at character {consumed + pos}: {msg}")
+    def error(msg: str) -> ValueError:
+      return ValueError(f"{path}: invalid JSON at character {consumed + pos}: {msg}")
 
-        def peek() -> str:
-            nonlocal pos
-            while True:
-                pos = ws.match(buf, pos).end()
-                if pos < len(buf):
-                    return buf[pos]
-                if eof:
-                    return ""
-                fill()
+    def peek() -> str:
+      nonlocal pos
+      while True:
+        pos = ws.match(buf, pos).end()
+        if pos < len(buf):
+          return buf[pos]
+        if eof:
+          return ""
+        fill()
 
-        def value() -> Any:
-            nonlocal pos
-            while True:
-                try:
-                    obj, end = decoder.raw_decode(buf, pos)
-                    if end < len(buf) or eof:  # a number at the buffer end may continue
-                        pos = end
-                        return obj
-                except json.JSONDecodeError as e:
-                    if eof or len(buf) - pos > max_value_chars:
-                        raise error(e.msg) from None
-                fill()
-
+    def value() -> Any:
+      nonlocal pos
+      while True:
         try:
-            if peek() != "{":
-                raise error("the caption file must hold one JSON object {video_id: {...}}")
-            pos += 1
-            if peek() == "}":
-                return
-            while True:
-                if peek() != '"':
-                    raise error("expected a video id string")
-                key = value()
-                if peek() != ":":
-                    raise error(f"expected ':' after key {key!r}")
-                pos += 1
-                peek()
-                yield key, value()
-                c = peek()
-                if c == "}":
-                    return
-                if c != ",":
-                    raise error("expected ',' or '}'")
-                pos += 1
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 ({e}).") from None
+          obj, end = decoder.raw_decode(buf, pos)
+          if end < len(buf) or eof:  # a number at the buffer end may continue
+            pos = end
+            return obj
+        except json.JSONDecodeError as e:
+          if eof or len(buf) - pos > max_value_chars:
+            raise error(e.msg) from None
+        fill()
+
+    try:
+      if peek() != "{":
+        raise error("the caption file must hold one JSON object {video_id: {...}}")
+      pos += 1
+      if peek() == "}":
+        return
+      while True:
+        if peek() != '"':
+          raise error("expected a video id string")
+        key = value()
+        if peek() != ":":
+          raise error(f"expected ':' after key {key!r}")
+        pos += 1
+        peek()
+        yield key, value()
+        c = peek()
+        if c == "}":
+          return
+        if c != ",":
+          raise error("expected ',' or '}'")
+        pos += 1
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: not UTF-8 ({e}).") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -196,84 +224,87 @@ def iter_json_object(path: str, chunk_chars: int = 1 << 20,
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    start: float
-    end: float
-    words: tuple[str, ...]
+  start: float
+  end: float
+  words: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class Window:
-    """Consecutive segments [first, last] joined into one caption."""
+  """Consecutive segments [first, last] joined into one caption."""
 
-    start: float
-    end: float
-    text: str
-    first: int
-    last: int
+  start: float
+  end: float
+  text: str
+  first: int
+  last: int
 
 
 def parse_segments(video_id: str, entry: Any, caption_path: str) -> tuple[list[Segment], int]:
-    """Validates one caption entry; returns its non-blank segments by start time and the number
-    of blank segments dropped."""
-    def bad(reason: str, detail: str) -> BadInputError:
-        return BadInputError(reason, video_id, caption_path, detail)
+  """Validates one caption entry; returns its non-blank segments by start time and the number
+  of blank segments dropped."""
 
-    if not video_id or "/" in video_id or "\\" in video_id or video_id in (".", ".."):
-        raise bad("malformed_captions", "the video id is not a plain file name")
-    if not isinstance(entry, dict) or not all(k in entry for k in ("start", "end", "text")):
-        raise bad("malformed_captions", 'expected {"start": [...], "end": [...], "text": [...]}')
-    starts, ends, texts = entry["start"], entry["end"], entry["text"]
-    if not all(isinstance(x, list) for x in (starts, ends, texts)):
-        raise bad("malformed_captions", "start, end and text must be lists")
-    if not len(starts) == len(ends) == len(texts):
-        raise bad("malformed_captions",
-                  f"start/end/text lengths differ: {len(starts)}/{len(ends)}/{len(texts)}")
-    segments, blank = [], 0
-    for i, (s, e, t) in enumerate(zip(starts, ends, texts)):
-        if not isinstance(t, str):
-            raise bad("non_text_caption", f"segment {i} text is {type(t).__name__}: {t!r:.60}")
-        ok_num = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (s, e))
-        if not ok_num or not (math.isfinite(s) and math.isfinite(e)) or s < 0 or e < s:
-            raise bad("bad_caption_times", f"segment {i} has start={s!r} end={e!r}")
-        words = tuple(t.split())
-        if not words:
-            blank += 1
-            continue
-        segments.append(Segment(float(s), float(e), words))
-    if not segments:
-        raise bad("empty_captions", f"no caption text in {len(texts)} segments")
-    segments.sort(key=lambda seg: seg.start)
-    return segments, blank
+  def bad(reason: str, detail: str) -> BadInputError:
+    return BadInputError(reason, video_id, caption_path, detail)
+
+  if not video_id or "/" in video_id or "\\" in video_id or video_id in (".", ".."):
+    raise bad("malformed_captions", "the video id is not a plain file name")
+  if not isinstance(entry, dict) or not all(k in entry for k in ("start", "end", "text")):
+    raise bad("malformed_captions", 'expected {"start": [...], "end": [...], "text": [...]}')
+  starts, ends, texts = entry["start"], entry["end"], entry["text"]
+  if not all(isinstance(x, list) for x in (starts, ends, texts)):
+    raise bad("malformed_captions", "start, end and text must be lists")
+  if not len(starts) == len(ends) == len(texts):
+    raise bad(
+        "malformed_captions",
+        f"start/end/text lengths differ: {len(starts)}/{len(ends)}/{len(texts)}",
+    )
+  segments, blank = [], 0
+  for i, (s, e, t) in enumerate(zip(starts, ends, texts)):
+    if not isinstance(t, str):
+      raise bad("non_text_caption", f"segment {i} text is {type(t).__name__}: {t!r:.60}")
+    ok_num = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (s, e))
+    if not ok_num or not (math.isfinite(s) and math.isfinite(e)) or s < 0 or e < s:
+      raise bad("bad_caption_times", f"segment {i} has start={s!r} end={e!r}")
+    words = tuple(t.split())
+    if not words:
+      blank += 1
+      continue
+    segments.append(Segment(float(s), float(e), words))
+  if not segments:
+    raise bad("empty_captions", f"no caption text in {len(texts)} segments")
+  segments.sort(key=lambda seg: seg.start)
+  return segments, blank
 
 
 def remove_overlap(previous: Sequence[str], following: Sequence[str]) -> list[str]:
-    """`following` without its longest prefix that repeats a suffix of `previous` (ASR segments
-    overlap in time, so a segment often starts with the last words of the one before)."""
-    prev = [w.casefold() for w in previous]
-    nxt = [w.casefold() for w in following]
-    for k in range(min(len(prev), len(nxt)), 0, -1):
-        if prev[-k:] == nxt[:k]:
-            return list(following[k:])
-    return list(following)
+  """`following` without its longest prefix that repeats a suffix of `previous` (ASR segments
+  overlap in time, so a segment often starts with the last words of the one before)."""
+  prev = [w.casefold() for w in previous]
+  nxt = [w.casefold() for w in following]
+  for k in range(min(len(prev), len(nxt)), 0, -1):
+    if prev[-k:] == nxt[:k]:
+      return list(following[k:])
+  return list(following)
 
 
 def join_segments(segments: Sequence[Segment], word_budget: int, pairing: str) -> list[Window]:
-    """Cuts segments into windows of about `word_budget` words (the segment that reaches the
-    budget is included, as in the reference); `reference` pairing keeps the first window only."""
-    windows = []
-    i = 0
-    while i < len(segments):
-        words = list(segments[i].words)
-        j = i
-        while len(words) < word_budget and j + 1 < len(segments):
-            j += 1
-            words += remove_overlap(segments[j - 1].words, segments[j].words)
-        end = max(seg.end for seg in segments[i : j + 1])
-        windows.append(Window(segments[i].start, end, " ".join(words), i, j))
-        if pairing == "reference":
-            break
-        i = j + 1
-    return windows
+  """Cuts segments into windows of about `word_budget` words (the segment that reaches the
+  budget is included, as in the reference); `reference` pairing keeps the first window only."""
+  windows = []
+  i = 0
+  while i < len(segments):
+    words = list(segments[i].words)
+    j = i
+    while len(words) < word_budget and j + 1 < len(segments):
+      j += 1
+      words += remove_overlap(segments[j - 1].words, segments[j].words)
+    end = max(seg.end for seg in segments[i : j + 1])
+    windows.append(Window(segments[i].start, end, " ".join(words), i, j))
+    if pairing == "reference":
+      break
+    i = j + 1
+  return windows
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,89 +312,101 @@ def join_segments(segments: Sequence[Segment], word_budget: int, pairing: str) -
 
 
 def feature_paths(cfg: ConvertConfig, video_id: str) -> tuple[str, str]:
-    return (os.path.join(cfg.features_2d_dir, video_id + ".npy"),
-            os.path.join(cfg.features_3d_dir, video_id + ".npy"))
+  return (
+      os.path.join(cfg.features_2d_dir, video_id + ".npy"),
+      os.path.join(cfg.features_3d_dir, video_id + ".npy"),
+  )
 
 
 def load_feature_file(video_id: str, path: str, dim: int) -> np.ndarray:
-    """Loads one [steps, dim] feature file, rejecting missing, unreadable, misshapen or
-    non-finite data."""
-    if not os.path.isfile(path):
-        raise BadInputError("missing_features", video_id, path, "no feature file")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise BadInputError("unreadable_features", video_id, path, str(e)) from None
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
-        raise BadInputError("unreadable_features", video_id, path,
-                            f"not a numeric array (dtype {getattr(array, 'dtype', None)})")
-    if array.ndim != 2 or array.shape[1] != dim or array.shape[0] == 0:
-        raise BadInputError("wrong_feature_shape", video_id, path,
-                            f"shape {array.shape}, expected [steps>0, {dim}]")
-    if not np.isfinite(array).all():
-        raise BadInputError("nonfinite_features", video_id, path, "NaN or inf values")
-    return array
+  """Loads one [steps, dim] feature file, rejecting missing, unreadable, misshapen or
+  non-finite data."""
+  if not os.path.isfile(path):
+    raise BadInputError("missing_features", video_id, path, "no feature file")
+  try:
+    array = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, EOFError) as e:
+    raise BadInputError("unreadable_features", video_id, path, str(e)) from None
+  if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+    raise BadInputError(
+        "unreadable_features",
+        video_id,
+        path,
+        f"not a numeric array (dtype {getattr(array, 'dtype', None)})",
+    )
+  if array.ndim != 2 or array.shape[1] != dim or array.shape[0] == 0:
+    raise BadInputError(
+        "wrong_feature_shape", video_id, path, f"shape {array.shape}, expected [steps>0, {dim}]"
+    )
+  if not np.isfinite(array).all():
+    raise BadInputError("nonfinite_features", video_id, path, "NaN or inf values")
+  return array
 
 
 def resample_indices(num_source: int, num_target: int) -> np.ndarray:
-    """Uniform linspace indices that map `num_target` steps onto `num_source` (reference)."""
-    return np.linspace(0, num_source - 1, num_target).astype(np.int64)
+  """Uniform linspace indices that map `num_target` steps onto `num_source` (reference)."""
+  return np.linspace(0, num_source - 1, num_target).astype(np.int64)
 
 
 def load_video_features(cfg: ConvertConfig, video_id: str) -> np.ndarray:
-    """[T, dim_2d + dim_3d] float16 at one step per second: 2D next to resampled 3D."""
-    path_2d, path_3d = feature_paths(cfg, video_id)
-    f2d = load_feature_file(video_id, path_2d, cfg.dim_2d)
-    f3d = load_feature_file(video_id, path_3d, cfg.dim_3d)
-    expected = FEATURES_3D_PER_SECOND * len(f2d)
-    if abs(len(f3d) - expected) > cfg.max_3d_length_mismatch * expected + 2:
-        raise BadInputError(
-            "misaligned_3d_features", video_id, path_3d,
-            f"{len(f3d)} 3D steps for {len(f2d)} 2D steps (expected about {expected:.0f})")
-    combined = np.concatenate([f2d, f3d[resample_indices(len(f3d), len(f2d))]], axis=-1)
-    combined = combined.astype(np.float16)
-    if not np.isfinite(combined).all():
-        raise BadInputError("nonfinite_features", video_id, path_2d,
-                            "values overflow float16")
-    return combined
+  """[T, dim_2d + dim_3d] float16 at one step per second: 2D next to resampled 3D."""
+  path_2d, path_3d = feature_paths(cfg, video_id)
+  f2d = load_feature_file(video_id, path_2d, cfg.dim_2d)
+  f3d = load_feature_file(video_id, path_3d, cfg.dim_3d)
+  expected = FEATURES_3D_PER_SECOND * len(f2d)
+  if abs(len(f3d) - expected) > cfg.max_3d_length_mismatch * expected + 2:
+    raise BadInputError(
+        "misaligned_3d_features",
+        video_id,
+        path_3d,
+        f"{len(f3d)} 3D steps for {len(f2d)} 2D steps (expected about {expected:.0f})",
+    )
+  combined = np.concatenate([f2d, f3d[resample_indices(len(f3d), len(f2d))]], axis=-1)
+  combined = combined.astype(np.float16)
+  if not np.isfinite(combined).all():
+    raise BadInputError("nonfinite_features", video_id, path_2d, "values overflow float16")
+  return combined
 
 
 def clip_step_indices(start: float, end: float, num_steps: int, max_steps: int) -> np.ndarray:
-    """Feature steps of the seconds [floor(start), ceil(end)), at least one, subsampled
-    uniformly to `max_steps` when longer."""
-    first = min(int(math.floor(start)), num_steps - 1)
-    stop = max(first + 1, min(int(math.ceil(end)), num_steps))
-    if stop - first > max_steps:
-        return np.linspace(first, stop - 1, max_steps).astype(np.int64)
-    return np.arange(first, stop, dtype=np.int64)
+  """Feature steps of the seconds [floor(start), ceil(end)), at least one, subsampled
+  uniformly to `max_steps` when longer."""
+  first = min(int(math.floor(start)), num_steps - 1)
+  stop = max(first + 1, min(int(math.ceil(end)), num_steps))
+  if stop - first > max_steps:
+    return np.linspace(first, stop - 1, max_steps).astype(np.int64)
+  return np.arange(first, stop, dtype=np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
 class Clip:
-    video_id: str
-    start: float
-    end: float
-    caption: str
-    features: np.ndarray  # float16 [steps, D]
+  video_id: str
+  start: float
+  end: float
+  caption: str
+  features: np.ndarray  # float16 [steps, D]
 
 
 def make_video_clips(cfg: ConvertConfig, video_id: str, entry: Any) -> tuple[list[Clip], dict]:
-    """All clips of one video and counts about them; raises BadInputError on bad input."""
-    segments, blank = parse_segments(video_id, entry, cfg.caption_json)
-    features = load_video_features(cfg, video_id)
-    duration = float(len(features))
-    late = [s for s in segments if s.end > duration + cfg.time_tolerance]
-    if late:
-        raise BadInputError(
-            "caption_past_video_end", video_id, cfg.caption_json,
-            f"a segment ends at {late[0].end:.1f}s but the features cover {duration:.0f}s "
-            f"({feature_paths(cfg, video_id)[0]})")
-    clips, subsampled = [], 0
-    for window in join_segments(segments, cfg.word_budget, cfg.pairing):
-        steps = clip_step_indices(window.start, window.end, len(features), cfg.max_steps)
-        subsampled += int(math.ceil(window.end) - math.floor(window.start) > cfg.max_steps)
-        clips.append(Clip(video_id, window.start, window.end, window.text, features[steps]))
-    return clips, {"blank_segments": blank, "subsampled_clips": subsampled}
+  """All clips of one video and counts about them; raises BadInputError on bad input."""
+  segments, blank = parse_segments(video_id, entry, cfg.caption_json)
+  features = load_video_features(cfg, video_id)
+  duration = float(len(features))
+  late = [s for s in segments if s.end > duration + cfg.time_tolerance]
+  if late:
+    raise BadInputError(
+        "caption_past_video_end",
+        video_id,
+        cfg.caption_json,
+        f"a segment ends at {late[0].end:.1f}s but the features cover {duration:.0f}s "
+        f"({feature_paths(cfg, video_id)[0]})",
+    )
+  clips, subsampled = [], 0
+  for window in join_segments(segments, cfg.word_budget, cfg.pairing):
+    steps = clip_step_indices(window.start, window.end, len(features), cfg.max_steps)
+    subsampled += int(math.ceil(window.end) - math.floor(window.start) > cfg.max_steps)
+    clips.append(Clip(video_id, window.start, window.end, window.text, features[steps]))
+  return clips, {"blank_segments": blank, "subsampled_clips": subsampled}
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,69 +414,68 @@ def make_video_clips(cfg: ConvertConfig, video_id: str, entry: Any) -> tuple[lis
 
 
 def _hash(salt: str, video_id: str) -> int:
-    digest = hashlib.blake2b(f"{salt}\0{video_id}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+  digest = hashlib.blake2b(f"{salt}\0{video_id}".encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(digest, "big")
 
 
 def select_validation_videos(caption_json: str, num_videos: int, salt: str) -> set[str]:
-    """The `num_videos` video ids with the smallest salted hash (a bounded heap, one pass)."""
-    heap: list[tuple[int, str]] = []  # max-heap by negated hash
-    for video_id, _ in iter_json_object(caption_json):
-        item = (-_hash(salt + ":split", video_id), video_id)
-        if len(heap) < num_videos:
-            heapq.heappush(heap, item)
-        elif num_videos and item > heap[0]:
-            heapq.heapreplace(heap, item)
-    return {video_id for _, video_id in heap}
+  """The `num_videos` video ids with the smallest salted hash (a bounded heap, one pass)."""
+  heap: list[tuple[int, str]] = []  # max-heap by negated hash
+  for video_id, _ in iter_json_object(caption_json):
+    item = (-_hash(salt + ":split", video_id), video_id)
+    if len(heap) < num_videos:
+      heapq.heappush(heap, item)
+    elif num_videos and item > heap[0]:
+      heapq.heapreplace(heap, item)
+  return {video_id for _, video_id in heap}
 
 
 def shard_of(video_id: str, num_shards: int, salt: str) -> int:
-    return _hash(salt + ":shard", video_id) % num_shards
+  return _hash(salt + ":shard", video_id) % num_shards
 
 
 def _route_file(cfg: ConvertConfig, split: str, index: int) -> str:
-    name = shards_lib.shard_name(PREFIX, split, index, cfg.num_shards(split))
-    return os.path.join(shards_lib.work_dir(cfg.output_dir), name + ".captions.jsonl")
+  name = shards_lib.shard_name(PREFIX, split, index, cfg.num_shards(split))
+  return os.path.join(shards_lib.work_dir(cfg.output_dir), name + ".captions.jsonl")
 
 
 def route_captions(cfg: ConvertConfig, flush_every: int = 20_000) -> dict:
-    """Writes each caption entry to its shard's JSON-lines work file; returns videos per shard.
+  """Writes each caption entry to its shard's JSON-lines work file; returns videos per shard.
 
-    Finished routing is recorded in a marker, so a resumed run skips it.
-    """
-    marker = os.path.join(shards_lib.work_dir(cfg.output_dir), "routing.done.json")
-    if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as f:
-            return json.load(f)
-    os.makedirs(shards_lib.work_dir(cfg.output_dir), exist_ok=True)
-    validation = select_validation_videos(cfg.caption_json, cfg.num_validation_videos,
-                                          cfg.hash_salt)
-    counts = {split: [0] * cfg.num_shards(split) for split in SPLITS}
-    for split in SPLITS:
-        for index in range(cfg.num_shards(split)):
-            open(_route_file(cfg, split, index), "w").close()
-    pending: dict[tuple[str, int], list[str]] = {}
+  Finished routing is recorded in a marker, so a resumed run skips it.
+  """
+  marker = os.path.join(shards_lib.work_dir(cfg.output_dir), "routing.done.json")
+  if os.path.exists(marker):
+    with open(marker, encoding="utf-8") as f:
+      return json.load(f)
+  os.makedirs(shards_lib.work_dir(cfg.output_dir), exist_ok=True)
+  validation = select_validation_videos(cfg.caption_json, cfg.num_validation_videos, cfg.hash_salt)
+  counts = {split: [0] * cfg.num_shards(split) for split in SPLITS}
+  for split in SPLITS:
+    for index in range(cfg.num_shards(split)):
+      open(_route_file(cfg, split, index), "w").close()
+  pending: dict[tuple[str, int], list[str]] = {}
 
-    def flush() -> None:
-        for (split, index), lines in pending.items():
-            with open(_route_file(cfg, split, index), "a", encoding="utf-8") as f:
-                f.write("".join(lines))
-        pending.clear()
+  def flush() -> None:
+    for (split, index), lines in pending.items():
+      with open(_route_file(cfg, split, index), "a", encoding="utf-8") as f:
+        f.write("".join(lines))
+    pending.clear()
 
-    buffered = 0
-    for video_id, entry in iter_json_object(cfg.caption_json):
-        split = "validation" if video_id in validation else "train"
-        index = shard_of(video_id, cfg.num_shards(split), cfg.hash_salt)
-        line = json.dumps({"video_id": video_id, "entry": entry}, ensure_ascii=False) + "\n"
-        pending.setdefault((split, index), []).append(line)
-        counts[split][index] += 1
-        buffered += 1
-        if buffered >= flush_every:
-            flush()
-            buffered = 0
-    flush()
-    shards_lib.write_json_atomic(marker, counts)
-    return counts
+  buffered = 0
+  for video_id, entry in iter_json_object(cfg.caption_json):
+    split = "validation" if video_id in validation else "train"
+    index = shard_of(video_id, cfg.num_shards(split), cfg.hash_salt)
+    line = json.dumps({"video_id": video_id, "entry": entry}, ensure_ascii=False) + "\n"
+    pending.setdefault((split, index), []).append(line)
+    counts[split][index] += 1
+    buffered += 1
+    if buffered >= flush_every:
+      flush()
+      buffered = 0
+  flush()
+  shards_lib.write_json_atomic(marker, counts)
+  return counts
 
 
 # ------------------------------------------------------------------------------------------
@@ -443,112 +485,128 @@ _progress_counter = None  # a shared multiprocessing.Value in worker processes
 
 
 def _init_worker(counter) -> None:
-    global _progress_counter
-    _progress_counter = counter
+  global _progress_counter
+  _progress_counter = counter
 
 
 def convert_shard(cfg: ConvertConfig, split: str, index: int) -> dict:
-    """Converts one shard's videos; returns its statistics (also stored in its marker)."""
-    import tensorflow as tf  # noqa: F401  (TFRecord writing; imported in worker processes)
+  """Converts one shard's videos; returns its statistics (also stored in its marker)."""
+  import tensorflow as tf  # noqa: F401  (TFRecord writing; imported in worker processes)
 
-    name = shards_lib.shard_name(PREFIX, split, index, cfg.num_shards(split))
-    stats: dict = {"split": split, "videos": 0, "videos_written": 0, "clips": 0,
-                   "feature_steps": 0, "blank_segments": 0, "subsampled_clips": 0,
-                   "skipped": {}, "skipped_examples": []}
-    with shards_lib.ShardWriter(cfg.output_dir, name) as writer, \
-            open(_route_file(cfg, split, index), encoding="utf-8") as routed:
-        for line in routed:
-            item = json.loads(line)
-            video_id = item["video_id"]
-            stats["videos"] += 1
-            try:
-                clips, info = make_video_clips(cfg, video_id, item["entry"])
-            except BadInputError as e:
-                if not cfg.skip_bad:
-                    raise
-                stats["skipped"][e.reason] = stats["skipped"].get(e.reason, 0) + 1
-                if len(stats["skipped_examples"]) < 20:
-                    stats["skipped_examples"].append(str(e))
-            else:
-                for clip in clips:
-                    writer.write(video_text.clip_to_example(
-                        clip.video_id, clip.start, clip.end, clip.caption, clip.features))
-                    stats["feature_steps"] += len(clip.features)
-                stats["clips"] += len(clips)
-                stats["videos_written"] += 1
-                stats["blank_segments"] += info["blank_segments"]
-                stats["subsampled_clips"] += info["subsampled_clips"]
-            if _progress_counter is not None:
-                with _progress_counter.get_lock():
-                    _progress_counter.value += 1
-        writer.commit(stats)
-    return stats
+  name = shards_lib.shard_name(PREFIX, split, index, cfg.num_shards(split))
+  stats: dict = {
+      "split": split,
+      "videos": 0,
+      "videos_written": 0,
+      "clips": 0,
+      "feature_steps": 0,
+      "blank_segments": 0,
+      "subsampled_clips": 0,
+      "skipped": {},
+      "skipped_examples": [],
+  }
+  with (
+      shards_lib.ShardWriter(cfg.output_dir, name) as writer,
+      open(_route_file(cfg, split, index), encoding="utf-8") as routed,
+  ):
+    for line in routed:
+      item = json.loads(line)
+      video_id = item["video_id"]
+      stats["videos"] += 1
+      try:
+        clips, info = make_video_clips(cfg, video_id, item["entry"])
+      except BadInputError as e:
+        if not cfg.skip_bad:
+          raise
+        stats["skipped"][e.reason] = stats["skipped"].get(e.reason, 0) + 1
+        if len(stats["skipped_examples"]) < 20:
+          stats["skipped_examples"].append(str(e))
+      else:
+        for clip in clips:
+          writer.write(
+              video_text.clip_to_example(
+                  clip.video_id, clip.start, clip.end, clip.caption, clip.features
+              )
+          )
+          stats["feature_steps"] += len(clip.features)
+        stats["clips"] += len(clips)
+        stats["videos_written"] += 1
+        stats["blank_segments"] += info["blank_segments"]
+        stats["subsampled_clips"] += info["subsampled_clips"]
+      if _progress_counter is not None:
+        with _progress_counter.get_lock():
+          _progress_counter.value += 1
+    writer.commit(stats)
+  return stats
 
 
 def _convert_shard_task(args) -> dict:
-    return convert_shard(*args)
+  return convert_shard(*args)
 
 
 def convert(cfg: ConvertConfig, log=print) -> dict:
-    """Runs the whole conversion (resuming finished shards) and writes the summary JSON."""
-    for path in (cfg.features_2d_dir, cfg.features_3d_dir):
-        if not os.path.isdir(path):
-            raise ValueError(f"feature directory {path} does not exist.")
-    if not os.path.isfile(cfg.caption_json):
-        raise ValueError(f"caption file {cfg.caption_json} does not exist.")
-    shards_lib.check_settings(cfg.output_dir, f"{PREFIX}-conversion", cfg.fingerprint())
-    shards_lib.remove_temporaries(cfg.output_dir)
-    all_shards = [(split, i) for split in SPLITS for i in range(cfg.num_shards(split))]
-    names = {key: shards_lib.shard_name(PREFIX, key[0], key[1], cfg.num_shards(key[0]))
-             for key in all_shards}
-    done = {key: shards_lib.read_marker(cfg.output_dir, names[key]) for key in all_shards}
-    pending = [key for key in all_shards if done[key] is None]
-    log(f"[{PREFIX}] {len(all_shards) - len(pending)} of {len(all_shards)} shards already done")
-    if pending:
-        counts = route_captions(cfg)
-        total = sum(counts[s][i] for s, i in pending)
-        progress = shards_lib.Progress(PREFIX, total, "videos", cfg.progress_interval)
-        tasks = [(cfg, split, index) for split, index in pending]
-        if cfg.workers == 1:
-            for task in tasks:
-                done[task[1:]] = _convert_shard_task(task)
-                progress.set(progress.done + done[task[1:]]["videos"])
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            counter = ctx.Value("q", 0)
-            with ctx.Pool(min(cfg.workers, len(tasks)), initializer=_init_worker,
-                          initargs=(counter,)) as pool:
-                results = pool.map_async(_convert_shard_task, tasks, chunksize=1)
-                while not results.ready():
-                    results.wait(min(1.0, cfg.progress_interval))
-                    progress.set(counter.value)
-                for task, stats in zip(tasks, results.get()):
-                    done[task[1:]] = stats
-        progress.finish()
-    summary = summarize(cfg, [done[key] for key in all_shards])
-    shards_lib.write_json_atomic(os.path.join(cfg.output_dir, f"{PREFIX}-summary.json"), summary)
-    log(f"[{PREFIX}] " + json.dumps({k: summary[k] for k in ("videos", "clips", "skipped")}))
-    return summary
+  """Runs the whole conversion (resuming finished shards) and writes the summary JSON."""
+  for path in (cfg.features_2d_dir, cfg.features_3d_dir):
+    if not os.path.isdir(path):
+      raise ValueError(f"feature directory {path} does not exist.")
+  if not os.path.isfile(cfg.caption_json):
+    raise ValueError(f"caption file {cfg.caption_json} does not exist.")
+  shards_lib.check_settings(cfg.output_dir, f"{PREFIX}-conversion", cfg.fingerprint())
+  shards_lib.remove_temporaries(cfg.output_dir)
+  all_shards = [(split, i) for split in SPLITS for i in range(cfg.num_shards(split))]
+  names = {
+      key: shards_lib.shard_name(PREFIX, key[0], key[1], cfg.num_shards(key[0]))
+      for key in all_shards
+  }
+  done = {key: shards_lib.read_marker(cfg.output_dir, names[key]) for key in all_shards}
+  pending = [key for key in all_shards if done[key] is None]
+  log(f"[{PREFIX}] {len(all_shards) - len(pending)} of {len(all_shards)} shards already done")
+  if pending:
+    counts = route_captions(cfg)
+    total = sum(counts[s][i] for s, i in pending)
+    progress = shards_lib.Progress(PREFIX, total, "videos", cfg.progress_interval)
+    tasks = [(cfg, split, index) for split, index in pending]
+    if cfg.workers == 1:
+      for task in tasks:
+        done[task[1:]] = _convert_shard_task(task)
+        progress.set(progress.done + done[task[1:]]["videos"])
+    else:
+      ctx = multiprocessing.get_context("spawn")
+      counter = ctx.Value("q", 0)
+      with ctx.Pool(
+          min(cfg.workers, len(tasks)), initializer=_init_worker, initargs=(counter,)
+      ) as pool:
+        results = pool.map_async(_convert_shard_task, tasks, chunksize=1)
+        while not results.ready():
+          results.wait(min(1.0, cfg.progress_interval))
+          progress.set(counter.value)
+        for task, stats in zip(tasks, results.get()):
+          done[task[1:]] = stats
+    progress.finish()
+  summary = summarize(cfg, [done[key] for key in all_shards])
+  shards_lib.write_json_atomic(os.path.join(cfg.output_dir, f"{PREFIX}-summary.json"), summary)
+  log(f"[{PREFIX}] " + json.dumps({k: summary[k] for k in ("videos", "clips", "skipped")}))
+  return summary
 
 
 def summarize(cfg: ConvertConfig, shard_stats: Sequence[dict]) -> dict:
-    """Totals over shards: videos, clips and skipped videos by reason, overall and per split."""
-    per_split = {}
-    for split in SPLITS:
-        stats = [s for s in shard_stats if s["split"] == split]
-        per_split[split] = shards_lib.merge_counts(
-            [{k: v for k, v in s.items() if k not in ("split", "skipped_examples")}
-             for s in stats])
-        per_split[split]["shards"] = len(stats)
-    total = shards_lib.merge_counts(per_split.values())
-    examples = [e for s in shard_stats for e in s.get("skipped_examples", [])][:50]
-    return {
-        "videos": total.get("videos", 0),
-        "videos_written": total.get("videos_written", 0),
-        "clips": total.get("clips", 0),
-        "skipped": total.get("skipped", {}),
-        "skipped_examples": examples,
-        "splits": per_split,
-        "config": cfg.fingerprint(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
+  """Totals over shards: videos, clips and skipped videos by reason, overall and per split."""
+  per_split = {}
+  for split in SPLITS:
+    stats = [s for s in shard_stats if s["split"] == split]
+    per_split[split] = shards_lib.merge_counts(
+        [{k: v for k, v in s.items() if k not in ("split", "skipped_examples")} for s in stats]
+    )
+    per_split[split]["shards"] = len(stats)
+  total = shards_lib.merge_counts(per_split.values())
+  examples = [e for s in shard_stats for e in s.get("skipped_examples", [])][:50]
+  return {
+      "videos": total.get("videos", 0),
+      "videos_written": total.get("videos_written", 0),
+      "clips": total.get("clips", 0),
+      "skipped": total.get("skipped", {}),
+      "skipped_examples": examples,
+      "splits": per_split,
+      "config": cfg.fingerprint(),
+      "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }

@@ -20,162 +20,172 @@ WORK_DIR = "_work"
 
 
 def shard_name(prefix: str, split: str, index: int, num_shards: int) -> str:
-    """`{prefix}-{split}.tfrecord-00003-of-00064`."""
-    return f"{prefix}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
+  """`{prefix}-{split}.tfrecord-00003-of-00064`."""
+  return f"{prefix}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}"
 
 
 def shard_pattern(prefix: str, split: str) -> str:
-    """Glob of the finished shards of one split (never temporary files)."""
-    return f"{prefix}-{split}.tfrecord-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]"
+  """Glob of the finished shards of one split (never temporary files)."""
+  return f"{prefix}-{split}.tfrecord-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]"
 
 
 def work_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, WORK_DIR)
+  return os.path.join(output_dir, WORK_DIR)
 
 
 def marker_path(output_dir: str, name: str) -> str:
-    return os.path.join(work_dir(output_dir), name + ".done.json")
+  return os.path.join(work_dir(output_dir), name + ".done.json")
 
 
 def read_marker(output_dir: str, name: str) -> dict | None:
-    """The statistics of a finished shard, or None if it must be (re)written."""
-    path = marker_path(output_dir, name)
-    if not (os.path.exists(path) and os.path.exists(os.path.join(output_dir, name))):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+  """The statistics of a finished shard, or None if it must be (re)written."""
+  path = marker_path(output_dir, name)
+  if not (os.path.exists(path) and os.path.exists(os.path.join(output_dir, name))):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def remove_temporaries(output_dir: str) -> None:
-    """Deletes temporary shards left by a killed run (never finished shards or markers)."""
-    directory = work_dir(output_dir)
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if ".tmp" in name and not name.endswith(".done.json"):
-                os.remove(os.path.join(directory, name))
+  """Deletes temporary shards left by a killed run (never finished shards or markers)."""
+  directory = work_dir(output_dir)
+  if os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if ".tmp" in name and not name.endswith(".done.json"):
+        os.remove(os.path.join(directory, name))
 
 
 def check_settings(output_dir: str, name: str, settings: dict) -> None:
-    """Records the settings of a conversion in `name`.json, or refuses to continue one made
-    with other settings (its finished shards would silently mix with new ones)."""
-    path = os.path.join(output_dir, name + ".json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            previous = json.load(f)
-        diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"{output_dir} holds shards converted with other settings "
-                f"(setting: (before, now)) {diff}; use a new output directory.")
-    else:
-        os.makedirs(output_dir, exist_ok=True)
-        write_json_atomic(path, settings)
+  """Records the settings of a conversion in `name`.json, or refuses to continue one made
+  with other settings (its finished shards would silently mix with new ones)."""
+  path = os.path.join(output_dir, name + ".json")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      previous = json.load(f)
+    diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+    if diff:
+      raise ValueError(
+          f"{output_dir} holds shards converted with other settings "
+          f"(setting: (before, now)) {diff}; use a new output directory."
+      )
+  else:
+    os.makedirs(output_dir, exist_ok=True)
+    write_json_atomic(path, settings)
 
 
 def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 class ShardWriter:
-    """Writes one shard to a temporary file; `commit` renames it and records its marker.
+  """Writes one shard to a temporary file; `commit` renames it and records its marker.
 
-    Used as a context manager: leaving the block by an exception deletes the temporary file,
-    so an error never leaves a partial shard or touches shards already written.
-    """
+  Used as a context manager: leaving the block by an exception deletes the temporary file,
+  so an error never leaves a partial shard or touches shards already written.
+  """
 
-    def __init__(self, output_dir: str, name: str):
-        self.output_dir = output_dir
-        self.name = name
-        os.makedirs(work_dir(output_dir), exist_ok=True)
-        self._tmp = os.path.join(work_dir(output_dir), f"{name}.tmp{os.getpid()}")
-        self._writer: tf.io.TFRecordWriter | None = None
-        self.num_records = 0
+  def __init__(self, output_dir: str, name: str):
+    self.output_dir = output_dir
+    self.name = name
+    os.makedirs(work_dir(output_dir), exist_ok=True)
+    self._tmp = os.path.join(work_dir(output_dir), f"{name}.tmp{os.getpid()}")
+    self._writer: tf.io.TFRecordWriter | None = None
+    self.num_records = 0
 
-    def __enter__(self) -> "ShardWriter":
-        self._writer = tf.io.TFRecordWriter(self._tmp)
-        return self
+  def __enter__(self) -> "ShardWriter":
+    self._writer = tf.io.TFRecordWriter(self._tmp)
+    return self
 
-    def write(self, record: bytes) -> None:
-        self._writer.write(record)
-        self.num_records += 1
+  def write(self, record: bytes) -> None:
+    self._writer.write(record)
+    self.num_records += 1
 
-    def commit(self, stats: dict) -> None:
-        """Moves the finished shard into place, then writes its marker with `stats` (plus the
-        shard's record count, which readers use to resume mid-epoch without counting)."""
-        self._writer.close()
-        self._writer = None
-        os.replace(self._tmp, os.path.join(self.output_dir, self.name))
-        write_json_atomic(marker_path(self.output_dir, self.name),
-                          {**stats, "records": self.num_records})
+  def commit(self, stats: dict) -> None:
+    """Moves the finished shard into place, then writes its marker with `stats` (plus the
+    shard's record count, which readers use to resume mid-epoch without counting)."""
+    self._writer.close()
+    self._writer = None
+    os.replace(self._tmp, os.path.join(self.output_dir, self.name))
+    write_json_atomic(
+        marker_path(self.output_dir, self.name), {**stats, "records": self.num_records}
+    )
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if os.path.exists(self._tmp):
-            os.remove(self._tmp)
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if self._writer is not None:
+      self._writer.close()
+    if os.path.exists(self._tmp):
+      os.remove(self._tmp)
 
 
 def format_seconds(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+  seconds = max(0, int(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 class Progress:
-    """Prints one line per `interval` seconds: done/total, rate and ETA."""
+  """Prints one line per `interval` seconds: done/total, rate and ETA."""
 
-    def __init__(self, name: str, total: float | None, unit: str, interval: float = 30.0,
-                 stream=None, clock: Callable[[], float] = time.monotonic):
-        self.name, self.total, self.unit, self.interval = name, total, unit, interval
-        self.stream = stream or sys.stderr
-        self._clock = clock
-        self._start = self._last = clock()
-        self.done = 0.0
+  def __init__(
+      self,
+      name: str,
+      total: float | None,
+      unit: str,
+      interval: float = 30.0,
+      stream=None,
+      clock: Callable[[], float] = time.monotonic,
+  ):
+    self.name, self.total, self.unit, self.interval = name, total, unit, interval
+    self.stream = stream or sys.stderr
+    self._clock = clock
+    self._start = self._last = clock()
+    self.done = 0.0
 
-    @staticmethod
-    def _num(x: float) -> str:
-        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.2f}".rstrip("0").rstrip(".")
+  @staticmethod
+  def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.2f}".rstrip("0").rstrip(".")
 
-    def line(self) -> str:
-        elapsed = max(self._clock() - self._start, 1e-9)
-        rate = self.done / elapsed
-        text = f"[{self.name}] {self._num(self.done)}"
-        if self.total:
-            pct = 100.0 * self.done / self.total
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            eta_text = format_seconds(eta) if eta != float("inf") else "?"
-            text += (f"/{self._num(self.total)} {self.unit} ({pct:.1f}%), "
-                     f"{self._num(rate)} {self.unit}/s, ETA {eta_text}")
-        else:
-            text += f" {self.unit}, {self._num(rate)} {self.unit}/s"
-        return text + f", elapsed {format_seconds(elapsed)}"
+  def line(self) -> str:
+    elapsed = max(self._clock() - self._start, 1e-9)
+    rate = self.done / elapsed
+    text = f"[{self.name}] {self._num(self.done)}"
+    if self.total:
+      pct = 100.0 * self.done / self.total
+      eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+      eta_text = format_seconds(eta) if eta != float("inf") else "?"
+      text += (
+          f"/{self._num(self.total)} {self.unit} ({pct:.1f}%), "
+          f"{self._num(rate)} {self.unit}/s, ETA {eta_text}"
+      )
+    else:
+      text += f" {self.unit}, {self._num(rate)} {self.unit}/s"
+    return text + f", elapsed {format_seconds(elapsed)}"
 
-    def set(self, done: float, extra: str = "") -> None:
-        """Records progress and prints a line if the interval has passed."""
-        self.done = done
-        now = self._clock()
-        if now - self._last >= self.interval:
-            self._last = now
-            print(self.line() + (f", {extra}" if extra else ""), file=self.stream, flush=True)
+  def set(self, done: float, extra: str = "") -> None:
+    """Records progress and prints a line if the interval has passed."""
+    self.done = done
+    now = self._clock()
+    if now - self._last >= self.interval:
+      self._last = now
+      print(self.line() + (f", {extra}" if extra else ""), file=self.stream, flush=True)
 
-    def finish(self, extra: str = "") -> None:
-        print(self.line() + (f", {extra}" if extra else "") + " (done)", file=self.stream,
-              flush=True)
+  def finish(self, extra: str = "") -> None:
+    print(self.line() + (f", {extra}" if extra else "") + " (done)", file=self.stream, flush=True)
 
 
 def merge_counts(dicts: Iterable[dict]) -> dict:
-    """Sums numeric values key by key, recursing into nested dicts."""
-    total: dict = {}
-    for d in dicts:
-        for key, value in d.items():
-            if isinstance(value, dict):
-                total[key] = merge_counts([total.get(key, {}), value])
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                total[key] = total.get(key, 0) + value
-    return total
+  """Sums numeric values key by key, recursing into nested dicts."""
+  total: dict = {}
+  for d in dicts:
+    for key, value in d.items():
+      if isinstance(value, dict):
+        total[key] = merge_counts([total.get(key, {}), value])
+      elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        total[key] = total.get(key, 0) + value
+  return total

@@ -28,9 +28,30 @@ import re
 import numpy as np
 
 CONCEPT_NAMES = (
-    "onion", "guitar", "bicycle", "garden", "cake", "paint", "engine", "puppy", "tent", "laptop",
-    "bread", "kayak", "hammer", "violin", "candle", "carpet", "soap", "kite", "pasta", "ladder",
-    "bottle", "mirror", "pumpkin", "saddle",
+    "onion",
+    "guitar",
+    "bicycle",
+    "garden",
+    "cake",
+    "paint",
+    "engine",
+    "puppy",
+    "tent",
+    "laptop",
+    "bread",
+    "kayak",
+    "hammer",
+    "violin",
+    "candle",
+    "carpet",
+    "soap",
+    "kite",
+    "pasta",
+    "ladder",
+    "bottle",
+    "mirror",
+    "pumpkin",
+    "saddle",
 )
 
 FALLBACK_SENTENCES = (
@@ -46,6 +67,7 @@ FALLBACK_SENTENCES = (
 @dataclasses.dataclass(frozen=True)
 class SyntheticCorpus:
   """Where a generated corpus lies and what it holds."""
+
   caption_json: str
   features_2d_dir: str
   features_3d_dir: str
@@ -58,6 +80,7 @@ def real_sentences(path: str | None = None, limit: int = 2000) -> list[str]:
   if path is None:
     try:
       import gensim.test.utils as gtu
+
       path = gtu.datapath("lee_background.cor")
     except ImportError:
       path = None
@@ -79,10 +102,19 @@ def _unit(rng: np.random.Generator, shape) -> np.ndarray:
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def write_corpus(out_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
-                 segments_per_video: tuple[int, int] = (4, 8), seconds_per_segment: tuple[int, int] = (3, 6),
-                 noise: float = 0.4, dim: int = 2048, seed: int = 0,
-                 text_path: str | None = None, num_sentences: int = 40) -> SyntheticCorpus:
+def write_corpus(
+    out_dir: str,
+    *,
+    num_videos: int = 200,
+    num_concepts: int = 16,
+    segments_per_video: tuple[int, int] = (4, 8),
+    seconds_per_segment: tuple[int, int] = (3, 6),
+    noise: float = 0.4,
+    dim: int = 2048,
+    seed: int = 0,
+    text_path: str | None = None,
+    num_sentences: int = 40,
+) -> SyntheticCorpus:
   """Writes the corpus under `out_dir` and returns where its parts are.
 
   `noise`: the norm of each second's noise relative to its unit prototype; `num_sentences`: the
@@ -106,7 +138,7 @@ def write_corpus(out_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
     labels = rng.integers(0, num_concepts, n_seg)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(float)
     total = int(np.sum(lengths))
-    per_second = np.repeat(labels, lengths)                      # [T]
+    per_second = np.repeat(labels, lengths)  # [T]
     t3 = math.ceil(1.5 * total)
     per_clip3d = per_second[np.minimum((np.arange(t3) / 1.5).astype(int), total - 1)]
     f2 = proto_2d[per_second] + noise * rng.standard_normal((total, dim)) / math.sqrt(dim)
@@ -118,7 +150,7 @@ def write_corpus(out_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
     for lab in labels:
       words = sentences[int(rng.integers(len(sentences)))].split()
       cut = int(rng.integers(1, len(words)))
-      texts.append(" ".join(words[:cut] + [concepts[lab]] + words[cut:cut + 3]))
+      texts.append(" ".join(words[:cut] + [concepts[lab]] + words[cut : cut + 3]))
     captions[vid] = {"start": starts.tolist(), "end": (starts + lengths).tolist(), "text": texts}
   caption_json = os.path.join(out_dir, "caption.json")
   tmp = caption_json + ".tmp"
@@ -128,22 +160,40 @@ def write_corpus(out_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
   return SyntheticCorpus(caption_json, dirs["2d"], dirs["3d"], concepts, num_videos)
 
 
-def prepare_video_text(data_dir: str, *, num_videos: int = 200, num_concepts: int = 16,
-                       num_validation_videos: int = 40, word_budget: int = 16, max_steps: int = 16,
-                       seed: int = 0, log=print) -> str:
+def prepare_video_text(
+    data_dir: str,
+    *,
+    num_videos: int = 200,
+    num_concepts: int = 16,
+    num_validation_videos: int = 40,
+    word_budget: int = 16,
+    max_steps: int = 16,
+    seed: int = 0,
+    log=print,
+) -> str:
   """Generates the corpus under `data_dir/synthetic_raw` and converts it into `data_dir/howto100m`
   with the real converter (every window of each video); reuses finished work."""
   from vidlankd_jax.data import howto100m
+
   raw = os.path.join(data_dir, "synthetic_raw")
   corpus_done = os.path.join(raw, "caption.json")
   if not os.path.exists(corpus_done):
-    log(f"generating a synthetic video-text corpus ({num_videos} videos, {num_concepts} concepts) "
-        f"in {raw}: the video features are GENERATED, not real video")
+    log(
+        f"generating a synthetic video-text corpus ({num_videos} videos, {num_concepts} concepts) "
+        f"in {raw}: the video features are GENERATED, not real video"
+    )
     write_corpus(raw, num_videos=num_videos, num_concepts=num_concepts, seed=seed)
   cfg = howto100m.ConvertConfig(
-      caption_json=corpus_done, features_2d_dir=os.path.join(raw, "features_2d"),
-      features_3d_dir=os.path.join(raw, "features_3d"), output_dir=os.path.join(data_dir, "howto100m"),
-      pairing="all", word_budget=word_budget, max_steps=max_steps,
-      num_validation_videos=num_validation_videos, train_shards=2, validation_shards=1)
+      caption_json=corpus_done,
+      features_2d_dir=os.path.join(raw, "features_2d"),
+      features_3d_dir=os.path.join(raw, "features_3d"),
+      output_dir=os.path.join(data_dir, "howto100m"),
+      pairing="all",
+      word_budget=word_budget,
+      max_steps=max_steps,
+      num_validation_videos=num_validation_videos,
+      train_shards=2,
+      validation_shards=1,
+  )
   howto100m.convert(cfg, log=log)
   return data_dir

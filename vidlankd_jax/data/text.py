@@ -40,198 +40,225 @@ _WIKI_EMPHASIS = re.compile(r"'{2,}")
 
 
 def _open_binary(path: str, raw: IO[bytes]) -> IO[bytes]:
-    """Decompresses `raw` by the file name's suffix (.bz2, .gz) or passes it through."""
-    if path.endswith(".bz2"):
-        return bz2.open(raw, "rb")
-    if path.endswith(".gz"):
-        return gzip.open(raw, "rb")
-    return raw
+  """Decompresses `raw` by the file name's suffix (.bz2, .gz) or passes it through."""
+  if path.endswith(".bz2"):
+    return bz2.open(raw, "rb")
+  if path.endswith(".gz"):
+    return gzip.open(raw, "rb")
+  return raw
 
 
 def open_text(path: str) -> IO[str]:
-    """Opens a UTF-8 text file, decompressing .bz2/.gz."""
-    return io.TextIOWrapper(_open_binary(path, open(path, "rb")), encoding="utf-8",
-                            errors="strict", newline=None)
+  """Opens a UTF-8 text file, decompressing .bz2/.gz."""
+  return io.TextIOWrapper(
+      _open_binary(path, open(path, "rb")), encoding="utf-8", errors="strict", newline=None
+  )
 
 
 def detect_format(path: str) -> str:
-    """Guesses the corpus format from the file's first non-blank line."""
-    with open_text(path) as f:
-        for line in f:
-            if line.strip():
-                if line.lstrip().startswith("<mediawiki"):
-                    return "mediawiki"
-                if _WIKITEXT_TITLE.match(line.rstrip("\n")):
-                    return "wikitext"
-                return "lines"
-    return "lines"
+  """Guesses the corpus format from the file's first non-blank line."""
+  with open_text(path) as f:
+    for line in f:
+      if line.strip():
+        if line.lstrip().startswith("<mediawiki"):
+          return "mediawiki"
+        if _WIKITEXT_TITLE.match(line.rstrip("\n")):
+          return "wikitext"
+        return "lines"
+  return "lines"
 
 
 @dataclasses.dataclass(frozen=True)
 class Paragraph:
-    """One paragraph of a corpus; `doc_index` counts documents from 0 in file order and
-    `offset` is how many bytes of the (possibly compressed) file have been read so far."""
+  """One paragraph of a corpus; `doc_index` counts documents from 0 in file order and
+  `offset` is how many bytes of the (possibly compressed) file have been read so far."""
 
-    doc_index: int
-    text: str
-    offset: int = 0
+  doc_index: int
+  text: str
+  offset: int = 0
 
 
 def iter_paragraphs(path: str, fmt: str = "auto") -> Iterator[Paragraph]:
-    """Streams the non-blank paragraphs of a raw corpus with the index of their document."""
-    if fmt not in FORMATS + ("auto",):
-        raise ValueError(f"Unknown corpus format {fmt!r}; expected one of {FORMATS} or 'auto'.")
-    try:
-        if fmt == "auto":
-            fmt = detect_format(path)
-        with open(path, "rb") as raw:
-            if fmt == "mediawiki":
-                yield from _iter_mediawiki(_open_binary(path, raw), raw)
-                return
-            f = io.TextIOWrapper(_open_binary(path, raw), encoding="utf-8", errors="strict")
-            doc = -1
-            for line in f:
-                text = line.rstrip("\n")
-                if not text.strip():
-                    continue
-                if fmt == "lines" or _WIKITEXT_TITLE.match(text) or doc < 0:
-                    doc += 1
-                yield Paragraph(doc, text.strip(), raw.tell())
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}).") from e
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read the corpus ({e}).") from e
+  """Streams the non-blank paragraphs of a raw corpus with the index of their document."""
+  if fmt not in FORMATS + ("auto",):
+    raise ValueError(f"Unknown corpus format {fmt!r}; expected one of {FORMATS} or 'auto'.")
+  try:
+    if fmt == "auto":
+      fmt = detect_format(path)
+    with open(path, "rb") as raw:
+      if fmt == "mediawiki":
+        yield from _iter_mediawiki(_open_binary(path, raw), raw)
+        return
+      f = io.TextIOWrapper(_open_binary(path, raw), encoding="utf-8", errors="strict")
+      doc = -1
+      for line in f:
+        text = line.rstrip("\n")
+        if not text.strip():
+          continue
+        if fmt == "lines" or _WIKITEXT_TITLE.match(text) or doc < 0:
+          doc += 1
+        yield Paragraph(doc, text.strip(), raw.tell())
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e}).") from e
+  except (OSError, EOFError) as e:
+    raise ValueError(f"{path}: cannot read the corpus ({e}).") from e
 
 
 def _iter_mediawiki(f: IO[bytes], raw: IO[bytes]) -> Iterator[Paragraph]:
-    """Articles of a MediaWiki XML dump as plain-text paragraphs (needs gensim)."""
-    try:
-        from gensim.corpora import wikicorpus
-    except ImportError as e:
-        raise ImportError("Reading MediaWiki XML dumps needs gensim: `pip install gensim`.") from e
-    doc = -1
-    for _, markup, _ in wikicorpus.extract_pages(f, filter_namespaces=("0",)):
-        plain = wikicorpus.filter_wiki(markup)
-        if not plain.strip() or plain.lstrip().lower().startswith("#redirect"):
-            continue
-        doc += 1
-        for para in plain.split("\n"):
-            para = " ".join(_WIKI_EMPHASIS.sub("", para).split())
-            if para:
-                yield Paragraph(doc, para, raw.tell())
+  """Articles of a MediaWiki XML dump as plain-text paragraphs (needs gensim)."""
+  try:
+    from gensim.corpora import wikicorpus
+  except ImportError as e:
+    raise ImportError("Reading MediaWiki XML dumps needs gensim: `pip install gensim`.") from e
+  doc = -1
+  for _, markup, _ in wikicorpus.extract_pages(f, filter_namespaces=("0",)):
+    plain = wikicorpus.filter_wiki(markup)
+    if not plain.strip() or plain.lstrip().lower().startswith("#redirect"):
+      continue
+    doc += 1
+    for para in plain.split("\n"):
+      para = " ".join(_WIKI_EMPHASIS.sub("", para).split())
+      if para:
+        yield Paragraph(doc, para, raw.tell())
 
 
 class BlockPacker:
-    """Cuts a stream of token ids into contiguous blocks of `block_len`; the tail stays buffered."""
+  """Cuts a stream of token ids into contiguous blocks of `block_len`; the tail stays buffered."""
 
-    def __init__(self, block_len: int = BLOCK_LEN):
-        if block_len <= 0:
-            raise ValueError(f"block_len must be positive, got {block_len}.")
-        self.block_len = block_len
-        self._buffer = np.zeros([0], np.int64)
+  def __init__(self, block_len: int = BLOCK_LEN):
+    if block_len <= 0:
+      raise ValueError(f"block_len must be positive, got {block_len}.")
+    self.block_len = block_len
+    self._buffer = np.zeros([0], np.int64)
 
-    def add(self, ids) -> np.ndarray:
-        """Appends ids and returns the completed blocks, int64 [n, block_len]."""
-        self._buffer = np.concatenate([self._buffer, np.asarray(ids, np.int64).reshape(-1)])
-        n = len(self._buffer) // self.block_len
-        blocks = self._buffer[: n * self.block_len].reshape(n, self.block_len)
-        self._buffer = self._buffer[n * self.block_len :]
-        return blocks
+  def add(self, ids) -> np.ndarray:
+    """Appends ids and returns the completed blocks, int64 [n, block_len]."""
+    self._buffer = np.concatenate([self._buffer, np.asarray(ids, np.int64).reshape(-1)])
+    n = len(self._buffer) // self.block_len
+    blocks = self._buffer[: n * self.block_len].reshape(n, self.block_len)
+    self._buffer = self._buffer[n * self.block_len :]
+    return blocks
 
-    @property
-    def leftover(self) -> int:
-        """Tokens waiting for a full block (dropped at the end of a corpus)."""
-        return len(self._buffer)
+  @property
+  def leftover(self) -> int:
+    """Tokens waiting for a full block (dropped at the end of a corpus)."""
+    return len(self._buffer)
 
 
 def block_to_example(ids) -> bytes:
-    """Serializes one block of ids as a tf.train.Example."""
-    ids = np.asarray(ids, np.int64).reshape(-1)
-    feature = {"ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ids))}
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  """Serializes one block of ids as a tf.train.Example."""
+  ids = np.asarray(ids, np.int64).reshape(-1)
+  feature = {"ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ids))}
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def block_feature_spec(block_len: int = BLOCK_LEN) -> dict[str, tf.io.FixedLenFeature]:
-    return {"ids": tf.io.FixedLenFeature([block_len], tf.int64)}
+  return {"ids": tf.io.FixedLenFeature([block_len], tf.int64)}
 
 
 def parse_block(serialized: tf.Tensor, block_len: int = BLOCK_LEN) -> dict[str, tf.Tensor]:
-    """Parses one serialized block into {'ids': int32 [block_len]}."""
-    parsed = tf.io.parse_single_example(serialized, block_feature_spec(block_len))
-    return {"ids": tf.cast(parsed["ids"], tf.int32)}
+  """Parses one serialized block into {'ids': int32 [block_len]}."""
+  parsed = tf.io.parse_single_example(serialized, block_feature_spec(block_len))
+  return {"ids": tf.cast(parsed["ids"], tf.int32)}
 
 
-def convert_text(inputs: Sequence[str], output_dir: str, vocab, *, prefix: str,
-                 split: str = "train", num_shards: int = 16, fmt: str = "auto",
-                 block_len: int = BLOCK_LEN, batch_paragraphs: int = 512,
-                 progress_interval: float = 30.0, log=print) -> dict:
-    """Tokenizes raw corpora into contiguous blocks, dealt round-robin into `num_shards` shards.
+def convert_text(
+    inputs: Sequence[str],
+    output_dir: str,
+    vocab,
+    *,
+    prefix: str,
+    split: str = "train",
+    num_shards: int = 16,
+    fmt: str = "auto",
+    block_len: int = BLOCK_LEN,
+    batch_paragraphs: int = 512,
+    progress_interval: float = 30.0,
+    log=print,
+) -> dict:
+  """Tokenizes raw corpora into contiguous blocks, dealt round-robin into `num_shards` shards.
 
-    Streaming: memory holds one batch of paragraphs. Each shard appears only when complete
-    (a temporary file, then a rename); a finished conversion is not redone. Returns the summary,
-    also written to `{prefix}-{split}-summary.json`.
-    """
-    if num_shards <= 0:
-        raise ValueError(f"num_shards must be positive, got {num_shards}.")
+  Streaming: memory holds one batch of paragraphs. Each shard appears only when complete
+  (a temporary file, then a rename); a finished conversion is not redone. Returns the summary,
+  also written to `{prefix}-{split}-summary.json`.
+  """
+  if num_shards <= 0:
+    raise ValueError(f"num_shards must be positive, got {num_shards}.")
+  for path in inputs:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"corpus file {path} does not exist.")
+  settings = {
+      "inputs": [os.path.abspath(p) for p in inputs],
+      "format": fmt,
+      "block_len": block_len,
+      "num_shards": num_shards,
+      "vocab_file": os.path.abspath(vocab.vocab_file),
+      "lower_case": vocab.lower_case,
+  }
+  shards_lib.check_settings(output_dir, f"{prefix}-{split}-conversion", settings)
+  summary_path = os.path.join(output_dir, f"{prefix}-{split}-summary.json")
+  names = [shards_lib.shard_name(prefix, split, i, num_shards) for i in range(num_shards)]
+  if all(shards_lib.read_marker(output_dir, n) for n in names) and os.path.exists(summary_path):
+    log(f"[{prefix}-{split}] all {num_shards} shards already done")
+    with open(summary_path, encoding="utf-8") as f:
+      return json.load(f)
+  shards_lib.remove_temporaries(output_dir)
+
+  total_bytes = sum(os.path.getsize(p) for p in inputs)
+  progress = shards_lib.Progress(f"{prefix}-{split}", total_bytes / 1e6, "MB", progress_interval)
+  packer = BlockPacker(block_len)
+  stats = {
+      "files": len(inputs),
+      "documents": 0,
+      "paragraphs": 0,
+      "tokens": 0,
+      "unk_tokens": 0,
+      "blocks": 0,
+  }
+  per_shard = [0] * num_shards
+  with contextlib.ExitStack() as stack:
+    writers = [stack.enter_context(shards_lib.ShardWriter(output_dir, n)) for n in names]
+
+    def write_batch(texts: list[str]) -> None:
+      ids = vocab.tokenize_tf(tf.constant(texts)).flat_values.numpy()
+      stats["tokens"] += len(ids)
+      stats["unk_tokens"] += int(np.sum(ids == vocab.unk_id))
+      for block in packer.add(ids):
+        shard = stats["blocks"] % num_shards
+        writers[shard].write(block_to_example(block))
+        per_shard[shard] += 1
+        stats["blocks"] += 1
+
+    done_bytes = 0
     for path in inputs:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"corpus file {path} does not exist.")
-    settings = {"inputs": [os.path.abspath(p) for p in inputs], "format": fmt,
-                "block_len": block_len, "num_shards": num_shards,
-                "vocab_file": os.path.abspath(vocab.vocab_file), "lower_case": vocab.lower_case}
-    shards_lib.check_settings(output_dir, f"{prefix}-{split}-conversion", settings)
-    summary_path = os.path.join(output_dir, f"{prefix}-{split}-summary.json")
-    names = [shards_lib.shard_name(prefix, split, i, num_shards) for i in range(num_shards)]
-    if all(shards_lib.read_marker(output_dir, n) for n in names) and os.path.exists(summary_path):
-        log(f"[{prefix}-{split}] all {num_shards} shards already done")
-        with open(summary_path, encoding="utf-8") as f:
-            return json.load(f)
-    shards_lib.remove_temporaries(output_dir)
-
-    total_bytes = sum(os.path.getsize(p) for p in inputs)
-    progress = shards_lib.Progress(f"{prefix}-{split}", total_bytes / 1e6, "MB",
-                                   progress_interval)
-    packer = BlockPacker(block_len)
-    stats = {"files": len(inputs), "documents": 0, "paragraphs": 0, "tokens": 0,
-             "unk_tokens": 0, "blocks": 0}
-    per_shard = [0] * num_shards
-    with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(shards_lib.ShardWriter(output_dir, n)) for n in names]
-
-        def write_batch(texts: list[str]) -> None:
-            ids = vocab.tokenize_tf(tf.constant(texts)).flat_values.numpy()
-            stats["tokens"] += len(ids)
-            stats["unk_tokens"] += int(np.sum(ids == vocab.unk_id))
-            for block in packer.add(ids):
-                shard = stats["blocks"] % num_shards
-                writers[shard].write(block_to_example(block))
-                per_shard[shard] += 1
-                stats["blocks"] += 1
-
-        done_bytes = 0
-        for path in inputs:
-            batch: list[str] = []
-            last_doc = -1
-            for para in iter_paragraphs(path, fmt):
-                batch.append(para.text)
-                stats["paragraphs"] += 1
-                last_doc = para.doc_index
-                if len(batch) >= batch_paragraphs:
-                    write_batch(batch)
-                    batch = []
-                    progress.set((done_bytes + para.offset) / 1e6,
-                                 f"{stats['blocks']:,} blocks")
-            if batch:
-                write_batch(batch)
-            stats["documents"] += last_doc + 1
-            done_bytes += os.path.getsize(path)
-        stats["dropped_tail_tokens"] = packer.leftover
-        for writer, count in zip(writers, per_shard):
-            writer.commit({"split": split, "blocks": count})
-    progress.set(total_bytes / 1e6)
-    progress.finish(f"{stats['blocks']:,} blocks")
-    summary = {**stats, "prefix": prefix, "split": split, "num_shards": num_shards,
-               "block_len": block_len, "blocks_per_shard": per_shard, "settings": settings}
-    shards_lib.write_json_atomic(summary_path, summary)
-    log(f"[{prefix}-{split}] " + json.dumps({k: stats[k] for k in stats}))
-    return summary
+      batch: list[str] = []
+      last_doc = -1
+      for para in iter_paragraphs(path, fmt):
+        batch.append(para.text)
+        stats["paragraphs"] += 1
+        last_doc = para.doc_index
+        if len(batch) >= batch_paragraphs:
+          write_batch(batch)
+          batch = []
+          progress.set((done_bytes + para.offset) / 1e6, f"{stats['blocks']:,} blocks")
+      if batch:
+        write_batch(batch)
+      stats["documents"] += last_doc + 1
+      done_bytes += os.path.getsize(path)
+    stats["dropped_tail_tokens"] = packer.leftover
+    for writer, count in zip(writers, per_shard):
+      writer.commit({"split": split, "blocks": count})
+  progress.set(total_bytes / 1e6)
+  progress.finish(f"{stats['blocks']:,} blocks")
+  summary = {
+      **stats,
+      "prefix": prefix,
+      "split": split,
+      "num_shards": num_shards,
+      "block_len": block_len,
+      "blocks_per_shard": per_shard,
+      "settings": settings,
+  }
+  shards_lib.write_json_atomic(summary_path, summary)
+  log(f"[{prefix}-{split}] " + json.dumps({k: stats[k] for k in stats}))
+  return summary

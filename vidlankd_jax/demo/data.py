@@ -32,7 +32,9 @@ def gensim_test_file(name: str) -> str:
   try:
     from gensim.test import utils as gensim_test
   except ImportError as e:
-    raise ImportError("the demo reads real text shipped in gensim's test data: pip install gensim") from e
+    raise ImportError(
+        "the demo reads real text shipped in gensim's test data: pip install gensim"
+    ) from e
   path = gensim_test.datapath(name)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: not in this gensim installation's test data")
@@ -42,10 +44,13 @@ def gensim_test_file(name: str) -> str:
 # ------------------------------------------------------------------------------------- text
 
 
-def write_wikipedia_lines(out_dir: str, *, max_articles: int, validation_every: int = 10) -> dict[str, str]:
+def write_wikipedia_lines(
+    out_dir: str, *, max_articles: int, validation_every: int = 10
+) -> dict[str, str]:
   """Articles of gensim's Wikipedia sample as one-article-per-line files, every
   `validation_every`-th article held out; returns split -> path."""
   from vidlankd_jax.data import text as text_lib
+
   source = gensim_test_file(WIKIPEDIA_SAMPLE)
   os.makedirs(out_dir, exist_ok=True)
   articles: dict[int, list[str]] = {}
@@ -71,12 +76,22 @@ def make_text_tfrecords(data_dir: str, vocab_file: str, *, max_articles: int, lo
   `wikipedia_mlm` task); returns each split's conversion summary."""
   from vidlankd_jax.data import text as text_lib
   from vidlankd_jax.data import vocab as vocab_lib
+
   raw = write_wikipedia_lines(os.path.join(data_dir, "wikipedia_raw"), max_articles=max_articles)
   vocab = vocab_lib.WordPieceVocabulary(vocab_file)
-  return {split: text_lib.convert_text([raw[split]], os.path.join(data_dir, "wikipedia"), vocab,
-                                       prefix="wikipedia", split=split, fmt="lines",
-                                       num_shards=2 if split == "train" else 1, log=log)
-          for split in SPLITS}
+  return {
+      split: text_lib.convert_text(
+          [raw[split]],
+          os.path.join(data_dir, "wikipedia"),
+          vocab,
+          prefix="wikipedia",
+          split=split,
+          fmt="lines",
+          num_shards=2 if split == "train" else 1,
+          log=log,
+      )
+      for split in SPLITS
+  }
 
 
 # ------------------------------------------------------------------------------ downstream
@@ -92,13 +107,17 @@ def read_polarity(path: str) -> tuple[list[str], list[int]]:
       tag, _, sentence = line.strip().partition(" ")
       label = tag.removeprefix("__label__")
       if label not in POLARITY_LABELS or not sentence:
-        raise ValueError(f"{path}:{lineno}: expected '__label__neg|pos <sentence>', got {line[:60]!r}")
+        raise ValueError(
+            f"{path}:{lineno}: expected '__label__neg|pos <sentence>', got {line[:60]!r}"
+        )
       sentences.append(sentence)
       labels.append(POLARITY_LABELS.index(label))
   return sentences, labels
 
 
-def write_polarity_benchmark(out_dir: str, *, validation_fraction: float = 0.25, seed: int = 0) -> dict:
+def write_polarity_benchmark(
+    out_dir: str, *, validation_fraction: float = 0.25, seed: int = 0
+) -> dict:
   """Shuffles the 200 labelled sentences once and writes `train.tsv` / `validation.tsv`
   (sentence TAB label), stratified so both splits are balanced; returns the split sizes."""
   sentences, labels = read_polarity(gensim_test_file(POLARITY_FILE))
@@ -123,7 +142,9 @@ def read_polarity_tsv(path: str) -> dict[str, np.ndarray]:
   """A split written by `write_polarity_benchmark` -> sentence and label columns."""
   sentences, labels = [], []
   with open(path, encoding="utf-8", newline="") as f:
-    for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\"), 1):
+    for lineno, row in enumerate(
+        csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\"), 1
+    ):
       if len(row) != 2 or row[1] not in ("0", "1"):
         raise ValueError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {row!r}")
       sentences.append(row[0])
@@ -135,12 +156,23 @@ def register_benchmarks(vocab, data_config) -> None:
   """The fine-tuning loop's hook: registers `movie_polarity` over `data_config.data_dir`."""
   from vidlankd_jax.data import downstream
   from vidlankd_jax.evaluation import metrics
+
   files = {split: os.path.join(data_config.data_dir, f"{split}.tsv") for split in SPLITS}
-  downstream.register_benchmark(downstream.DownstreamSpec(
-      name=BENCHMARK, kind="classification", num_labels=2, metric_fn=metrics.accuracy_metric,
-      source=downstream.file_source(
-          files, read_polarity_tsv,
-          lambda split, path: f"{path}: no {split} split; the demo's data stage writes it"),
-      formatter=lambda ex: {"text_a": ex["sentence"], "label": ex["label"]},
-      description=f"movie-review sentence polarity (Pang & Lee; gensim's {POLARITY_FILE})",
-      seq_len=64, label_names=POLARITY_LABELS), vocab)
+  downstream.register_benchmark(
+      downstream.DownstreamSpec(
+          name=BENCHMARK,
+          kind="classification",
+          num_labels=2,
+          metric_fn=metrics.accuracy_metric,
+          source=downstream.file_source(
+              files,
+              read_polarity_tsv,
+              lambda split, path: f"{path}: no {split} split; the demo's data stage writes it",
+          ),
+          formatter=lambda ex: {"text_a": ex["sentence"], "label": ex["label"]},
+          description=f"movie-review sentence polarity (Pang & Lee; gensim's {POLARITY_FILE})",
+          seq_len=64,
+          label_names=POLARITY_LABELS,
+      ),
+      vocab,
+  )

@@ -36,6 +36,7 @@ class DemoSize:
 
   Steps of None keep the tiny configs' own schedules (configs/teacher.py, configs/distill.py).
   """
+
   teacher_steps: int | None
   distill_steps: int | None
   videos: int
@@ -49,15 +50,40 @@ class DemoSize:
 
 
 SIZES = {
-    "demo": DemoSize(teacher_steps=600, distill_steps=300, videos=200, validation_videos=40,
-                     concepts=16, articles=100, finetune_epochs=4.0, seeds="1,2,3",
-                     probe_train_clips=2000, eval_batches=8),
-    "test": DemoSize(teacher_steps=16, distill_steps=8, videos=48, validation_videos=16,
-                     concepts=8, articles=12, finetune_epochs=0.5, seeds="1",
-                     probe_train_clips=128, eval_batches=2),
+    "demo": DemoSize(
+        teacher_steps=600,
+        distill_steps=300,
+        videos=200,
+        validation_videos=40,
+        concepts=16,
+        articles=100,
+        finetune_epochs=4.0,
+        seeds="1,2,3",
+        probe_train_clips=2000,
+        eval_batches=8,
+    ),
+    "test": DemoSize(
+        teacher_steps=16,
+        distill_steps=8,
+        videos=48,
+        validation_videos=16,
+        concepts=8,
+        articles=12,
+        finetune_epochs=0.5,
+        seeds="1",
+        probe_train_clips=128,
+        eval_batches=2,
+    ),
 }
-STAGES = ("data", "teacher", "student_nst", "student_base", "finetune_nst", "finetune_base",
-          "probe")
+STAGES = (
+    "data",
+    "teacher",
+    "student_nst",
+    "student_base",
+    "finetune_nst",
+    "finetune_base",
+    "probe",
+)
 STUDENTS = {"nst": "student_nst", "base": "student_base"}
 
 
@@ -89,7 +115,8 @@ def student_config(workdir: str, size: DemoSize, objectives: str):
 def finetune_config(workdir: str, size: DemoSize, student: str):
   """configs/finetune.py on movie-review polarity, from a student's workdir."""
   config = finetune_configs.get_config(
-      f"task={demo_data.BENCHMARK},size=auto,init={os.path.join(workdir, student)}")
+      f"task={demo_data.BENCHMARK},size=auto,init={os.path.join(workdir, student)}"
+  )
   config.data.data_dir = os.path.join(workdir, "data", "polarity")
   config.data.benchmarks_module = demo_data.BENCHMARKS_MODULE
   config.data.seq_len = 64
@@ -110,43 +137,71 @@ def config_settings(config) -> dict:
 def run_stage_config(config, stage_dir: str) -> dict:
   """One training stage exactly as `python -m vidlankd_jax.main` runs it."""
   from vidlankd_jax import main as main_lib
+
   return {k: float(v) for k, v in main_lib.run(config, stage_dir).items()}
 
 
 def make_data(stage_dir: str, size: DemoSize, log) -> dict:
   from vidlankd_jax.data import synthetic
   from vidlankd_jax.data import vocab as vocab_lib
+
   vocab_file = vocab_lib.default_vocab_file()
-  log(f"text: gensim's real English Wikipedia sample ({size.articles} articles at most) -> "
-      "126-token blocks (data/text.py, as tools/make_text_tfrecords.py)")
+  log(
+      f"text: gensim's real English Wikipedia sample ({size.articles} articles at most) -> "
+      "126-token blocks (data/text.py, as tools/make_text_tfrecords.py)"
+  )
   text = demo_data.make_text_tfrecords(stage_dir, vocab_file, max_articles=size.articles, log=log)
   tcfg = teacher_configs.get_config("size=tiny")
-  log("video-text: a GENERATED corpus (concept prototypes plus noise, captions from real English "
-      "sentences) in HowTo100M's layout, converted by the real converter. It is not real video.")
-  synthetic.prepare_video_text(stage_dir, num_videos=size.videos, num_concepts=size.concepts,
-                               num_validation_videos=size.validation_videos,
-                               word_budget=tcfg.data.seq_len // 2, max_steps=tcfg.video.max_steps, log=log)
+  log(
+      "video-text: a GENERATED corpus (concept prototypes plus noise, captions from real English "
+      "sentences) in HowTo100M's layout, converted by the real converter. It is not real video."
+  )
+  synthetic.prepare_video_text(
+      stage_dir,
+      num_videos=size.videos,
+      num_concepts=size.concepts,
+      num_validation_videos=size.validation_videos,
+      word_budget=tcfg.data.seq_len // 2,
+      max_steps=tcfg.video.max_steps,
+      log=log,
+  )
   with open(os.path.join(stage_dir, "howto100m", "howto100m-summary.json"), encoding="utf-8") as f:
     video = json.load(f)["splits"]
   polarity = demo_data.write_polarity_benchmark(os.path.join(stage_dir, "polarity"))
-  log(f"downstream: movie-review polarity, {polarity['train']} train / {polarity['validation']} "
-      "validation sentences (real, from gensim's test data)")
-  return {"text_blocks": {s: text[s]["blocks"] for s in text},
-          "text_documents": {s: text[s]["documents"] for s in text},
-          "video_clips": {s: video[s]["clips"] for s in video}, "videos": size.videos,
-          "concepts": size.concepts, "polarity": polarity}
+  log(
+      f"downstream: movie-review polarity, {polarity['train']} train / {polarity['validation']} "
+      "validation sentences (real, from gensim's test data)"
+  )
+  return {
+      "text_blocks": {s: text[s]["blocks"] for s in text},
+      "text_documents": {s: text[s]["documents"] for s in text},
+      "video_clips": {s: video[s]["clips"] for s in video},
+      "videos": size.videos,
+      "concepts": size.concepts,
+      "polarity": polarity,
+  }
 
 
 def finetune_stage(config, stage_dir: str) -> dict:
   run_stage_config(config, stage_dir)
   with open(os.path.join(stage_dir, "results.json"), encoding="utf-8") as f:
     results = json.load(f)
-  return {k: results[k] for k in ("summary", "majority_baseline", "train_examples", "train_steps",
-                                  "seeds", "primary_metric")}
+  return {
+      k: results[k]
+      for k in (
+          "summary",
+          "majority_baseline",
+          "train_examples",
+          "train_steps",
+          "seeds",
+          "primary_metric",
+      )
+  }
 
 
-def run_demo(workdir: str, *, size: str = "demo", steps: int | None = None, fresh: bool = False,
-             log=print) -> dict:
+def run_demo(
+    workdir: str, *, size: str = "demo", steps: int | None = None, fresh: bool = False, log=print
+) -> dict:
   """Runs (or reuses) every stage and writes `<workdir>/summary.md`; returns the summary data."""
   if size not in SIZES:
     raise ValueError(f"unknown demo size {size!r}; known: {sorted(SIZES)}")
@@ -164,40 +219,81 @@ def run_demo(workdir: str, *, size: str = "demo", steps: int | None = None, fres
   runner = StageRunner(workdir, len(STAGES) + 1, log)
   log(f"VidLanKD demo ({size}): every stage at tiny size in {workdir}")
 
-  runner.run("data", "data: Wikipedia text, generated video-text corpus, polarity benchmark",
-             {k: getattr(sizes, k) for k in ("videos", "validation_videos", "concepts", "articles")},
-             lambda d: make_data(d, sizes, log))
+  runner.run(
+      "data",
+      "data: Wikipedia text, generated video-text corpus, polarity benchmark",
+      {k: getattr(sizes, k) for k in ("videos", "validation_videos", "concepts", "articles")},
+      lambda d: make_data(d, sizes, log),
+  )
   tcfg = teacher_config(workdir, sizes)
-  runner.run("teacher", f"teacher pretraining on the generated video-text pairs ({tcfg.train.steps} steps)",
-             config_settings(tcfg), lambda d: run_stage_config(tcfg, d), after=("data",))
-  scfgs = {"nst": student_config(workdir, sizes, "nst"), "base": student_config(workdir, sizes, "none")}
-  for name, title in (("nst", "student distilled with NST from the teacher"),
-                      ("base", "text-only baseline student (objectives=none), same budget")):
+  runner.run(
+      "teacher",
+      f"teacher pretraining on the generated video-text pairs ({tcfg.train.steps} steps)",
+      config_settings(tcfg),
+      lambda d: run_stage_config(tcfg, d),
+      after=("data",),
+  )
+  scfgs = {
+      "nst": student_config(workdir, sizes, "nst"),
+      "base": student_config(workdir, sizes, "none"),
+  }
+  for name, title in (
+      ("nst", "student distilled with NST from the teacher"),
+      ("base", "text-only baseline student (objectives=none), same budget"),
+  ):
     cfg = scfgs[name]
-    runner.run(STUDENTS[name], f"{title} ({cfg.train.steps} steps on Wikipedia text)",
-               config_settings(cfg), lambda d, cfg=cfg: run_stage_config(cfg, d), after=("data", "teacher"))
+    runner.run(
+        STUDENTS[name],
+        f"{title} ({cfg.train.steps} steps on Wikipedia text)",
+        config_settings(cfg),
+        lambda d, cfg=cfg: run_stage_config(cfg, d),
+        after=("data", "teacher"),
+    )
   for name in ("nst", "base"):
     cfg = finetune_config(workdir, sizes, STUDENTS[name])
-    runner.run(f"finetune_{name}", f"fine-tuning the {name} student on movie-review polarity "
-               f"(seeds {cfg.seeds})", config_settings(cfg),
-               lambda d, cfg=cfg: finetune_stage(cfg, d), after=("data", STUDENTS[name]))
+    runner.run(
+        f"finetune_{name}",
+        f"fine-tuning the {name} student on movie-review polarity " f"(seeds {cfg.seeds})",
+        config_settings(cfg),
+        lambda d, cfg=cfg: finetune_stage(cfg, d),
+        after=("data", STUDENTS[name]),
+    )
 
   def probe_stage(stage_dir):
     from vidlankd_jax.demo import probe
-    configs = {**scfgs, "untrained": scfgs["base"]}
-    workdirs = {"nst": runner.stage_dir("student_nst"), "base": runner.stage_dir("student_base"),
-                "untrained": None}
-    return json_ready(probe.run_probe(
-        teacher_config=tcfg, student_configs=configs, student_workdirs=workdirs, out_dir=stage_dir,
-        max_train_clips=sizes.probe_train_clips, max_test_clips=int(tcfg.eval.retrieval_clips), log=log))
 
-  runner.run("probe", "grounding probe: token-to-clip retrieval on held-out clips",
-             {"probe_train_clips": sizes.probe_train_clips}, probe_stage,
-             after=("teacher", "student_nst", "student_base"))
-  log(f"\n=== [{len(STAGES) + 1}/{len(STAGES) + 1}] report: loss curves, grounding heatmap, summary table ===")
+    configs = {**scfgs, "untrained": scfgs["base"]}
+    workdirs = {
+        "nst": runner.stage_dir("student_nst"),
+        "base": runner.stage_dir("student_base"),
+        "untrained": None,
+    }
+    return json_ready(
+        probe.run_probe(
+            teacher_config=tcfg,
+            student_configs=configs,
+            student_workdirs=workdirs,
+            out_dir=stage_dir,
+            max_train_clips=sizes.probe_train_clips,
+            max_test_clips=int(tcfg.eval.retrieval_clips),
+            log=log,
+        )
+    )
+
+  runner.run(
+      "probe",
+      "grounding probe: token-to-clip retrieval on held-out clips",
+      {"probe_train_clips": sizes.probe_train_clips},
+      probe_stage,
+      after=("teacher", "student_nst", "student_base"),
+  )
+  log(
+      f"\n=== [{len(STAGES) + 1}/{len(STAGES) + 1}] report: loss curves, grounding heatmap, summary table ==="
+  )
   steps = {"teacher": int(tcfg.train.steps), "student": int(scfgs["nst"].train.steps)}
-  summary_path = report.write_report(workdir, runner.records, steps=steps,
-                                     total_seconds=time.perf_counter() - started)
+  summary_path = report.write_report(
+      workdir, runner.records, steps=steps, total_seconds=time.perf_counter() - started
+  )
   with open(summary_path, encoding="utf-8") as f:
     log("\n" + f.read())
   log(f"demo finished in {time.perf_counter() - started:.0f} s; summary: {summary_path}")

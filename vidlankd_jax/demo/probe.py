@@ -38,8 +38,11 @@ def load_student(config, workdir: str | None, mesh):
   """A `Student` of `config` with the params of `workdir`'s last checkpoint (fresh if None)."""
   graphdef, params, rest = distill.build_student(config, mesh)
   if workdir is not None:
-    params = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), params,
-                                     expected_fingerprint=ckpt_lib.fingerprint(config))
+    params = ckpt_lib.restore_params(
+        os.path.join(workdir, "checkpoints"),
+        params,
+        expected_fingerprint=ckpt_lib.fingerprint(config),
+    )
   return nnx.merge(graphdef, params, rest)
 
 
@@ -50,30 +53,39 @@ def pooled_hidden(student, input_ids, attention_mask, token_type_ids):
   return distill.masked_mean_pool(hidden, attention_mask)
 
 
-def read_clips(teacher, students: dict, data_cfg, mesh, split: str, *, max_clips: int,
-               batch_size: int) -> dict[str, np.ndarray]:
+def read_clips(
+    teacher, students: dict, data_cfg, mesh, split: str, *, max_clips: int, batch_size: int
+) -> dict[str, np.ndarray]:
   """Captions and vectors of up to `max_clips` clips of `split`, in file order.
 
   Returns ids/mask [N, L], `clip` [N, H] (teacher clip vectors), `teacher` [N, H] (its sentence
   vectors), `pooled/<name>` [N, H_s] per student and `head/<name>` [N, H] per student with an
   NST head (sentence vectors through the head).
   """
-  batches = common.data_iterator(data_cfg, mesh, split, global_batch_size=batch_size, seed=0,
-                                 repeat=False, shuffle=False)
+  batches = common.data_iterator(
+      data_cfg, mesh, split, global_batch_size=batch_size, seed=0, repeat=False, shuffle=False
+  )
   out: dict[str, list] = {}
   count = 0
   for batch in batches:
     keep = batch["attention_mask"][:, 0] > 0  # the last batch is padded with empty rows
     ids, mask, types = (batch[k] for k in TEXT_INPUTS)
-    rows = {"ids": ids, "mask": mask,
-            "clip": grounding.teacher_clip_vectors(teacher, batch["video_features"], batch["video_mask"]),
-            "teacher": grounding.sentence_vectors(
-                grounding.teacher_token_vectors(teacher, ids, mask, types), mask)}
+    rows = {
+        "ids": ids,
+        "mask": mask,
+        "clip": grounding.teacher_clip_vectors(
+            teacher, batch["video_features"], batch["video_mask"]
+        ),
+        "teacher": grounding.sentence_vectors(
+            grounding.teacher_token_vectors(teacher, ids, mask, types), mask
+        ),
+    }
     for name, student in students.items():
       rows[f"pooled/{name}"] = np.asarray(pooled_hidden(student, ids, mask, types))
       if "nst" in student.kd_heads:
         rows[f"head/{name}"] = grounding.sentence_vectors(
-            grounding.student_token_vectors(student, ids, mask, types, head="nst"), mask)
+            grounding.student_token_vectors(student, ids, mask, types, head="nst"), mask
+        )
     for key, value in rows.items():
       out.setdefault(key, []).append(np.asarray(value)[keep])
     count += int(keep.sum())
@@ -105,9 +117,13 @@ def linear_probe(train_x, train_y, test_x, test_y, *, holdout_fraction: float = 
   """Ridge map fitted on training pairs (its penalty chosen on their last `holdout_fraction`
   by mean cosine), then text-to-clip retrieval on the test pairs."""
   cut = int(len(train_x) * (1 - holdout_fraction))
+
   def holdout_cosine(penalty):
     w, mean = fit_ridge(train_x[:cut], train_y[:cut], penalty)
-    return float(np.mean(np.sum(predict_ridge(train_x[cut:], w, mean) * unit_rows(train_y[cut:]), -1)))
+    return float(
+        np.mean(np.sum(predict_ridge(train_x[cut:], w, mean) * unit_rows(train_y[cut:]), -1))
+    )
+
   penalty = max(RIDGE_PENALTIES, key=holdout_cosine)
   w, mean = fit_ridge(train_x, train_y, penalty)
   metrics = teacher_lib.retrieval_metrics(predict_ridge(test_x, w, mean).astype(np.float32), test_y)
@@ -120,8 +136,16 @@ def concepts_named(text: str, concepts: tuple[str, ...]) -> list[str]:
   return [w for w in words if w in concepts]
 
 
-def grounding_examples(teacher, nst_student, test: dict, vocab, *, num_sentences: int,
-                       num_clips: int, concepts: tuple[str, ...]):
+def grounding_examples(
+    teacher,
+    nst_student,
+    test: dict,
+    vocab,
+    *,
+    num_sentences: int,
+    num_clips: int,
+    concepts: tuple[str, ...],
+):
   """Heatmap panels and top-3 retrieval listings for a few held-out captions.
 
   Sentences are held-out captions naming one concept each (distinct concepts); the columns are
@@ -151,23 +175,48 @@ def grounding_examples(teacher, nst_student, test: dict, vocab, *, num_sentences
     real = [t for t in range(ids.shape[1]) if mask[row, t] and ids[row, t] not in vocab.special_ids]
     tokens = [vocab.tokens[int(ids[row, t])] for t in real]
     for who, vectors in (("teacher", teacher_tokens), ("NST student (head)", student_tokens)):
-      panels.append(grounding.GroundingPanel(
-          title=f"{who}: clip #{index} ({named[index][0]})", tokens=tokens, clip_labels=labels,
-          scores=grounding.token_clip_similarity(vectors[row][real], clips)))
+      panels.append(
+          grounding.GroundingPanel(
+              title=f"{who}: clip #{index} ({named[index][0]})",
+              tokens=tokens,
+              clip_labels=labels,
+              scores=grounding.token_clip_similarity(vectors[row][real], clips),
+          )
+      )
   listings = {
-      "teacher": grounding.retrieval_listing(test["teacher"][sentences], test["clip"], captions, k=3),
-      "NST student (head)": grounding.retrieval_listing(test["head/nst"][sentences], test["clip"], captions, k=3),
+      "teacher": grounding.retrieval_listing(
+          test["teacher"][sentences], test["clip"], captions, k=3
+      ),
+      "NST student (head)": grounding.retrieval_listing(
+          test["head/nst"][sentences], test["clip"], captions, k=3
+      ),
   }
-  examples = [{"clip": int(i), "caption": captions[i],
-               **{who: [{"clip": j, "score": s, "caption": c} for j, s, c in listing[n]]
-                  for who, listing in listings.items()}}
-              for n, i in enumerate(sentences)]
+  examples = [
+      {
+          "clip": int(i),
+          "caption": captions[i],
+          **{
+              who: [{"clip": j, "score": s, "caption": c} for j, s, c in listing[n]]
+              for who, listing in listings.items()
+          },
+      }
+      for n, i in enumerate(sentences)
+  ]
   return panels, examples
 
 
-def run_probe(*, teacher_config, student_configs: dict, student_workdirs: dict, out_dir: str,
-              max_train_clips: int, max_test_clips: int, num_sentences: int = 2,
-              num_clips: int = 6, log=print) -> dict:
+def run_probe(
+    *,
+    teacher_config,
+    student_configs: dict,
+    student_workdirs: dict,
+    out_dir: str,
+    max_train_clips: int,
+    max_test_clips: int,
+    num_sentences: int = 2,
+    num_clips: int = 6,
+    log=print,
+) -> dict:
   """Loads the teacher and the students, reads the clips, scores every row, draws the heatmap.
 
   `student_configs[name]` is the distill config of each student, `student_workdirs[name]` its
@@ -175,29 +224,59 @@ def run_probe(*, teacher_config, student_configs: dict, student_workdirs: dict, 
   """
   from vidlankd_jax import sharding
   from vidlankd_jax.data import vocab as vocab_lib
+
   nst_config = student_configs["nst"]
   mesh = sharding.make_mesh(nst_config.mesh)
   teacher = distill.load_teacher(nst_config, mesh)
-  students = {name: load_student(cfg, student_workdirs[name], mesh) for name, cfg in student_configs.items()}
+  students = {
+      name: load_student(cfg, student_workdirs[name], mesh) for name, cfg in student_configs.items()
+  }
   data_cfg = ml_collections.ConfigDict(teacher_config.data.to_dict())
   data_cfg.vocab_file = common.resolve_vocab(teacher_config)
   batch_size = int(teacher_config.eval.batch_size)
-  train = read_clips(teacher, students, data_cfg, mesh, "train", max_clips=max_train_clips, batch_size=batch_size)
-  test = read_clips(teacher, students, data_cfg, mesh, "validation", max_clips=max_test_clips, batch_size=batch_size)
-  log(f"probe: {len(train['clip'])} training clips fit the linear maps, {len(test['clip'])} held-out "
-      "clips are ranked")
+  train = read_clips(
+      teacher, students, data_cfg, mesh, "train", max_clips=max_train_clips, batch_size=batch_size
+  )
+  test = read_clips(
+      teacher,
+      students,
+      data_cfg,
+      mesh,
+      "validation",
+      max_clips=max_test_clips,
+      batch_size=batch_size,
+  )
+  log(
+      f"probe: {len(train['clip'])} training clips fit the linear maps, {len(test['clip'])} held-out "
+      "clips are ranked"
+  )
   rows = {"teacher (zero-shot)": teacher_lib.retrieval_metrics(test["teacher"], test["clip"])}
   for name in students:
     if f"head/{name}" in test:
-      rows[f"{name} student, NST head (zero-shot)"] = teacher_lib.retrieval_metrics(test[f"head/{name}"], test["clip"])
+      rows[f"{name} student, NST head (zero-shot)"] = teacher_lib.retrieval_metrics(
+          test[f"head/{name}"], test["clip"]
+      )
   for name in students:
-    rows[f"{name} student, linear probe"] = linear_probe(train[f"pooled/{name}"], train["clip"],
-                                                         test[f"pooled/{name}"], test["clip"])
+    rows[f"{name} student, linear probe"] = linear_probe(
+        train[f"pooled/{name}"], train["clip"], test[f"pooled/{name}"], test["clip"]
+    )
   vocab = vocab_lib.WordPieceVocabulary(data_cfg.vocab_file)
   concepts = tuple(synthetic.CONCEPT_NAMES)
-  panels, examples = grounding_examples(teacher, students["nst"], test, vocab, num_sentences=num_sentences,
-                                        num_clips=num_clips, concepts=concepts)
+  panels, examples = grounding_examples(
+      teacher,
+      students["nst"],
+      test,
+      vocab,
+      num_sentences=num_sentences,
+      num_clips=num_clips,
+      concepts=concepts,
+  )
   heatmap = os.path.join(out_dir, "grounding.png")
   grounding.plot_grounding_heatmaps(panels, heatmap)
-  return {"rows": rows, "examples": examples, "heatmap": heatmap,
-          "train_clips": len(train["clip"]), "test_clips": len(test["clip"])}
+  return {
+      "rows": rows,
+      "examples": examples,
+      "heatmap": heatmap,
+      "train_clips": len(train["clip"]),
+      "test_clips": len(test["clip"]),
+  }

@@ -11,7 +11,11 @@ from vidlankd_jax.evaluation import plots
 from vidlankd_jax.train.finetune import format_cell, markdown_table
 
 CURVE_METRICS = r"^train/(loss|mlm_loss|contrastive_loss|nst_loss|mlm_accuracy)$"
-PROBE_TRAINED = ("nst student, linear probe", "base student, linear probe", "untrained student, linear probe")
+PROBE_TRAINED = (
+    "nst student, linear probe",
+    "base student, linear probe",
+    "untrained student, linear probe",
+)
 
 
 def number(value, digits: int = 3) -> str:
@@ -21,7 +25,10 @@ def number(value, digits: int = 3) -> str:
 def teacher_table(teacher: dict) -> str:
   """Recall@k of the teacher's text-to-clip retrieval next to chance (k / number of clips)."""
   n = teacher["eval/retrieval_clips"]
-  rows = [[f"recall@{k}", number(teacher[f"eval/recall@{k}"]), number(min(k / n, 1.0))] for k in (1, 5, 10)]
+  rows = [
+      [f"recall@{k}", number(teacher[f"eval/recall@{k}"]), number(min(k / n, 1.0))]
+      for k in (1, 5, 10)
+  ]
   rows.append(["median rank", f"{teacher['eval/median_rank']:.0f}", f"{(n + 1) / 2:.0f}"])
   return markdown_table(["metric", "teacher", "chance"], rows)
 
@@ -34,25 +41,56 @@ def student_table(records) -> str:
   ft = {k: records[f"finetune_{k}"].result for k in ("nst", "base")}
   metric = ft["nst"]["primary_metric"]
   rows = [
-      ["MLM accuracy, held-out Wikipedia", number(nst["eval/mlm_accuracy"]), number(base["eval/mlm_accuracy"]), "-", "-"],
-      ["linear CKA with the teacher's token states", number(nst.get("eval/teacher_cka")),
-       number(base.get("eval/teacher_cka")), "-", "-"],
+      [
+          "MLM accuracy, held-out Wikipedia",
+          number(nst["eval/mlm_accuracy"]),
+          number(base["eval/mlm_accuracy"]),
+          "-",
+          "-",
+      ],
+      [
+          "linear CKA with the teacher's token states",
+          number(nst.get("eval/teacher_cka")),
+          number(base.get("eval/teacher_cka")),
+          "-",
+          "-",
+      ],
   ]
   for k in (1, 5):
-    rows.append([f"grounding probe recall@{k} (ridge map to clip vectors)"]
-                + [number(probe[name][f"recall@{k}"]) for name in PROBE_TRAINED] + [number(min(k / n, 1.0))])
+    rows.append(
+        [f"grounding probe recall@{k} (ridge map to clip vectors)"]
+        + [number(probe[name][f"recall@{k}"]) for name in PROBE_TRAINED]
+        + [number(min(k / n, 1.0))]
+    )
   head = probe.get("nst student, NST head (zero-shot)")
-  rows.append(["grounding recall@1 through the NST head, zero-shot", number(head and head["recall@1"]),
-               "no head", "-", number(1 / n)])
-  rows.append([f"movie polarity {metric} (%, mean ± std over seeds)",
-               format_cell(ft["nst"]["summary"].get(metric)), format_cell(ft["base"]["summary"].get(metric)),
-               "-", f"{ft['nst']['majority_baseline'].get(metric, float('nan')):.1f} (majority)"])
-  return markdown_table(["measure", "NST student", "baseline (text only)", "untrained", "chance"], rows)
+  rows.append(
+      [
+          "grounding recall@1 through the NST head, zero-shot",
+          number(head and head["recall@1"]),
+          "no head",
+          "-",
+          number(1 / n),
+      ]
+  )
+  rows.append(
+      [
+          f"movie polarity {metric} (%, mean ± std over seeds)",
+          format_cell(ft["nst"]["summary"].get(metric)),
+          format_cell(ft["base"]["summary"].get(metric)),
+          "-",
+          f"{ft['nst']['majority_baseline'].get(metric, float('nan')):.1f} (majority)",
+      ]
+  )
+  return markdown_table(
+      ["measure", "NST student", "baseline (text only)", "untrained", "chance"], rows
+  )
 
 
 def stages_table(records, total_seconds: float) -> str:
-  rows = [[r.name, "reused" if r.reused else "ran", shards_lib.format_seconds(r.seconds)]
-          for r in records.values()]
+  rows = [
+      [r.name, "reused" if r.reused else "ran", shards_lib.format_seconds(r.seconds)]
+      for r in records.values()
+  ]
   rows.append(["this run, all stages and report", "", shards_lib.format_seconds(total_seconds)])
   return markdown_table(["stage", "status", "time"], rows)
 
@@ -70,10 +108,17 @@ def example_lines(examples: list[dict]) -> str:
 def write_report(workdir: str, records, *, steps: dict, total_seconds: float) -> str:
   """Writes loss_curves.png, grounding.png and summary.md into `workdir`; returns summary.md."""
   curves = os.path.join(workdir, "loss_curves.png")
-  plots.plot_runs({"teacher": os.path.join(workdir, "teacher"),
-                   "NST student": os.path.join(workdir, "student_nst"),
-                   "baseline student": os.path.join(workdir, "student_base")},
-                  curves, metrics=CURVE_METRICS, smooth=0.6, title="VidLanKD demo: training curves")
+  plots.plot_runs(
+      {
+          "teacher": os.path.join(workdir, "teacher"),
+          "NST student": os.path.join(workdir, "student_nst"),
+          "baseline student": os.path.join(workdir, "student_base"),
+      },
+      curves,
+      metrics=CURVE_METRICS,
+      smooth=0.6,
+      title="VidLanKD demo: training curves",
+  )
   heatmap = os.path.join(workdir, "grounding.png")
   shutil.copyfile(os.path.join(workdir, "probe", "grounding.png"), heatmap)
   data = records["data"].result

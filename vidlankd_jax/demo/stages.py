@@ -41,6 +41,7 @@ def read_marker(stage_dir: str) -> dict | None:
 @dataclasses.dataclass
 class StageRecord:
   """What one stage did in this run: its result, its time, whether it was reused."""
+
   name: str
   title: str
   result: dict
@@ -62,8 +63,14 @@ class StageRunner:
   def stage_dir(self, name: str) -> str:
     return os.path.join(self.workdir, name)
 
-  def run(self, name: str, title: str, settings: dict, fn: Callable[[str], dict],
-          after: tuple[str, ...] = ()) -> StageRecord:
+  def run(
+      self,
+      name: str,
+      title: str,
+      settings: dict,
+      fn: Callable[[str], dict],
+      after: tuple[str, ...] = (),
+  ) -> StageRecord:
     """`fn(stage_dir) -> result` unless an identical finished run of the stage is there.
 
     `after` names earlier stages whose outputs this one reads: redoing one of them redoes this.
@@ -74,13 +81,19 @@ class StageRunner:
     index = len(self.records) + 1
     marker = read_marker(stage_dir)
     if marker is not None and marker["fingerprint"] == fingerprint:
-      self.log(f"=== [{index}/{self.num_stages}] {title}: reusing the finished stage in {stage_dir} "
-               f"(took {shards_lib.format_seconds(marker['seconds'])}) ===")
-      record = StageRecord(name, title, marker["result"], float(marker["seconds"]), True, marker["run_id"])
+      self.log(
+          f"=== [{index}/{self.num_stages}] {title}: reusing the finished stage in {stage_dir} "
+          f"(took {shards_lib.format_seconds(marker['seconds'])}) ==="
+      )
+      record = StageRecord(
+          name, title, marker["result"], float(marker["seconds"]), True, marker["run_id"]
+      )
     else:
       if os.path.exists(stage_dir):
         why = "its settings changed" if marker is not None else "it did not finish"
-        self.log(f"--- {stage_dir} holds an earlier run of this stage but {why}: redoing it from scratch")
+        self.log(
+            f"--- {stage_dir} holds an earlier run of this stage but {why}: redoing it from scratch"
+        )
         shutil.rmtree(stage_dir)
       self.log(f"\n=== [{index}/{self.num_stages}] {title} ===")
       os.makedirs(stage_dir)
@@ -88,10 +101,18 @@ class StageRunner:
       result = fn(stage_dir)
       seconds = time.perf_counter() - start
       record = StageRecord(name, title, result, seconds, False, uuid.uuid4().hex)
-      shards_lib.write_json_atomic(os.path.join(stage_dir, MARKER), {
-          "stage": name, "fingerprint": fingerprint, "settings": settings, "result": result,
-          "seconds": seconds, "run_id": record.run_id,
-          "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+      shards_lib.write_json_atomic(
+          os.path.join(stage_dir, MARKER),
+          {
+              "stage": name,
+              "fingerprint": fingerprint,
+              "settings": settings,
+              "result": result,
+              "seconds": seconds,
+              "run_id": record.run_id,
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+          },
+      )
       self.log(f"=== {title}: done in {shards_lib.format_seconds(seconds)} ===")
     self.records[name] = record
     return record

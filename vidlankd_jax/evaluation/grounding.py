@@ -27,6 +27,7 @@ from vidlankd_jax.models.video import l2_normalize
 @dataclasses.dataclass
 class GroundingPanel:
   """One heatmap: `scores` [L, K] of the L `tokens` (rows) against the K `clip_labels` (columns)."""
+
   title: str
   tokens: list[str]
   clip_labels: list[str]
@@ -36,8 +37,10 @@ class GroundingPanel:
 @functools.lru_cache(maxsize=32)
 def _jitted(graphdef: nnx.GraphDef, fn: Callable) -> Callable:
   """`fn(model, *args)` jitted over the model's state; one compile per model structure."""
+
   def pure(state, *args):
     return fn(nnx.merge(graphdef, state), *args)
+
   return jax.jit(pure)
 
 
@@ -51,10 +54,15 @@ def _text_inputs(input_ids, attention_mask, token_type_ids):
   input_ids = jnp.asarray(input_ids, jnp.int32)
   attention_mask = jnp.asarray(attention_mask, jnp.int32)
   if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
-    raise ValueError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} "
-                     "must both be [batch, length]")
-  token_type_ids = (jnp.zeros_like(input_ids) if token_type_ids is None
-                    else jnp.asarray(token_type_ids, jnp.int32))
+    raise ValueError(
+        f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} "
+        "must both be [batch, length]"
+    )
+  token_type_ids = (
+      jnp.zeros_like(input_ids)
+      if token_type_ids is None
+      else jnp.asarray(token_type_ids, jnp.int32)
+  )
   return input_ids, attention_mask, token_type_ids
 
 
@@ -69,9 +77,12 @@ def _teacher_clips(teacher, features, mask):
 @functools.lru_cache(maxsize=None)
 def _student_head(head: str) -> Callable:
   """The student's last hidden states through head `head` (no vocabulary logits computed)."""
+
   def fn(student, input_ids, attention_mask, token_type_ids):
-    return student.kd_heads[head](student.language.bert.encode(input_ids, attention_mask,
-                                                               token_type_ids))
+    return student.kd_heads[head](
+        student.language.bert.encode(input_ids, attention_mask, token_type_ids)
+    )
+
   return fn
 
 
@@ -85,29 +96,40 @@ def teacher_clip_vectors(teacher, video_features, video_mask) -> np.ndarray:
   features = jnp.asarray(video_features, jnp.float32)
   mask = jnp.asarray(video_mask, jnp.int32)
   if features.ndim != 3 or mask.shape != features.shape[:2]:
-    raise ValueError(f"video_features {features.shape} must be [batch, steps, width] and "
-                     f"video_mask {mask.shape} [batch, steps]")
+    raise ValueError(
+        f"video_features {features.shape} must be [batch, steps, width] and "
+        f"video_mask {mask.shape} [batch, steps]"
+    )
   return _call(teacher, _teacher_clips, features, mask)
 
 
-def student_token_vectors(student, input_ids, attention_mask, token_type_ids=None,
-                          head: str = "nst") -> np.ndarray:
+def student_token_vectors(
+    student, input_ids, attention_mask, token_type_ids=None, head: str = "nst"
+) -> np.ndarray:
   """[B, L, H_teacher] unit token vectors of a `Student` through its distillation head `head`."""
   if head not in FEATURE_OBJECTIVES:
-    raise ValueError(f"head {head!r} does not map tokens into the teacher's space; "
-                     f"one of {FEATURE_OBJECTIVES} is needed")
+    raise ValueError(
+        f"head {head!r} does not map tokens into the teacher's space; "
+        f"one of {FEATURE_OBJECTIVES} is needed"
+    )
   if head not in student.kd_heads:
-    raise ValueError(f"the student has no {head!r} distillation head (it has "
-                     f"{sorted(student.kd_heads.keys())})")
-  return _call(student, _student_head(head), *_text_inputs(input_ids, attention_mask, token_type_ids))
+    raise ValueError(
+        f"the student has no {head!r} distillation head (it has "
+        f"{sorted(student.kd_heads.keys())})"
+    )
+  return _call(
+      student, _student_head(head), *_text_inputs(input_ids, attention_mask, token_type_ids)
+  )
 
 
 def token_clip_similarity(tokens: np.ndarray, clips: np.ndarray) -> np.ndarray:
   """Cosine similarity [L, K] of token vectors [L, H] and clip vectors [K, H]."""
   tokens, clips = np.asarray(tokens, np.float32), np.asarray(clips, np.float32)
   if tokens.ndim != 2 or clips.ndim != 2 or tokens.shape[1] != clips.shape[1]:
-    raise ValueError(f"tokens {tokens.shape} and clips {clips.shape} must be [L, H] and [K, H] "
-                     "with the same H (a student is read through its distillation head)")
+    raise ValueError(
+        f"tokens {tokens.shape} and clips {clips.shape} must be [L, H] and [K, H] "
+        "with the same H (a student is read through its distillation head)"
+    )
   return np.asarray(l2_normalize(jnp.asarray(tokens)) @ l2_normalize(jnp.asarray(clips)).T)
 
 
@@ -117,8 +139,9 @@ def sentence_vectors(token_vectors: np.ndarray, attention_mask: np.ndarray) -> n
   return np.sum(np.asarray(token_vectors, np.float32) * mask, 1) / np.maximum(mask.sum(1), 1.0)
 
 
-def retrieval_listing(sentence_vectors: np.ndarray, clip_vectors: np.ndarray,
-                      captions: Sequence[str], k: int = 5) -> list[list[tuple[int, float, str]]]:
+def retrieval_listing(
+    sentence_vectors: np.ndarray, clip_vectors: np.ndarray, captions: Sequence[str], k: int = 5
+) -> list[list[tuple[int, float, str]]]:
   """Top-`k` clips per sentence, best first: (clip index, score, caption).
 
   The score of a sentence against a clip is its mean token vector . the clip vector, as in the
@@ -147,8 +170,9 @@ def figure_size(panels: Sequence[GroundingPanel], columns: int) -> tuple[float, 
   return columns * (3.0 + 0.45 * width), rows * (2.0 + 0.3 * height)
 
 
-def plot_grounding_heatmaps(panels: Sequence[GroundingPanel], output_path: str, *,
-                            columns: int = 2) -> None:
+def plot_grounding_heatmaps(
+    panels: Sequence[GroundingPanel], output_path: str, *, columns: int = 2
+) -> None:
   """One heatmap per panel (tokens down, clips across) in a grid, written atomically as a PNG."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
@@ -157,8 +181,10 @@ def plot_grounding_heatmaps(panels: Sequence[GroundingPanel], output_path: str, 
     raise ValueError("no grounding panels to plot")
   for p in panels:
     if np.shape(p.scores) != (len(p.tokens), len(p.clip_labels)):
-      raise ValueError(f"panel {p.title!r}: scores of shape {np.shape(p.scores)} do not match "
-                       f"{len(p.tokens)} tokens x {len(p.clip_labels)} clips")
+      raise ValueError(
+          f"panel {p.title!r}: scores of shape {np.shape(p.scores)} do not match "
+          f"{len(p.tokens)} tokens x {len(p.clip_labels)} clips"
+      )
   fig = Figure(figsize=figure_size(panels, columns), layout="constrained")
   columns = max(1, min(columns, len(panels)))
   rows = math.ceil(len(panels) / columns)

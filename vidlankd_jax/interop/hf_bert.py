@@ -26,8 +26,14 @@ IGNORED_KEYS = ("embeddings.position_ids", "cls.seq_relationship.", "cls.predict
 
 _EMBEDDINGS = {
     "embeddings.word_embeddings.weight": (("embeddings", "word_embeddings", "embedding"), False),
-    "embeddings.position_embeddings.weight": (("embeddings", "position_embeddings", "embedding"), False),
-    "embeddings.token_type_embeddings.weight": (("embeddings", "token_type_embeddings", "embedding"), False),
+    "embeddings.position_embeddings.weight": (
+        ("embeddings", "position_embeddings", "embedding"),
+        False,
+    ),
+    "embeddings.token_type_embeddings.weight": (
+        ("embeddings", "token_type_embeddings", "embedding"),
+        False,
+    ),
     "embeddings.LayerNorm.weight": (("embeddings", "layer_norm", "scale"), False),
     "embeddings.LayerNorm.bias": (("embeddings", "layer_norm", "bias"), False),
     "pooler.dense.weight": (("pooler", "kernel"), True),
@@ -79,27 +85,38 @@ def config_from_hf(config: dict, **overrides) -> BertConfig:
   if config.get("position_embedding_type", "absolute") != "absolute":
     raise ValueError("config.json: only absolute position embeddings are supported")
   return BertConfig(
-      vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-      num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+      vocab_size=config["vocab_size"],
+      hidden_size=config["hidden_size"],
+      num_layers=config["num_hidden_layers"],
+      num_heads=config["num_attention_heads"],
       intermediate_size=config["intermediate_size"],
       max_position_embeddings=config.get("max_position_embeddings", 512),
       type_vocab_size=config.get("type_vocab_size", 2),
       hidden_dropout=config.get("hidden_dropout_prob", 0.1),
       attention_dropout=config.get("attention_probs_dropout_prob", 0.1),
       layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-      initializer_range=config.get("initializer_range", 0.02), **overrides)
+      initializer_range=config.get("initializer_range", 0.02),
+      **overrides,
+  )
 
 
 def config_to_hf(cfg: BertConfig, architectures: Iterable[str] = ("BertForMaskedLM",)) -> dict:
   return {
-      "architectures": list(architectures), "model_type": "bert", "hidden_act": "gelu",
-      "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+      "architectures": list(architectures),
+      "model_type": "bert",
+      "hidden_act": "gelu",
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
       "intermediate_size": cfg.intermediate_size,
       "max_position_embeddings": cfg.max_position_embeddings,
-      "type_vocab_size": cfg.type_vocab_size, "hidden_dropout_prob": cfg.hidden_dropout,
-      "attention_probs_dropout_prob": cfg.attention_dropout, "layer_norm_eps": cfg.layer_norm_eps,
-      "initializer_range": cfg.initializer_range, "pad_token_id": 0,
+      "type_vocab_size": cfg.type_vocab_size,
+      "hidden_dropout_prob": cfg.hidden_dropout,
+      "attention_probs_dropout_prob": cfg.attention_dropout,
+      "layer_norm_eps": cfg.layer_norm_eps,
+      "initializer_range": cfg.initializer_range,
+      "pad_token_id": 0,
       "position_embedding_type": "absolute",
   }
 
@@ -110,6 +127,7 @@ def read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
   pt_path = os.path.join(model_dir, "pytorch_model.bin")
   if os.path.exists(st_path):
     from safetensors.numpy import load_file
+
     try:
       tensors = load_file(st_path)
     except Exception as e:  # safetensors raises several error types for damaged files
@@ -126,8 +144,10 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise ImportError(f"{path}: reading PyTorch checkpoints needs torch "
-                      "(pip install torch, CPU build is enough)") from e
+    raise ImportError(
+        f"{path}: reading PyTorch checkpoints needs torch "
+        "(pip install torch, CPU build is enough)"
+    ) from e
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several error types for damaged files
@@ -142,8 +162,10 @@ def normalise_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   out = {}
   for key, value in state_dict.items():
     if key.startswith("module."):
-      key = key[len("module."):]
-    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+      key = key[len("module.") :]
+    key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+        "LayerNorm.beta", "LayerNorm.bias"
+    )
     out[key] = value
   return out
 
@@ -161,12 +183,16 @@ def assign(module: nnx.Module, path: tuple, value: np.ndarray, key: str) -> None
   var = variable(module, path)
   current = var.get_value()
   if tuple(current.shape) != tuple(value.shape):
-    raise ValueError(f"checkpoint tensor {key!r}: shape {tuple(value.shape)} does not fit "
-                     f"{'.'.join(map(str, path))} of shape {tuple(current.shape)}")
+    raise ValueError(
+        f"checkpoint tensor {key!r}: shape {tuple(value.shape)} does not fit "
+        f"{'.'.join(map(str, path))} of shape {tuple(current.shape)}"
+    )
   var.set_value(jax.device_put(jnp.asarray(value, current.dtype), current.sharding))
 
 
-def load_state_dict(model: BertModel | BertForMaskedLM, state_dict: dict[str, np.ndarray]) -> list[str]:
+def load_state_dict(
+    model: BertModel | BertForMaskedLM, state_dict: dict[str, np.ndarray]
+) -> list[str]:
   """Copies a HF-named state dict into `model` in place; returns the keys it did not use.
 
   Every encoder weight (and, for BertForMaskedLM, every MLM-head weight) must be present with the
@@ -177,21 +203,23 @@ def load_state_dict(model: BertModel | BertForMaskedLM, state_dict: dict[str, np
   prefix = "bert." if any(k.startswith("bert.") for k in state_dict) else ""
   targets: dict[str, tuple[nnx.Module, tuple, bool]] = {
       prefix + k: (encoder, path, transpose)
-      for k, (path, transpose) in encoder_key_map(encoder.config.num_layers).items()}
+      for k, (path, transpose) in encoder_key_map(encoder.config.num_layers).items()
+  }
   if isinstance(model, BertForMaskedLM):
     targets.update({k: (model.mlm, path, transpose) for k, (path, transpose) in _MLM_HEAD.items()})
   missing = sorted(k for k in targets if k not in state_dict)
   # A pooler is absent from BertForMaskedLM checkpoints: keep the fresh one rather than fail.
   missing = [k for k in missing if not k.endswith(("pooler.dense.weight", "pooler.dense.bias"))]
   if missing:
-    raise ValueError(f"checkpoint lacks {len(missing)} weight(s) the model needs: {missing[:8]}"
-                     + (" ..." if len(missing) > 8 else ""))
+    raise ValueError(
+        f"checkpoint lacks {len(missing)} weight(s) the model needs: {missing[:8]}"
+        + (" ..." if len(missing) > 8 else "")
+    )
   for key, (module, path, transpose) in targets.items():
     if key in state_dict:
       value = state_dict[key]
       assign(module, path, value.T if transpose else value, key)
-  return sorted(k for k in state_dict
-                if k not in targets and not any(i in k for i in IGNORED_KEYS))
+  return sorted(k for k in state_dict if k not in targets and not any(i in k for i in IGNORED_KEYS))
 
 
 def to_state_dict(model: BertModel | BertForMaskedLM) -> dict[str, np.ndarray]:
@@ -219,9 +247,12 @@ def to_state_dict(model: BertModel | BertForMaskedLM) -> dict[str, np.ndarray]:
   return out
 
 
-def save_pretrained(model: BertModel | BertForMaskedLM, out_dir: str, vocab_file: str | None = None) -> None:
+def save_pretrained(
+    model: BertModel | BertForMaskedLM, out_dir: str, vocab_file: str | None = None
+) -> None:
   """Writes `config.json` and `model.safetensors` (and `vocab.txt` if given) in HF format."""
   from safetensors.numpy import save_file
+
   os.makedirs(out_dir, exist_ok=True)
   with_head = isinstance(model, BertForMaskedLM)
   cfg = model.config
@@ -236,7 +267,10 @@ def save_pretrained(model: BertModel | BertForMaskedLM, out_dir: str, vocab_file
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(config_to_hf(cfg, arch), f, indent=2)
   if vocab_file:
-    with open(vocab_file, encoding="utf-8") as src, open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as dst:
+    with (
+        open(vocab_file, encoding="utf-8") as src,
+        open(os.path.join(out_dir, "vocab.txt"), "w", encoding="utf-8") as dst,
+    ):
       dst.write(src.read())
 
 
@@ -251,27 +285,38 @@ def read_config(model_dir: str, **overrides) -> BertConfig:
     raise ValueError(f"{path}: not a BERT config ({e})") from e
 
 
-def from_pretrained(model_dir: str, *, with_mlm_head: bool = False, mesh=None, rules=None,
-                    **config_overrides) -> BertModel | BertForMaskedLM:
+def from_pretrained(
+    model_dir: str, *, with_mlm_head: bool = False, mesh=None, rules=None, **config_overrides
+) -> BertModel | BertForMaskedLM:
   """A BertModel (or BertForMaskedLM) built on `mesh` (default: one device) with HF weights."""
   cfg = read_config(model_dir, **config_overrides)
   mesh = mesh or sharding_lib.single_device_mesh()
   cls = BertForMaskedLM if with_mlm_head else BertModel
-  model = sharding_lib.create_sharded(lambda: cls(cfg, rngs=nnx.Rngs(0)), mesh,
-                                      rules or sharding_lib.DEFAULT_RULES)
+  model = sharding_lib.create_sharded(
+      lambda: cls(cfg, rngs=nnx.Rngs(0)), mesh, rules or sharding_lib.DEFAULT_RULES
+  )
   state = read_state_dict(model_dir)
   if with_mlm_head and not any(k.startswith("cls.predictions.") for k in normalise_keys(state)):
-    raise ValueError(f"{model_dir}: has no MLM head (cls.predictions.*); load with with_mlm_head=False")
+    raise ValueError(
+        f"{model_dir}: has no MLM head (cls.predictions.*); load with with_mlm_head=False"
+    )
   load_state_dict(model, state)
   return model
 
 
-def encode(model_dir: str, input_ids, attention_mask, token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:
+def encode(
+    model_dir: str, input_ids, attention_mask, token_type_ids=None
+) -> tuple[np.ndarray, np.ndarray]:
   """(last_hidden_state [B, L, H], pooled_output [B, H]) of a HF BERT directory, as numpy."""
   model = from_pretrained(model_dir)
   input_ids = jnp.asarray(input_ids, jnp.int32)
   attention_mask = jnp.asarray(attention_mask, jnp.int32)
-  token_type_ids = (jnp.zeros_like(input_ids) if token_type_ids is None
-                    else jnp.asarray(token_type_ids, jnp.int32))
-  hidden, pooled = nnx.jit(lambda m, a, b, c: m(a, b, c))(model, input_ids, attention_mask, token_type_ids)
+  token_type_ids = (
+      jnp.zeros_like(input_ids)
+      if token_type_ids is None
+      else jnp.asarray(token_type_ids, jnp.int32)
+  )
+  hidden, pooled = nnx.jit(lambda m, a, b, c: m(a, b, c))(
+      model, input_ids, attention_mask, token_type_ids
+  )
   return np.asarray(hidden), np.asarray(pooled)

@@ -51,7 +51,10 @@ VIDEO_FILE = "visn_model.chkpt"
 # Released keys that carry no weight of our models (prefixes).
 UNUSED_TEACHER_LANGUAGE = ("visual_hinge_head.",)
 UNUSED_STUDENT = ("kd2_teacher_head.",)
-UNUSED_VIDEO = ("backbone.bert.embeddings.word_embeddings.", "backbone.bert.embeddings.position_ids")
+UNUSED_VIDEO = (
+    "backbone.bert.embeddings.word_embeddings.",
+    "backbone.bert.embeddings.position_ids",
+)
 
 # Released student head prefix -> our objective name; released head layer -> ours.
 STUDENT_HEADS = {"kd1_student_head.": "nst", "kd2_student_head.": "ntxent"}
@@ -64,15 +67,28 @@ _TRANSPOSE, _SWAP_ROWS, _FIRST_ROWS = "transpose", "swap_rows", "first_rows"
 def video_key_map(num_layers: int) -> dict[str, tuple[tuple, str | None]]:
   """Released video key -> (path in our VideoEncoder, transform: transpose, swap_rows,
   first_rows or None)."""
+
   def linear(prefix, ours):
-    return {f"{prefix}.weight": ((ours, "kernel"), _TRANSPOSE), f"{prefix}.bias": ((ours, "bias"), None)}
+    return {
+        f"{prefix}.weight": ((ours, "kernel"), _TRANSPOSE),
+        f"{prefix}.bias": ((ours, "bias"), None),
+    }
+
   table = {
       **linear("backbone.video_encoder.new_video_embeddings.0", "projection_in"),
       **linear("backbone.video_encoder.new_video_embeddings.1", "projection_out"),
       **linear("mlp_map.0", "clip_mlp_in"),
       **linear("mlp_map.3", "clip_mlp_out"),
-      _VIDEO_BERT + "embeddings.position_embeddings.weight": (("position_embeddings", "embedding"), _FIRST_ROWS),
-      _VIDEO_BERT + "embeddings.token_type_embeddings.weight": (("token_type_embeddings", "embedding"), _SWAP_ROWS),
+      _VIDEO_BERT
+      + "embeddings.position_embeddings.weight": (
+          ("position_embeddings", "embedding"),
+          _FIRST_ROWS,
+      ),
+      _VIDEO_BERT
+      + "embeddings.token_type_embeddings.weight": (
+          ("token_type_embeddings", "embedding"),
+          _SWAP_ROWS,
+      ),
       _VIDEO_BERT + "embeddings.LayerNorm.weight": (("layer_norm", "scale"), None),
       _VIDEO_BERT + "embeddings.LayerNorm.bias": (("layer_norm", "bias"), None),
   }
@@ -95,23 +111,34 @@ def _unknown(keys, unused: tuple[str, ...]) -> list[str]:
 
 def _check_all_used(where: str, unknown: list[str]) -> None:
   if unknown:
-    raise ValueError(f"{where}: {len(unknown)} tensor(s) this import does not know: {unknown[:8]}"
-                     + (" ..." if len(unknown) > 8 else ""))
+    raise ValueError(
+        f"{where}: {len(unknown)} tensor(s) this import does not know: {unknown[:8]}"
+        + (" ..." if len(unknown) > 8 else "")
+    )
 
 
 def video_architecture(state_dict: dict[str, np.ndarray], where: str) -> dict[str, int]:
   """Sizes of a released video model read off its tensor shapes (all but the number of heads)."""
+
   def shape(key):
     if key not in state_dict:
       raise ValueError(f"{where}: lacks {key!r}; is this a released VidLanKD visn_model.chkpt?")
     return state_dict[key].shape
+
   projection, input_dim = shape("backbone.video_encoder.new_video_embeddings.0.weight")
   max_steps, hidden = shape(_VIDEO_BERT + "embeddings.position_embeddings.weight")
-  layers = {int(k.split(".")[4]) for k in state_dict if k.startswith(_VIDEO_BERT + "encoder.layer.")}
-  return {"input_dim": int(input_dim), "projection_dim": int(projection),
-          "max_steps": int(max_steps), "hidden_size": int(hidden), "num_layers": len(layers),
-          "intermediate_size": int(shape(_VIDEO_BERT + "encoder.layer.0.intermediate.dense.weight")[0]),
-          "type_vocab_size": int(shape(_VIDEO_BERT + "embeddings.token_type_embeddings.weight")[0])}
+  layers = {
+      int(k.split(".")[4]) for k in state_dict if k.startswith(_VIDEO_BERT + "encoder.layer.")
+  }
+  return {
+      "input_dim": int(input_dim),
+      "projection_dim": int(projection),
+      "max_steps": int(max_steps),
+      "hidden_size": int(hidden),
+      "num_layers": len(layers),
+      "intermediate_size": int(shape(_VIDEO_BERT + "encoder.layer.0.intermediate.dense.weight")[0]),
+      "type_vocab_size": int(shape(_VIDEO_BERT + "embeddings.token_type_embeddings.weight")[0]),
+  }
 
 
 def load_video(video: VideoEncoder, state_dict: dict[str, np.ndarray], where: str) -> None:
@@ -119,27 +146,37 @@ def load_video(video: VideoEncoder, state_dict: dict[str, np.ndarray], where: st
   table = video_key_map(video.config.num_layers)
   missing = sorted(k for k in table if k not in state_dict)
   if missing:
-    raise ValueError(f"{where}: lacks {len(missing)} tensor(s) the video encoder needs: {missing[:8]}"
-                     + (" ..." if len(missing) > 8 else ""))
+    raise ValueError(
+        f"{where}: lacks {len(missing)} tensor(s) the video encoder needs: {missing[:8]}"
+        + (" ..." if len(missing) > 8 else "")
+    )
   _check_all_used(where, _unknown((k for k in state_dict if k not in table), UNUSED_VIDEO))
   for key, (path, transform) in table.items():
     value = state_dict[key]
     if transform == _TRANSPOSE:
       value = value.T
     elif transform == _FIRST_ROWS:  # a table longer than our max_steps: the steps we can read
-      value = value[:hf_bert.variable(video, path).get_value().shape[0]]
+      value = value[: hf_bert.variable(video, path).get_value().shape[0]]
     elif transform == _SWAP_ROWS:
       if value.shape[0] < 2:
-        raise ValueError(f"{where}: {key!r} has {value.shape[0]} row(s); video steps use token type 1")
+        raise ValueError(
+            f"{where}: {key!r} has {value.shape[0]} row(s); video steps use token type 1"
+        )
       value = np.concatenate([value[1:2], value[0:1], value[2:]])
     hf_bert.assign(video, path, value, f"{where}: {key}")
 
 
-def load_language(model: BertForMaskedLM, state_dict: dict[str, np.ndarray], where: str,
-                  unused: tuple[str, ...] = UNUSED_TEACHER_LANGUAGE) -> None:
+def load_language(
+    model: BertForMaskedLM,
+    state_dict: dict[str, np.ndarray],
+    where: str,
+    unused: tuple[str, ...] = UNUSED_TEACHER_LANGUAGE,
+) -> None:
   """Copies a released language model (BertForMaskedLM names) into `model`; unknown keys are errors."""
   if not any(k.startswith("cls.predictions.") for k in state_dict):
-    raise ValueError(f"{where}: has no MLM head (cls.predictions.*); the released language models have one")
+    raise ValueError(
+        f"{where}: has no MLM head (cls.predictions.*); the released language models have one"
+    )
   try:
     leftover = hf_bert.load_state_dict(model, state_dict)
   except ValueError as e:
@@ -149,8 +186,11 @@ def load_language(model: BertForMaskedLM, state_dict: dict[str, np.ndarray], whe
 
 def student_objectives(state_dict: dict[str, np.ndarray]) -> tuple[str, ...]:
   """Our objective names for the distillation heads a released student carries."""
-  return tuple(name for prefix, name in STUDENT_HEADS.items()
-               if any(k.startswith(prefix) for k in state_dict))
+  return tuple(
+      name
+      for prefix, name in STUDENT_HEADS.items()
+      if any(k.startswith(prefix) for k in state_dict)
+  )
 
 
 def head_output_size(state_dict: dict[str, np.ndarray]) -> int | None:
@@ -170,8 +210,10 @@ def load_student(student: Student, state_dict: dict[str, np.ndarray], where: str
   for prefix, name in heads.items():
     for theirs, ours in _HEAD_LAYERS.items():
       norm = theirs == "layer_norm"
-      for param, ours_param, transpose in (("weight", "scale" if norm else "kernel", not norm),
-                                           ("bias", "bias", False)):
+      for param, ours_param, transpose in (
+          ("weight", "scale" if norm else "kernel", not norm),
+          ("bias", "bias", False),
+      ):
         key = f"{prefix}{theirs}.{param}"
         if key not in state_dict:
           raise ValueError(f"{where}: lacks {key!r} of the {name} distillation head")

@@ -21,6 +21,7 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """Sizes and numerics of a BERT encoder."""
+
   vocab_size: int = 30522
   hidden_size: int = 768
   num_layers: int = 12
@@ -49,30 +50,48 @@ class BertConfig:
     return jnp.dtype(self.dtype)
 
 
-def dense(cfg: BertConfig, in_features: int, out_features: int, axes: tuple, *, rngs: nnx.Rngs) -> nnx.Linear:
+def dense(
+    cfg: BertConfig, in_features: int, out_features: int, axes: tuple, *, rngs: nnx.Rngs
+) -> nnx.Linear:
   """A Linear layer with truncated-normal init and logical axes `axes` = (in, out)."""
   return nnx.Linear(
-      in_features, out_features,
+      in_features,
+      out_features,
       kernel_init=nnx.with_partitioning(
-          nnx.initializers.truncated_normal(cfg.initializer_range), axes),
+          nnx.initializers.truncated_normal(cfg.initializer_range), axes
+      ),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
-      dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
+      dtype=cfg.compute_dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+  )
 
 
 def layer_norm(cfg: BertConfig, features: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(
-      features, epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+      features,
+      epsilon=cfg.layer_norm_eps,
+      dtype=cfg.compute_dtype,
+      param_dtype=jnp.float32,
       scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
-      rngs=rngs)
+      rngs=rngs,
+  )
 
 
-def embedding(cfg: BertConfig, num: int, features: int, axes: tuple, *, rngs: nnx.Rngs) -> nnx.Embed:
+def embedding(
+    cfg: BertConfig, num: int, features: int, axes: tuple, *, rngs: nnx.Rngs
+) -> nnx.Embed:
   return nnx.Embed(
-      num, features,
+      num,
+      features,
       embedding_init=nnx.with_partitioning(
-          nnx.initializers.truncated_normal(cfg.initializer_range), axes),
-      dtype=cfg.compute_dtype, param_dtype=jnp.float32, rngs=rngs)
+          nnx.initializers.truncated_normal(cfg.initializer_range), axes
+      ),
+      dtype=cfg.compute_dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+  )
 
 
 def gelu(x: Array) -> Array:
@@ -84,19 +103,27 @@ class BertEmbeddings(nnx.Module):
   """Word + position + token-type embeddings, LayerNorm, dropout."""
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-    self.word_embeddings = embedding(cfg, cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), rngs=rngs)
+    self.word_embeddings = embedding(
+        cfg, cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), rngs=rngs
+    )
     self.position_embeddings = embedding(
-        cfg, cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"), rngs=rngs)
+        cfg, cfg.max_position_embeddings, cfg.hidden_size, (None, "embed"), rngs=rngs
+    )
     self.token_type_embeddings = embedding(
-        cfg, cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), rngs=rngs)
+        cfg, cfg.type_vocab_size, cfg.hidden_size, (None, "embed"), rngs=rngs
+    )
     self.layer_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
-  def __call__(self, input_ids: Array, token_type_ids: Array, *, rngs: nnx.Rngs | None = None) -> Array:
+  def __call__(
+      self, input_ids: Array, token_type_ids: Array, *, rngs: nnx.Rngs | None = None
+  ) -> Array:
     positions = jnp.arange(input_ids.shape[-1])
-    x = (self.word_embeddings(input_ids)
-         + self.position_embeddings(positions)[None]
-         + self.token_type_embeddings(token_type_ids))
+    x = (
+        self.word_embeddings(input_ids)
+        + self.position_embeddings(positions)[None]
+        + self.token_type_embeddings(token_type_ids)
+    )
     return self.dropout(self.layer_norm(x), deterministic=rngs is None, rngs=rngs)
 
 
@@ -126,7 +153,9 @@ class BertSelfAttention(nnx.Module):
       context = jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation=self.impl)
     else:
       # Attention-probability dropout needs the probabilities: the plain XLA formulation.
-      scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) / jnp.sqrt(h // self.num_heads)
+      scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) / jnp.sqrt(
+          h // self.num_heads
+      )
       scores = jnp.where(key_mask, scores, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1)
       keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.attention_dropout, probs.shape)
@@ -142,7 +171,9 @@ class BertLayer(nnx.Module):
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     self.attention = BertSelfAttention(cfg, rngs=rngs)
-    self.intermediate = dense(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs=rngs)
+    self.intermediate = dense(
+        cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs=rngs
+    )
     self.output = dense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs=rngs)
     self.layer_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
@@ -179,13 +210,25 @@ class BertModel(nnx.Module):
     self.encoder = TransformerStack(cfg, rngs=rngs)
     self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs)
 
-  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, rngs: nnx.Rngs | None = None) -> tuple[Array, Array]:
+  def __call__(
+      self,
+      input_ids: Array,
+      attention_mask: Array,
+      token_type_ids: Array | None = None,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> tuple[Array, Array]:
     hidden = self.encode(input_ids, attention_mask, token_type_ids, rngs=rngs)
     return hidden, self.pool(hidden)
 
-  def encode(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-             *, rngs: nnx.Rngs | None = None) -> Array:
+  def encode(
+      self,
+      input_ids: Array,
+      attention_mask: Array,
+      token_type_ids: Array | None = None,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> Array:
     """Last hidden states only (no pooler): what distillation and token-level losses read."""
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
@@ -207,10 +250,15 @@ class MlmHead(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     self.transform = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs)
     self.layer_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
-    self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab",))(
-        rngs.params(), (cfg.vocab_size,), jnp.float32))
+    self.bias = nnx.Param(
+        nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab",))(
+            rngs.params(), (cfg.vocab_size,), jnp.float32
+        )
+    )
 
-  def __call__(self, hidden: Array, word_embeddings: nnx.Embed, positions: Array | None = None) -> Array:
+  def __call__(
+      self, hidden: Array, word_embeddings: nnx.Embed, positions: Array | None = None
+  ) -> Array:
     """Vocabulary logits (float32) at `positions` [B, P] if given (the masked ones), else everywhere."""
     if positions is not None:
       hidden = gather_positions(hidden, positions)
@@ -227,7 +275,14 @@ class BertForMaskedLM(nnx.Module):
     self.bert = BertModel(cfg, rngs=rngs)
     self.mlm = MlmHead(cfg, rngs=rngs)
 
-  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               mlm_positions: Array | None = None, *, rngs: nnx.Rngs | None = None) -> tuple[Array, Array]:
+  def __call__(
+      self,
+      input_ids: Array,
+      attention_mask: Array,
+      token_type_ids: Array | None = None,
+      mlm_positions: Array | None = None,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> tuple[Array, Array]:
     hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, rngs=rngs)
     return hidden, self.mlm(hidden, self.bert.embeddings.word_embeddings, mlm_positions)

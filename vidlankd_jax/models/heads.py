@@ -35,8 +35,14 @@ class SequenceClassifier(nnx.Module):
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
     self.classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", None), rngs=rngs)
 
-  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, rngs: nnx.Rngs | None = None) -> dict[str, Array]:
+  def __call__(
+      self,
+      input_ids: Array,
+      attention_mask: Array,
+      token_type_ids: Array | None = None,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> dict[str, Array]:
     _, pooled = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs)
     pooled = self.dropout(pooled, deterministic=rngs is None, rngs=rngs)
     return {"logits": self.classifier(pooled).astype(jnp.float32)}
@@ -49,8 +55,14 @@ class SpanExtractor(nnx.Module):
     self.bert = BertModel(cfg, rngs=rngs)
     self.qa_outputs = dense(cfg, cfg.hidden_size, 2, ("embed", None), rngs=rngs)
 
-  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, rngs: nnx.Rngs | None = None) -> dict[str, Array]:
+  def __call__(
+      self,
+      input_ids: Array,
+      attention_mask: Array,
+      token_type_ids: Array | None = None,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> dict[str, Array]:
     hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, rngs=rngs)
     logits = self.qa_outputs(hidden).astype(jnp.float32)
     logits = jnp.where(attention_mask[..., None] > 0, logits, _PAD_LOGIT)
@@ -65,8 +77,14 @@ class MultipleChoice(nnx.Module):
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
     self.classifier = dense(cfg, cfg.hidden_size, 1, ("embed", None), rngs=rngs)
 
-  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               *, rngs: nnx.Rngs | None = None) -> dict[str, Array]:
+  def __call__(
+      self,
+      input_ids: Array,
+      attention_mask: Array,
+      token_type_ids: Array | None = None,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> dict[str, Array]:
     b, c, l = input_ids.shape
     rows = lambda x: None if x is None else x.reshape(b * c, l)
     _, pooled = self.bert(rows(input_ids), rows(attention_mask), rows(token_type_ids), rngs=rngs)
@@ -89,25 +107,36 @@ def build_head(kind: str, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs) -
 
 def classification_loss(logits: Array, labels: Array, weights: Array) -> tuple[Array, dict]:
   """Weighted mean cross-entropy of class logits [B, K] and its accuracy."""
-  return (losses.weighted_cross_entropy(logits, labels, weights),
-          {"accuracy": losses.weighted_accuracy(logits, labels, weights)})
+  return (
+      losses.weighted_cross_entropy(logits, labels, weights),
+      {"accuracy": losses.weighted_accuracy(logits, labels, weights)},
+  )
 
 
 def regression_loss(logits: Array, targets: Array, weights: Array) -> tuple[Array, dict]:
   """Weighted mean squared error of scores [B, 1] (or [B]) against float targets [B]."""
   scores = logits.reshape(targets.shape).astype(jnp.float32)
   weights = weights.astype(jnp.float32)
-  mse = jnp.sum(weights * (scores - targets.astype(jnp.float32)) ** 2) / jnp.maximum(jnp.sum(weights), 1.0)
+  mse = jnp.sum(weights * (scores - targets.astype(jnp.float32)) ** 2) / jnp.maximum(
+      jnp.sum(weights), 1.0
+  )
   return mse, {"mse": mse}
 
 
-def span_loss(start_logits: Array, end_logits: Array, start_positions: Array, end_positions: Array,
-              weights: Array) -> tuple[Array, dict]:
+def span_loss(
+    start_logits: Array,
+    end_logits: Array,
+    start_positions: Array,
+    end_positions: Array,
+    weights: Array,
+) -> tuple[Array, dict]:
   """Mean of the start and end cross-entropies over token positions (position 0 = no answer)."""
   start = losses.weighted_cross_entropy(start_logits, start_positions, weights)
   end = losses.weighted_cross_entropy(end_logits, end_positions, weights)
-  both = ((jnp.argmax(start_logits, -1) == start_positions)
-          & (jnp.argmax(end_logits, -1) == end_positions)).astype(jnp.float32)
+  both = (
+      (jnp.argmax(start_logits, -1) == start_positions)
+      & (jnp.argmax(end_logits, -1) == end_positions)
+  ).astype(jnp.float32)
   weights = weights.astype(jnp.float32)
   exact = jnp.sum(both * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   return (start + end) / 2.0, {"start_loss": start, "end_loss": end, "span_accuracy": exact}
@@ -126,8 +155,13 @@ def task_loss(kind: str, outputs: dict[str, Array], batch: dict[str, Array]) -> 
   if kind == "regression":
     return regression_loss(outputs["logits"], batch["label"], weights)
   if kind == "span":
-    return span_loss(outputs["start_logits"], outputs["end_logits"], batch["start_position"],
-                     batch["end_position"], weights)
+    return span_loss(
+        outputs["start_logits"],
+        outputs["end_logits"],
+        batch["start_position"],
+        batch["end_position"],
+        weights,
+    )
   if kind == "multiple_choice":
     return multiple_choice_loss(outputs["logits"], batch["label"], weights)
   raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")

@@ -57,8 +57,15 @@ class VokenClassifier(nnx.Module):
 class Student(nnx.Module):
   """`language` (BertForMaskedLM) + `kd_heads` (one head per objective that needs one)."""
 
-  def __init__(self, cfg: BertConfig, objectives: Sequence[str], *, teacher_hidden_size: int,
-               num_vokens: int = 0, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: BertConfig,
+      objectives: Sequence[str],
+      *,
+      teacher_hidden_size: int,
+      num_vokens: int = 0,
+      rngs: nnx.Rngs,
+  ):
     self.config = cfg
     self.language = BertForMaskedLM(cfg, rngs=rngs)
     heads = {}
@@ -67,18 +74,27 @@ class Student(nnx.Module):
         heads[name] = DistillationHead(cfg, teacher_hidden_size, rngs=rngs)
       elif name == VOKEN_OBJECTIVE:
         if num_vokens <= 0:
-          raise ValueError(f"the voken objective needs a positive number of vokens, got {num_vokens}")
+          raise ValueError(
+              f"the voken objective needs a positive number of vokens, got {num_vokens}"
+          )
         heads[name] = VokenClassifier(cfg, num_vokens, rngs=rngs)
     self.kd_heads = nnx.Dict(heads)
 
-  def __call__(self, input_ids: Array, attention_mask: Array, token_type_ids: Array | None = None,
-               mlm_positions: Array | None = None, *,
-               rngs: nnx.Rngs | None = None) -> tuple[Array, Array, dict[str, Array]]:
+  def __call__(
+      self,
+      input_ids: Array,
+      attention_mask: Array,
+      token_type_ids: Array | None = None,
+      mlm_positions: Array | None = None,
+      *,
+      rngs: nnx.Rngs | None = None,
+  ) -> tuple[Array, Array, dict[str, Array]]:
     """(last hidden states [B, L, H], MLM logits at `mlm_positions`, head outputs by objective).
 
     A distillation head's output is [B, L, H_teacher], unit norm per token; the voken
     classifier's [B, L, K].
     """
-    hidden, mlm_logits = self.language(input_ids, attention_mask, token_type_ids, mlm_positions,
-                                       rngs=rngs)
+    hidden, mlm_logits = self.language(
+        input_ids, attention_mask, token_type_ids, mlm_positions, rngs=rngs
+    )
     return hidden, mlm_logits, {name: head(hidden) for name, head in self.kd_heads.items()}

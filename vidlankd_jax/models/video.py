@@ -27,11 +27,22 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
 class VideoEncoder(nnx.Module):
   """Returns (clip vector [B, H], L2-normalised; per-step hidden states [B, T, H])."""
 
-  def __init__(self, cfg: BertConfig, *, input_dim: int, projection_dim: int, max_steps: int,
-               clip_mlp_dropout: float = 0.3, embedding_passes: int = 1, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cfg: BertConfig,
+      *,
+      input_dim: int,
+      projection_dim: int,
+      max_steps: int,
+      clip_mlp_dropout: float = 0.3,
+      embedding_passes: int = 1,
+      rngs: nnx.Rngs,
+  ):
     if embedding_passes not in (1, 2):
-      raise ValueError(f"embedding_passes must be 1 or 2 (config.video.embedding_passes), "
-                       f"got {embedding_passes}")
+      raise ValueError(
+          f"embedding_passes must be 1 or 2 (config.video.embedding_passes), "
+          f"got {embedding_passes}"
+      )
     h = cfg.hidden_size
     self.config = cfg
     self.input_dim = input_dim
@@ -48,10 +59,14 @@ class VideoEncoder(nnx.Module):
     self.clip_mlp_out = dense(cfg, h, h, ("mlp", "embed"), rngs=rngs)
     self.clip_dropout = nnx.Dropout(clip_mlp_dropout)
 
-  def __call__(self, features: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> tuple[Array, Array]:
+  def __call__(
+      self, features: Array, mask: Array, *, rngs: nnx.Rngs | None = None
+  ) -> tuple[Array, Array]:
     if features.shape[-1] != self.input_dim:
-      raise ValueError(f"video features have width {features.shape[-1]}, the encoder expects "
-                       f"{self.input_dim} (config.video.input_dim)")
+      raise ValueError(
+          f"video features have width {features.shape[-1]}, the encoder expects "
+          f"{self.input_dim} (config.video.input_dim)"
+      )
     deterministic = rngs is None
     steps = self.encode_steps(features, mask, rngs=rngs)
     pooled = jnp.tanh(self.pooler(steps[:, 0]))
@@ -64,7 +79,8 @@ class VideoEncoder(nnx.Module):
     x = self.projection_out(self.projection_in(features.astype(self.config.compute_dtype)))
     t = features.shape[1]
     added = self.position_embeddings(jnp.arange(t))[None] + self.token_type_embeddings(
-        jnp.zeros(features.shape[:2], jnp.int32))
+        jnp.zeros(features.shape[:2], jnp.int32)
+    )
     for _ in range(self.embedding_passes):
       x = self.dropout(self.layer_norm(x + added), deterministic=rngs is None, rngs=rngs)
     return self.encoder(x, mask, rngs=rngs)

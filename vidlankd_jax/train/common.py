@@ -28,10 +28,17 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   warmup = int(opt_cfg.warmup_steps)
   peak = float(opt_cfg.learning_rate)
   decay_steps = max(int(total_steps) - warmup, 1)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, peak, max(warmup, 1)),
-       optax.linear_schedule(peak, 0.0, decay_steps)],
-      boundaries=[warmup]) if warmup > 0 else optax.linear_schedule(peak, 0.0, decay_steps)
+  return (
+      optax.join_schedules(
+          [
+              optax.linear_schedule(0.0, peak, max(warmup, 1)),
+              optax.linear_schedule(peak, 0.0, decay_steps),
+          ],
+          boundaries=[warmup],
+      )
+      if warmup > 0
+      else optax.linear_schedule(peak, 0.0, decay_steps)
+  )
 
 
 def decay_mask(params: PyTree) -> PyTree:
@@ -45,9 +52,16 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
   parts = []
   if opt_cfg.grad_clip_norm and opt_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(opt_cfg.grad_clip_norm)))
-  parts.append(optax.adamw(schedule, b1=float(opt_cfg.b1), b2=float(opt_cfg.b2),
-                           eps=float(opt_cfg.eps), weight_decay=float(opt_cfg.weight_decay),
-                           mask=decay_mask))
+  parts.append(
+      optax.adamw(
+          schedule,
+          b1=float(opt_cfg.b1),
+          b2=float(opt_cfg.b2),
+          eps=float(opt_cfg.eps),
+          weight_decay=float(opt_cfg.weight_decay),
+          mask=decay_mask,
+      )
+  )
   return optax.chain(*parts)
 
 
@@ -59,6 +73,7 @@ class TrainState:
   frozen video tower); `extra` holds state updated by the step other than by gradients (e.g. a CRD
   memory bank).
   """
+
   step: Array
   params: PyTree
   opt_state: PyTree
@@ -66,8 +81,9 @@ class TrainState:
   extra: PyTree = None
 
 
-def init_train_state(tx: optax.GradientTransformation, params: PyTree, frozen: PyTree = None,
-                     extra: PyTree = None) -> TrainState:
+def init_train_state(
+    tx: optax.GradientTransformation, params: PyTree, frozen: PyTree = None, extra: PyTree = None
+) -> TrainState:
   """Optimiser state created under jit so that it inherits the parameters' shardings.
 
   Scalars (the step, optimiser counts) are replicated over the parameters' mesh.
@@ -83,18 +99,21 @@ def init_train_state(tx: optax.GradientTransformation, params: PyTree, frozen: P
 
 def split_micro_batches(batch: dict[str, Array], num_micro: int) -> dict[str, Array]:
   """[B, ...] -> [num_micro, B / num_micro, ...] (strided, so each micro-batch spans all shards)."""
+
   def split(x):
     if x.shape[0] % num_micro:
       raise ValueError(f"batch of {x.shape[0]} is not divisible into {num_micro} micro-batches")
     return jnp.swapaxes(x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:]), 0, 1)
+
   return jax.tree.map(split, batch)
 
 
 LossFn = Callable[[PyTree, dict, Array], tuple[Array, dict]]
 
 
-def accumulated_grads(loss_fn: LossFn, params: PyTree, batch: dict, rng: Array,
-                      num_micro: int) -> tuple[PyTree, dict]:
+def accumulated_grads(
+    loss_fn: LossFn, params: PyTree, batch: dict, rng: Array, num_micro: int
+) -> tuple[PyTree, dict]:
   """Gradients of `loss_fn(params, batch, rng) -> (loss, metrics)` averaged over micro-batches.
 
   With `num_micro == 1` this is a plain `jax.grad`; otherwise a `lax.scan` over micro-batches
@@ -109,19 +128,24 @@ def accumulated_grads(loss_fn: LossFn, params: PyTree, batch: dict, rng: Array,
     grads_sum, metrics_sum = carry
     micro_batch, i = xs
     grads, metrics = grad_fn(params, micro_batch, jax.random.fold_in(rng, i))
-    return (jax.tree.map(jnp.add, grads_sum, grads),
-            jax.tree.map(jnp.add, metrics_sum, metrics)), None
+    return (
+        jax.tree.map(jnp.add, grads_sum, grads),
+        jax.tree.map(jnp.add, metrics_sum, metrics),
+    ), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  metric_shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1])
+  metric_shapes = jax.eval_shape(
+      lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1]
+  )
   metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
   (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), (micro, jnp.arange(num_micro)))
   scale = lambda t: jax.tree.map(lambda x: x / num_micro, t)
   return scale(grads), scale(metrics)
 
 
-def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: PyTree,
-                    **replace) -> tuple[TrainState, dict]:
+def apply_gradients(
+    tx: optax.GradientTransformation, state: TrainState, grads: PyTree, **replace
+) -> tuple[TrainState, dict]:
   """One optimiser update; also returns the gradient norm and the finite-ness of the update."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -154,6 +178,7 @@ class MetricsWriter:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       if tensorboard:
         import tensorflow as tf  # deferred: only the writer needs it
+
         self._tf = tf
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
@@ -204,20 +229,40 @@ class ProgressMeter:
       return {}
     steps = step - self.start_step
     rate = steps / max(now - self.start_time, 1e-9)
-    return {"steps_per_second": rate,
-            "examples_per_second": rate * self.examples_per_step,
-            "minutes_left": (self.total_steps - step) / max(rate, 1e-9) / 60.0}
+    return {
+        "steps_per_second": rate,
+        "examples_per_second": rate * self.examples_per_step,
+        "minutes_left": (self.total_steps - step) / max(rate, 1e-9) / 60.0,
+    }
 
 
-def data_iterator(data_cfg, mesh, split: str, *, global_batch_size: int, seed: int,
-                  start_step: int = 0, repeat: bool = True, shuffle: bool = True):
+def data_iterator(
+    data_cfg,
+    mesh,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    repeat: bool = True,
+    shuffle: bool = True,
+):
   """This host's shard of `data_cfg.task` as numpy batches (host-local part of the global batch)."""
   from vidlankd_jax import sharding as sharding_lib
   from vidlankd_jax.data import tasks  # deferred: TensorFlow is only needed once data is read
+
   shard_index, num_shards = sharding_lib.host_data_shard(mesh, global_batch_size)
-  ds = tasks.make_dataset(data_cfg, split, batch_size=global_batch_size // num_shards,
-                          shard_index=shard_index, num_shards=num_shards, seed=seed,
-                          start_step=start_step, repeat=repeat, shuffle=shuffle)
+  ds = tasks.make_dataset(
+      data_cfg,
+      split,
+      batch_size=global_batch_size // num_shards,
+      shard_index=shard_index,
+      num_shards=num_shards,
+      seed=seed,
+      start_step=start_step,
+      repeat=repeat,
+      shuffle=shuffle,
+  )
   if repeat or jax.process_count() == 1:
     return ds.as_numpy_iterator()
   return in_lockstep(ds.as_numpy_iterator())
@@ -231,6 +276,7 @@ def in_lockstep(batches):
   weights: padding to evaluation) until every host's is done.
   """
   from jax.experimental import multihost_utils
+
   last = None
   while True:
     batch = next(batches, None)
@@ -246,11 +292,14 @@ def in_lockstep(batches):
 def resolve_vocab(config) -> str:
   """The vocab file the config names (default: bert-base-uncased), checked against the model."""
   from vidlankd_jax.data import vocab as vocab_lib
+
   path = config.data.vocab_file or vocab_lib.default_vocab_file()
   size = len(vocab_lib.read_vocab_file(path))
   if size > config.model.vocab_size:
-    raise ValueError(f"vocabulary {path} has {size} entries but config.model.vocab_size is "
-                     f"{config.model.vocab_size}: set --config.model.vocab_size={size}")
+    raise ValueError(
+        f"vocabulary {path} has {size} entries but config.model.vocab_size is "
+        f"{config.model.vocab_size}: set --config.model.vocab_size={size}"
+    )
   return path
 
 
@@ -273,7 +322,9 @@ def check_finite(step: int, metrics: dict, policy: str) -> bool:
     return True
   shown = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k != "finite")
   if policy == "stop":
-    raise NonFiniteError(f"non-finite loss or gradient at step {step}: {shown}; the last good "
-                         "checkpoint is kept (set config.train.on_nonfinite='skip' to skip such steps)")
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {step}: {shown}; the last good "
+        "checkpoint is kept (set config.train.on_nonfinite='skip' to skip such steps)"
+    )
   print(f"[step {step}] skipped: non-finite loss or gradient ({shown})", flush=True)
   return False

@@ -56,8 +56,10 @@ def parse_objectives(spec: str) -> tuple[str, ...]:
     return ()
   unknown = [n for n in names if n not in OBJECTIVES]
   if not names or unknown or len(set(names)) != len(names):
-    raise ValueError(f"config.kd.objectives {spec!r}: expected 'none' or distinct names from "
-                     f"{OBJECTIVES} joined by '+'" + (f"; unknown: {unknown}" if unknown else ""))
+    raise ValueError(
+        f"config.kd.objectives {spec!r}: expected 'none' or distinct names from "
+        f"{OBJECTIVES} joined by '+'" + (f"; unknown: {unknown}" if unknown else "")
+    )
   return names
 
 
@@ -80,8 +82,9 @@ def sequence_hash(ids):
   Depends only on the token ids, so a sequence keeps its hash whatever its masking or epoch.
   """
   length = ids.shape[-1]
-  powers = np.array([pow(_HASH_MULTIPLIER, length - 1 - i, 1 << 32) for i in range(length)],
-                    np.uint32)
+  powers = np.array(
+      [pow(_HASH_MULTIPLIER, length - 1 - i, 1 << 32) for i in range(length)], np.uint32
+  )
   h = jnp.sum(ids.astype(jnp.uint32) * jnp.asarray(powers), axis=-1, dtype=jnp.uint32)
   h = h ^ (h >> 16)
   h = h * jnp.uint32(0x85EBCA6B)
@@ -113,8 +116,14 @@ def cka_moments(x, y, mask):
   x = x.astype(jnp.float32).reshape(-1, x.shape[-1]) * m.reshape(-1, 1)
   y = y.astype(jnp.float32).reshape(-1, y.shape[-1]) * m.reshape(-1, 1)
   mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-  return {"n": jnp.sum(m), "sx": jnp.sum(x, 0), "sy": jnp.sum(y, 0),
-          "xx": mm(x.T, x), "yy": mm(y.T, y), "yx": mm(y.T, x)}
+  return {
+      "n": jnp.sum(m),
+      "sx": jnp.sum(x, 0),
+      "sy": jnp.sum(y, 0),
+      "xx": mm(x.T, x),
+      "yy": mm(y.T, y),
+      "yx": mm(y.T, x),
+  }
 
 
 def linear_cka(moments) -> float:
@@ -156,6 +165,7 @@ def spherical_kmeans(vectors: np.ndarray, k: int, iters: int, seed: int) -> np.n
 
 class Models(NamedTuple):
   """Static halves (graphdef, non-param state) of the student and the teacher's language side."""
+
   student_def: nnx.GraphDef
   student_rest: nnx.State
   teacher_def: nnx.GraphDef | None
@@ -165,28 +175,39 @@ class Models(NamedTuple):
 def teacher_checkpoints(workdir: str) -> str:
   """The checkpoint folder of a teacher run: `<workdir>/checkpoints`, or `workdir` itself."""
   if not workdir:
-    raise ValueError("config.teacher.workdir is empty: name the teacher run's workdir "
-                     "(only objectives=none trains without a teacher)")
+    raise ValueError(
+        "config.teacher.workdir is empty: name the teacher run's workdir "
+        "(only objectives=none trains without a teacher)"
+    )
   nested = os.path.join(workdir, "checkpoints")
   return nested if os.path.isdir(nested) or "://" in workdir else workdir
 
 
 def teacher_fingerprint(config) -> dict:
   """The fingerprint a teacher run with `config.teacher`'s architecture wrote."""
-  return ckpt_lib.fingerprint(ml_collections.ConfigDict(
-      {"stage": "teacher", "model": config.teacher.model, "video": config.teacher.video}))
+  return ckpt_lib.fingerprint(
+      ml_collections.ConfigDict(
+          {"stage": "teacher", "model": config.teacher.model, "video": config.teacher.video}
+      )
+  )
 
 
 def load_teacher(config, mesh) -> Teacher:
   """The whole teacher with its trained params, sharded on `mesh`."""
   teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(config.seed)), mesh,
-      config.sharding_rules)
+      lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(config.seed)),
+      mesh,
+      config.sharding_rules,
+  )
   _, params, _ = common.nnx_params(teacher)
   step = None if config.teacher.step < 0 else int(config.teacher.step)
   directory = teacher_checkpoints(config.teacher.workdir)
-  nnx.update(teacher, ckpt_lib.restore_params(directory, params, step,
-                                              expected_fingerprint=teacher_fingerprint(config)))
+  nnx.update(
+      teacher,
+      ckpt_lib.restore_params(
+          directory, params, step, expected_fingerprint=teacher_fingerprint(config)
+      ),
+  )
   logging.info("teacher restored from %s", directory)
   return teacher
 
@@ -195,10 +216,16 @@ def build_student(config, mesh, num_vokens: int = 0) -> tuple[nnx.GraphDef, nnx.
   """(graphdef, params, rest) of a fresh student, sharded on `mesh`."""
   cfg = BertConfig.from_config(config.model)
   model = sharding.create_sharded(
-      lambda: Student(cfg, parse_objectives(config.kd.objectives),
-                      teacher_hidden_size=config.teacher.model.hidden_size,
-                      num_vokens=num_vokens, rngs=nnx.Rngs(config.seed)),
-      mesh, config.sharding_rules)
+      lambda: Student(
+          cfg,
+          parse_objectives(config.kd.objectives),
+          teacher_hidden_size=config.teacher.model.hidden_size,
+          num_vokens=num_vokens,
+          rngs=nnx.Rngs(config.seed),
+      ),
+      mesh,
+      config.sharding_rules,
+  )
   return common.nnx_params(model)
 
 
@@ -206,20 +233,31 @@ def check_config(config) -> tuple[str, ...]:
   """Errors that name the config key at fault, before anything is built."""
   objectives = parse_objectives(config.kd.objectives)
   if config.kd.nst_variant not in NST_VARIANTS:
-    raise ValueError(f"config.kd.nst_variant {config.kd.nst_variant!r} is not one of {NST_VARIANTS}")
+    raise ValueError(
+        f"config.kd.nst_variant {config.kd.nst_variant!r} is not one of {NST_VARIANTS}"
+    )
   if config.teacher.input not in TEACHER_INPUTS:
-    raise ValueError(f"config.teacher.input {config.teacher.input!r} is not one of {TEACHER_INPUTS}")
+    raise ValueError(
+        f"config.teacher.input {config.teacher.input!r} is not one of {TEACHER_INPUTS}"
+    )
   if (objectives or config.teacher.workdir) and (
-      config.teacher.model.vocab_size != config.model.vocab_size):
-    raise ValueError(f"config.teacher.model.vocab_size {config.teacher.model.vocab_size} differs "
-                     f"from config.model.vocab_size {config.model.vocab_size}: student and "
-                     "teacher must read the same token ids")
+      config.teacher.model.vocab_size != config.model.vocab_size
+  ):
+    raise ValueError(
+        f"config.teacher.model.vocab_size {config.teacher.model.vocab_size} differs "
+        f"from config.model.vocab_size {config.model.vocab_size}: student and "
+        "teacher must read the same token ids"
+    )
   if "crd" in objectives and config.optimizer.grad_accum_steps != 1:
-    raise ValueError("config.optimizer.grad_accum_steps must be 1 with the crd objective: the "
-                     "memory update needs every example's embeddings of the step at once")
+    raise ValueError(
+        "config.optimizer.grad_accum_steps must be 1 with the crd objective: the "
+        "memory update needs every example's embeddings of the step at once"
+    )
   if VOKEN_OBJECTIVE in objectives and not config.kd.voken.data_dir:
-    raise ValueError("config.kd.voken.data_dir is empty: the voken bank is made of the "
-                     "teacher's clip vectors of that data dir's held-out video clips")
+    raise ValueError(
+        "config.kd.voken.data_dir is empty: the voken bank is made of the "
+        "teacher's clip vectors of that data dir's held-out video clips"
+    )
   return objectives
 
 
@@ -232,32 +270,51 @@ def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
   crd = config.kd.crd
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if crd.memory_size % shards:
-    raise ValueError(f"config.kd.crd.memory_size {crd.memory_size} is not divisible by the "
-                     f"{shards} data-parallel shards of the mesh")
+    raise ValueError(
+        f"config.kd.crd.memory_size {crd.memory_size} is not divisible by the "
+        f"{shards} data-parallel shards of the mesh"
+    )
   memory = losses.init_crd_memory(key, crd.memory_size, config.teacher.model.hidden_size)
   rows = sharding.logical_to_sharding(("memory", None), mesh, config.sharding_rules)
   scalar = sharding.replicated(mesh)
   # A copy of every leaf: the two normalisers start as one array, and each buffer of the
   # state must be its own to be donated.
-  return jax.tree.map(lambda x: jax.device_put(jnp.array(x, copy=True), rows if x.ndim else scalar),
-                      memory)
+  return jax.tree.map(
+      lambda x: jax.device_put(jnp.array(x, copy=True), rows if x.ndim else scalar), memory
+  )
 
 
 def clip_vectors(teacher: Teacher, config, mesh) -> np.ndarray:
   """The teacher's clip vectors [N, H] of the held-out clips of `config.kd.voken.data_dir`."""
   voken = config.kd.voken
-  data_cfg = ml_collections.ConfigDict(dict(
-      config.data.to_dict(), task="howto100m_video_text", data_dir=voken.data_dir,
-      max_video_steps=config.teacher.video.max_steps, video_dim=config.teacher.video.input_dim))
+  data_cfg = ml_collections.ConfigDict(
+      dict(
+          config.data.to_dict(),
+          task="howto100m_video_text",
+          data_dir=voken.data_dir,
+          max_video_steps=config.teacher.video.max_steps,
+          video_dim=config.teacher.video.input_dim,
+      )
+  )
   video_def, video_params, video_rest = common.nnx_params(teacher.video)
   encode = jax.jit(lambda p, f, m: nnx.merge(video_def, p, video_rest)(f, m)[0])
-  batches = common.data_iterator(data_cfg, mesh, "validation", global_batch_size=config.eval.batch_size,
-                                 seed=config.seed, repeat=False, shuffle=False)
+  batches = common.data_iterator(
+      data_cfg,
+      mesh,
+      "validation",
+      global_batch_size=config.eval.batch_size,
+      seed=config.seed,
+      repeat=False,
+      shuffle=False,
+  )
   chunks, count = [], 0
   for host_batch in batches:
-    batch = sharding.global_batch({k: host_batch[k] for k in ("video_features", "video_mask")}, mesh)
-    clip = multihost_utils.process_allgather(encode(video_params, batch["video_features"],
-                                                    batch["video_mask"]), tiled=True)
+    batch = sharding.global_batch(
+        {k: host_batch[k] for k in ("video_features", "video_mask")}, mesh
+    )
+    clip = multihost_utils.process_allgather(
+        encode(video_params, batch["video_features"], batch["video_mask"]), tiled=True
+    )
     valid = multihost_utils.process_allgather(batch["video_mask"][:, 0], tiled=True) > 0
     chunks.append(np.asarray(clip, np.float32)[np.asarray(valid)])
     count += len(chunks[-1])
@@ -265,17 +322,23 @@ def clip_vectors(teacher: Teacher, config, mesh) -> np.ndarray:
       break
   if not count:
     raise ValueError(f"config.kd.voken.data_dir {voken.data_dir}: no validation clips")
-  return np.concatenate(chunks)[:voken.num_clips]
+  return np.concatenate(chunks)[: voken.num_clips]
 
 
 def voken_bank(teacher: Teacher, config, mesh) -> jax.Array:
   """The voken vectors [K, H]: the clip vectors, or their k-means centroids; replicated."""
   clips = clip_vectors(teacher, config, mesh)
   voken = config.kd.voken
-  bank = clips if voken.num_vokens <= 0 else spherical_kmeans(
-      clips, int(voken.num_vokens), int(voken.kmeans_iters), config.seed)
-  print(f"voken bank: {len(bank)} vokens from {len(clips)} teacher clip vectors of "
-        f"{voken.data_dir}", flush=True)
+  bank = (
+      clips
+      if voken.num_vokens <= 0
+      else spherical_kmeans(clips, int(voken.num_vokens), int(voken.kmeans_iters), config.seed)
+  )
+  print(
+      f"voken bank: {len(bank)} vokens from {len(clips)} teacher clip vectors of "
+      f"{voken.data_dir}",
+      flush=True,
+  )
   return jax.device_put(jnp.asarray(bank, jnp.float32), sharding.replicated(mesh))
 
 
@@ -283,8 +346,9 @@ def voken_bank(teacher: Teacher, config, mesh) -> jax.Array:
 # The step.
 
 
-def objective_terms(config, heads, targets, batch, extra, key, *, mlm_logits=None,
-                    teacher_logits=None):
+def objective_terms(
+    config, heads, targets, batch, extra, key, *, mlm_logits=None, teacher_logits=None
+):
   """Every active KD loss (unweighted) from the heads' outputs and the teacher's token states.
 
   heads: objective -> student head output ([B, L, H_t] unit vectors; the voken scores
@@ -310,12 +374,20 @@ def objective_terms(config, heads, targets, batch, extra, key, *, mlm_logits=Non
       terms[name], updates["crd"] = losses.crd_loss(
           losses.l2_normalize(masked_mean_pool(heads[name], mask)),
           losses.l2_normalize(masked_mean_pool(targets, mask)),
-          memory_rows(batch, kd.crd.memory_size), extra["crd"], key,
-          num_negatives=kd.crd.num_negatives, temperature=kd.crd.temperature,
-          momentum=kd.crd.momentum)
+          memory_rows(batch, kd.crd.memory_size),
+          extra["crd"],
+          key,
+          num_negatives=kd.crd.num_negatives,
+          temperature=kd.crd.temperature,
+          momentum=kd.crd.momentum,
+      )
     elif name == "kd":
-      terms[name] = losses.soft_label_kd_loss(mlm_logits, jax.lax.stop_gradient(teacher_logits),
-                                              kd.soft_label_temperature, batch["mlm_weights"])
+      terms[name] = losses.soft_label_kd_loss(
+          mlm_logits,
+          jax.lax.stop_gradient(teacher_logits),
+          kd.soft_label_temperature,
+          batch["mlm_weights"],
+      )
     elif name == VOKEN_OBJECTIVE:
       labels = voken_labels(targets, extra["voken_bank"])
       terms[name] = losses.voken_classification_loss(heads[name], labels, mask)
@@ -327,7 +399,8 @@ def teacher_targets(teacher, batch, config):
   """The frozen teacher's last hidden states (no vocabulary head) and their unit-norm targets."""
   ids = batch["unmasked_ids"] if config.teacher.input == "unmasked" else batch["input_ids"]
   hidden = jax.lax.stop_gradient(
-      teacher.bert.encode(ids, batch["attention_mask"], batch["token_type_ids"]))
+      teacher.bert.encode(ids, batch["attention_mask"], batch["token_type_ids"])
+  )
   return hidden, losses.l2_normalize(hidden)
 
 
@@ -338,8 +411,13 @@ def distill_terms(student: Student, teacher, batch, extra, key, config, *, rngs=
   objective; `extra_updates` the new CRD memory; `outputs` the student's hidden states and head
   outputs and the teacher's token states (what evaluation reads).
   """
-  hidden, mlm_logits, heads = student(batch["input_ids"], batch["attention_mask"],
-                                      batch["token_type_ids"], batch["mlm_positions"], rngs=rngs)
+  hidden, mlm_logits, heads = student(
+      batch["input_ids"],
+      batch["attention_mask"],
+      batch["token_type_ids"],
+      batch["mlm_positions"],
+      rngs=rngs,
+  )
   mlm, accuracy = losses.mlm_loss(mlm_logits, batch["mlm_targets"], batch["mlm_weights"])
   outputs = {"hidden": hidden, "heads": heads}
   if teacher is None:
@@ -347,17 +425,27 @@ def distill_terms(student: Student, teacher, batch, extra, key, config, *, rngs=
   teacher_hidden, outputs["teacher"] = teacher_targets(teacher, batch, config)
   teacher_logits = None
   if "kd" in parse_objectives(config.kd.objectives):
-    teacher_logits = teacher.mlm(teacher_hidden, teacher.bert.embeddings.word_embeddings,
-                                 batch["mlm_positions"])
-  terms, metrics, updates = objective_terms(config, heads, outputs["teacher"], batch, extra, key,
-                                            mlm_logits=mlm_logits, teacher_logits=teacher_logits)
+    teacher_logits = teacher.mlm(
+        teacher_hidden, teacher.bert.embeddings.word_embeddings, batch["mlm_positions"]
+    )
+  terms, metrics, updates = objective_terms(
+      config,
+      heads,
+      outputs["teacher"],
+      batch,
+      extra,
+      key,
+      mlm_logits=mlm_logits,
+      teacher_logits=teacher_logits,
+  )
   return {"mlm": mlm, **terms}, {"mlm_accuracy": accuracy, **metrics}, updates, outputs
 
 
 def total_loss(terms: dict, kd_cfg):
   """mlm_weight * MLM + sum_k weights[k] * KD_k."""
   return kd_cfg.mlm_weight * terms["mlm"] + sum(
-      kd_cfg.weights[name] * value for name, value in terms.items() if name != "mlm")
+      kd_cfg.weights[name] * value for name, value in terms.items() if name != "mlm"
+  )
 
 
 def merge_models(models: Models, params, frozen):
@@ -372,33 +460,49 @@ def train_step(state, batch, *, models: Models, config, tx, schedule):
 
   def loss_fn(params, batch, rng):
     student, teacher = merge_models(models, params, state.frozen if uses_teacher else None)
-    terms, metrics, updates, _ = distill_terms(student, teacher, batch, state.extra,
-                                               jax.random.fold_in(rng, 1), config,
-                                               rngs=nnx.Rngs(dropout=rng))
+    terms, metrics, updates, _ = distill_terms(
+        student,
+        teacher,
+        batch,
+        state.extra,
+        jax.random.fold_in(rng, 1),
+        config,
+        rngs=nnx.Rngs(dropout=rng),
+    )
     loss = total_loss(terms, config.kd)
     return loss, ({"loss": loss, **{f"{k}_loss": v for k, v in terms.items()}, **metrics}, updates)
 
   rng = common.step_rng(config.seed, state.step)
-  grads, (metrics, updates) = common.accumulated_grads(loss_fn, state.params, batch, rng,
-                                                       config.optimizer.grad_accum_steps)
+  grads, (metrics, updates) = common.accumulated_grads(
+      loss_fn, state.params, batch, rng, config.optimizer.grad_accum_steps
+  )
   extra = None if state.extra is None else {**state.extra, **updates}
   new_state, opt_metrics = common.apply_gradients(tx, state, grads, extra=extra)
   finite = common.all_finite(metrics["loss"], opt_metrics["grad_norm"])
   new_state = common.keep_if_finite(finite, new_state, state.replace(step=state.step + 1))
-  return new_state, {**metrics, **opt_metrics, "learning_rate": schedule(state.step),
-                     "finite": finite}
+  return new_state, {
+      **metrics,
+      **opt_metrics,
+      "learning_rate": schedule(state.step),
+      "finite": finite,
+  }
 
 
 def eval_step(state, batch, *, models: Models, config):
   """Sums over one held-out batch: MLM, KD losses, head-teacher cosines, CKA moments."""
   student, teacher = merge_models(models, state.params, state.frozen)
-  terms, metrics, _, out = distill_terms(student, teacher, batch, state.extra,
-                                         jax.random.key(config.seed), config)
+  terms, metrics, _, out = distill_terms(
+      student, teacher, batch, state.extra, jax.random.key(config.seed), config
+  )
   mask = batch["attention_mask"]
   count = jnp.sum(batch["mlm_weights"])
   full = jnp.all(mask[:, 0] > 0).astype(jnp.float32)  # padded rows only in the last batch
-  sums = {"mlm_loss": terms["mlm"] * count, "mlm_accuracy": metrics["mlm_accuracy"] * count,
-          "mlm_count": count, "full_batches": full}
+  sums = {
+      "mlm_loss": terms["mlm"] * count,
+      "mlm_accuracy": metrics["mlm_accuracy"] * count,
+      "mlm_count": count,
+      "full_batches": full,
+  }
   sums.update({f"{k}_loss": v * full for k, v in terms.items() if k != "mlm"})
   if "voken_accuracy" in metrics:
     sums["voken_accuracy"] = metrics["voken_accuracy"] * full
@@ -421,13 +525,22 @@ def evaluate(state, jitted_eval, config, mesh) -> dict[str, float]:
   means over real tokens; `teacher_cka` is linear CKA between the student's last hidden states
   and the teacher's token states over all real tokens read.
   """
-  it = common.data_iterator(config.data, mesh, "validation", global_batch_size=config.eval.batch_size,
-                            seed=config.seed, repeat=False, shuffle=False)
+  it = common.data_iterator(
+      config.data,
+      mesh,
+      "validation",
+      global_batch_size=config.eval.batch_size,
+      seed=config.seed,
+      repeat=False,
+      shuffle=False,
+  )
   sums, moments = {}, {}
   for i, host_batch in enumerate(it):
     if i >= config.eval.batches:
       break
-    batch_sums, batch_moments = jax.device_get(jitted_eval(state, sharding.global_batch(host_batch, mesh)))
+    batch_sums, batch_moments = jax.device_get(
+        jitted_eval(state, sharding.global_batch(host_batch, mesh))
+    )
     for target, values in ((sums, batch_sums), (moments, batch_moments)):
       for k, v in values.items():
         target[k] = target.get(k, 0.0) + np.asarray(v, np.float64)
@@ -480,7 +593,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   models, state, tx = init_state(config, mesh)
   logging.info("student parameters:\n%s", sharding.describe_shardings(state.params))
   schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
-  return loop.fit(config, workdir, mesh, state,
-                  functools.partial(train_step, models=models, config=config, tx=tx,
-                                    schedule=schedule),
-                  functools.partial(eval_step, models=models, config=config), evaluate)
+  return loop.fit(
+      config,
+      workdir,
+      mesh,
+      state,
+      functools.partial(train_step, models=models, config=config, tx=tx, schedule=schedule),
+      functools.partial(eval_step, models=models, config=config),
+      evaluate,
+  )

@@ -23,13 +23,19 @@ NONFINITE_POLICIES = ("stop", "skip")
 def checkpoint_manager(config, workdir: str) -> ckpt_lib.CheckpointManager:
   """The run's checkpoints under `<workdir>/checkpoints`, fingerprinted with its config."""
   return ckpt_lib.CheckpointManager(
-      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-      keep=config.checkpoint.keep, best_metric=config.checkpoint.best_metric,
-      best_mode=config.checkpoint.best_mode, async_save=config.checkpoint.async_save,
-      fingerprint=ckpt_lib.fingerprint(config))
+      os.path.join(workdir, "checkpoints"),
+      every_steps=config.checkpoint.every_steps,
+      keep=config.checkpoint.keep,
+      best_metric=config.checkpoint.best_metric,
+      best_mode=config.checkpoint.best_mode,
+      async_save=config.checkpoint.async_save,
+      fingerprint=ckpt_lib.fingerprint(config),
+  )
 
 
-def fit(config, workdir: str, mesh, state, train_step_fn, eval_step_fn, evaluate_fn) -> dict[str, float]:
+def fit(
+    config, workdir: str, mesh, state, train_step_fn, eval_step_fn, evaluate_fn
+) -> dict[str, float]:
   """Runs `train_step_fn(state, batch) -> (state, metrics)` to `config.train.steps`.
 
   The state is restored from `<workdir>/checkpoints` when a checkpoint is there (its `frozen`
@@ -58,13 +64,22 @@ def fit(config, workdir: str, mesh, state, train_step_fn, eval_step_fn, evaluate
 
     state_sh = sharding.state_shardings(state)
     batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(train_step_fn, in_shardings=(state_sh, batch_sh),
-                      out_shardings=(state_sh, None), donate_argnums=0)
+    step_fn = jax.jit(
+        train_step_fn,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
     eval_fn = jax.jit(eval_step_fn, in_shardings=(state_sh, batch_sh))
     meter = common.ProgressMeter(total, config.train.batch_size, start_step)
-    host_batches = common.data_iterator(config.data, mesh, "train", seed=config.seed,
-                                        global_batch_size=config.train.batch_size,
-                                        start_step=start_step)
+    host_batches = common.data_iterator(
+        config.data,
+        mesh,
+        "train",
+        seed=config.seed,
+        global_batch_size=config.train.batch_size,
+        start_step=start_step,
+    )
     batches = (sharding.global_batch(b, mesh) for b in host_batches)
     batch = next(batches, None)
     if start_step < total:  # compiled before the hosts line up for the first step
@@ -79,8 +94,11 @@ def fit(config, workdir: str, mesh, state, train_step_fn, eval_step_fn, evaluate
         metrics = jax.device_get(metrics)
         common.check_finite(done, metrics, policy)
       if log:
-        writer.write(done, {f"train/{k}": v for k, v in metrics.items()}
-                     | {f"train/{k}": v for k, v in meter.update(done).items()})
+        writer.write(
+            done,
+            {f"train/{k}": v for k, v in metrics.items()}
+            | {f"train/{k}": v for k, v in meter.update(done).items()},
+        )
       elif step == start_step:
         meter.update(done)
       stop = watcher.should_stop(done) and done < total

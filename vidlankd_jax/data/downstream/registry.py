@@ -24,122 +24,118 @@ SHUFFLE_BUFFER = 10_000
 
 @dataclasses.dataclass(frozen=True)
 class DownstreamSpec:
-    """What the fine-tuning loop and the evaluator need to know about one benchmark.
+  """What the fine-tuning loop and the evaluator need to know about one benchmark.
 
-    name: seqio task name.  kind: classification | regression | multiple_choice | span.
-    num_labels: classes (classification), 1 (regression), choices (multiple_choice),
-      2 for span (a start and an end logit per token).
-    metric_fn: `metric_fn(targets, predictions, **fields) -> dict` (percentages), where
-      `fields` are the per-example features named in `metric_fields`. For span tasks the
-      targets are gold answers and predictions answer texts, keyed by question id (see
-      `evaluate_span_predictions`).
-    source: the seqio DataSource of raw records.  formatter: raw record -> the kind's canonical
-      fields (see `encoding`), plus any passthrough fields.  description: where the data comes
-      from.  seq_len: default max tokens per row.  train_split / eval_splits / test_splits:
-      split names of `source` (test splits may be unlabelled).  label_names: class names.
-    doc_stride, max_query_length, version_2_with_negative: span windows and null answers.
-    """
+  name: seqio task name.  kind: classification | regression | multiple_choice | span.
+  num_labels: classes (classification), 1 (regression), choices (multiple_choice),
+    2 for span (a start and an end logit per token).
+  metric_fn: `metric_fn(targets, predictions, **fields) -> dict` (percentages), where
+    `fields` are the per-example features named in `metric_fields`. For span tasks the
+    targets are gold answers and predictions answer texts, keyed by question id (see
+    `evaluate_span_predictions`).
+  source: the seqio DataSource of raw records.  formatter: raw record -> the kind's canonical
+    fields (see `encoding`), plus any passthrough fields.  description: where the data comes
+    from.  seq_len: default max tokens per row.  train_split / eval_splits / test_splits:
+    split names of `source` (test splits may be unlabelled).  label_names: class names.
+  doc_stride, max_query_length, version_2_with_negative: span windows and null answers.
+  """
 
-    name: str
-    kind: str
-    num_labels: int
-    metric_fn: Callable[..., dict[str, float]]
-    source: seqio.DataSource
-    formatter: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
-    description: str
-    seq_len: int
-    train_split: str | None = "train"
-    eval_splits: tuple[str, ...] = ("validation",)
-    test_splits: tuple[str, ...] = ()
-    label_names: tuple[str, ...] = ()
-    metric_fields: tuple[str, ...] = ()
-    doc_stride: int = 128
-    max_query_length: int = 64
-    version_2_with_negative: bool = False
+  name: str
+  kind: str
+  num_labels: int
+  metric_fn: Callable[..., dict[str, float]]
+  source: seqio.DataSource
+  formatter: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
+  description: str
+  seq_len: int
+  train_split: str | None = "train"
+  eval_splits: tuple[str, ...] = ("validation",)
+  test_splits: tuple[str, ...] = ()
+  label_names: tuple[str, ...] = ()
+  metric_fields: tuple[str, ...] = ()
+  doc_stride: int = 128
+  max_query_length: int = 64
+  version_2_with_negative: bool = False
 
-    def __post_init__(self):
-        if self.kind not in encoding.KINDS:
-            raise ValueError(
-                f"{self.name}: unknown kind {self.kind!r}; expected one of {encoding.KINDS}."
-            )
-        if self.label_names and len(self.label_names) != self.num_labels:
-            raise ValueError(
-                f"{self.name}: {len(self.label_names)} label names for {self.num_labels} labels."
-            )
+  def __post_init__(self):
+    if self.kind not in encoding.KINDS:
+      raise ValueError(
+          f"{self.name}: unknown kind {self.kind!r}; expected one of {encoding.KINDS}."
+      )
+    if self.label_names and len(self.label_names) != self.num_labels:
+      raise ValueError(
+          f"{self.name}: {len(self.label_names)} label names for {self.num_labels} labels."
+      )
 
-    @property
-    def splits(self) -> tuple[str, ...]:
-        return (
-            ((self.train_split,) if self.train_split else ()) + self.eval_splits + self.test_splits
-        )
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return ((self.train_split,) if self.train_split else ()) + self.eval_splits + self.test_splits
 
-    def sequence_length(self, seq_len: int | None = None) -> dict[str, Any]:
-        """seqio sequence_length for rows of `seq_len` tokens (the spec's default if None)."""
-        length = int(seq_len or self.seq_len)
-        if self.kind == "multiple_choice":
-            return {"input_ids": (self.num_labels, length)}
-        return {"input_ids": length}
+  def sequence_length(self, seq_len: int | None = None) -> dict[str, Any]:
+    """seqio sequence_length for rows of `seq_len` tokens (the spec's default if None)."""
+    length = int(seq_len or self.seq_len)
+    if self.kind == "multiple_choice":
+      return {"input_ids": (self.num_labels, length)}
+    return {"input_ids": length}
 
 
 _SPECS: dict[str, DownstreamSpec] = {}
 
 
 def _encoder(spec: DownstreamSpec):
-    if spec.kind == "span":
-        return functools.partial(
-            encoding.span_preprocessor,
-            doc_stride=spec.doc_stride,
-            max_query_length=spec.max_query_length,
-        )
-    if spec.kind == "multiple_choice":
-        return functools.partial(encoding.multiple_choice_preprocessor, num_choices=spec.num_labels)
+  if spec.kind == "span":
     return functools.partial(
-        encoding.classification_preprocessor, regression=spec.kind == "regression"
+        encoding.span_preprocessor,
+        doc_stride=spec.doc_stride,
+        max_query_length=spec.max_query_length,
     )
+  if spec.kind == "multiple_choice":
+    return functools.partial(encoding.multiple_choice_preprocessor, num_choices=spec.num_labels)
+  return functools.partial(
+      encoding.classification_preprocessor, regression=spec.kind == "regression"
+  )
 
 
 def register_benchmark(spec: DownstreamSpec, vocab: seqio.Vocabulary) -> seqio.Task:
-    """Registers (or re-registers) `spec` as a seqio task tokenized with `vocab`."""
-    task = seqio.Task(
-        spec.name,
-        source=spec.source,
-        output_features=encoding.output_features(spec.kind, vocab, spec.num_labels),
-        preprocessors=[seqio.map_over_dataset(spec.formatter), _encoder(spec)],
-        metric_fns=[spec.metric_fn],
-        shuffle_buffer_size=SHUFFLE_BUFFER,
-    )
-    if spec.name in seqio.TaskRegistry.names():
-        seqio.TaskRegistry.remove(spec.name)
-    seqio.TaskRegistry.add_provider(spec.name, task)
-    _SPECS[spec.name] = spec
-    return task
+  """Registers (or re-registers) `spec` as a seqio task tokenized with `vocab`."""
+  task = seqio.Task(
+      spec.name,
+      source=spec.source,
+      output_features=encoding.output_features(spec.kind, vocab, spec.num_labels),
+      preprocessors=[seqio.map_over_dataset(spec.formatter), _encoder(spec)],
+      metric_fns=[spec.metric_fn],
+      shuffle_buffer_size=SHUFFLE_BUFFER,
+  )
+  if spec.name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(spec.name)
+  seqio.TaskRegistry.add_provider(spec.name, task)
+  _SPECS[spec.name] = spec
+  return task
 
 
 def get_downstream_spec(task_name: str) -> DownstreamSpec:
-    if task_name not in _SPECS:
-        raise KeyError(
-            f"No downstream benchmark {task_name!r} is registered (known: {sorted(_SPECS)}); "
-            "call register_downstream_tasks(...) first."
-        )
-    return _SPECS[task_name]
+  if task_name not in _SPECS:
+    raise KeyError(
+        f"No downstream benchmark {task_name!r} is registered (known: {sorted(_SPECS)}); "
+        "call register_downstream_tasks(...) first."
+    )
+  return _SPECS[task_name]
 
 
 def downstream_specs() -> dict[str, DownstreamSpec]:
-    """All registered benchmarks by name."""
-    return dict(_SPECS)
+  """All registered benchmarks by name."""
+  return dict(_SPECS)
 
 
 def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
-    """Pads a partial batch to `batch_size` rows of zeros ("" for strings; valid = 0)."""
+  """Pads a partial batch to `batch_size` rows of zeros ("" for strings; valid = 0)."""
 
-    def pad(x):
-        rows = [[0, batch_size - tf.shape(x)[0]]] + [[0, 0]] * (x.shape.rank - 1)
-        padded = tf.pad(
-            x, rows, constant_values="" if x.dtype == tf.string else tf.zeros([], x.dtype)
-        )
-        return tf.ensure_shape(padded, [batch_size] + x.shape[1:].as_list())
+  def pad(x):
+    rows = [[0, batch_size - tf.shape(x)[0]]] + [[0, 0]] * (x.shape.rank - 1)
+    padded = tf.pad(x, rows, constant_values="" if x.dtype == tf.string else tf.zeros([], x.dtype))
+    return tf.ensure_shape(padded, [batch_size] + x.shape[1:].as_list())
 
-    return {k: pad(v) for k, v in batch.items()}
+  return {k: pad(v) for k, v in batch.items()}
 
 
 def get_downstream_dataset(
@@ -154,61 +150,61 @@ def get_downstream_dataset(
     shard_info: seqio.ShardInfo | None = None,
     shuffle_buffer_size: int | None = None,
 ) -> tf.data.Dataset:
-    """Fixed-shape batches of a registered benchmark for the fine-tuning loop.
+  """Fixed-shape batches of a registered benchmark for the fine-tuning loop.
 
-    Every batch has exactly `batch_size` rows and an int32 `valid` [B] feature: with
-    `repeat` the stream is endless (training); without it, one pass whose last batch is padded
-    with zero rows marked valid = 0 (evaluation). Rows are `seq_len` tokens (the spec's default
-    if None). `shard_info` selects this host's share of the data; shuffling uses a buffer of
-    `shuffle_buffer_size` rows (default SHUFFLE_BUFFER).
-    """
-    spec = get_downstream_spec(task_name)
-    if split not in spec.splits:
-        raise ValueError(f"{task_name} has no split {split!r}; its splits are {spec.splits}.")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    ds = seqio.get_mixture_or_task(task_name).get_dataset(
-        sequence_length=spec.sequence_length(seq_len),
-        split=split,
-        shuffle=shuffle,
-        shuffle_buffer_size=shuffle_buffer_size,
-        seed=seed,
-        shard_info=shard_info,
-        num_epochs=None if repeat else 1,
-        use_cached=False,
-        try_in_mem_cache=False,
-    )
-    ds = ds.map(lambda ex: {**ex, "valid": tf.constant(1, tf.int32)})
-    if repeat:
-        ds = ds.batch(batch_size, drop_remainder=True)
-    else:
-        ds = ds.batch(batch_size).map(functools.partial(_pad_batch, batch_size=batch_size))
-    return ds.prefetch(tf.data.AUTOTUNE)
+  Every batch has exactly `batch_size` rows and an int32 `valid` [B] feature: with
+  `repeat` the stream is endless (training); without it, one pass whose last batch is padded
+  with zero rows marked valid = 0 (evaluation). Rows are `seq_len` tokens (the spec's default
+  if None). `shard_info` selects this host's share of the data; shuffling uses a buffer of
+  `shuffle_buffer_size` rows (default SHUFFLE_BUFFER).
+  """
+  spec = get_downstream_spec(task_name)
+  if split not in spec.splits:
+    raise ValueError(f"{task_name} has no split {split!r}; its splits are {spec.splits}.")
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+  ds = seqio.get_mixture_or_task(task_name).get_dataset(
+      sequence_length=spec.sequence_length(seq_len),
+      split=split,
+      shuffle=shuffle,
+      shuffle_buffer_size=shuffle_buffer_size,
+      seed=seed,
+      shard_info=shard_info,
+      num_epochs=None if repeat else 1,
+      use_cached=False,
+      try_in_mem_cache=False,
+  )
+  ds = ds.map(lambda ex: {**ex, "valid": tf.constant(1, tf.int32)})
+  if repeat:
+    ds = ds.batch(batch_size, drop_remainder=True)
+  else:
+    ds = ds.batch(batch_size).map(functools.partial(_pad_batch, batch_size=batch_size))
+  return ds.prefetch(tf.data.AUTOTUNE)
 
 
 @dataclasses.dataclass(frozen=True)
 class SpanExample:
-    """A span question's context and gold answers (empty: unanswerable)."""
+  """A span question's context and gold answers (empty: unanswerable)."""
 
-    context: str
-    answers: tuple[str, ...]
+  context: str
+  answers: tuple[str, ...]
 
 
 def get_span_examples(task_name: str, split: str) -> dict[str, SpanExample]:
-    """Question id -> context and gold answers of a span benchmark's split (no tokenization)."""
-    spec = get_downstream_spec(task_name)
-    if spec.kind != "span":
-        raise ValueError(f"{task_name} is a {spec.kind} task, not a span task.")
-    ds = spec.source.get_dataset(split=split, shuffle=False).map(spec.formatter)
-    out = {}
-    for ex in ds.as_numpy_iterator():
-        qid = ex["example_id"].decode("utf-8")
-        if qid in out:
-            raise ValueError(f"{task_name}/{split}: question id {qid!r} occurs twice.")
-        out[qid] = SpanExample(
-            ex["context"].decode("utf-8"), tuple(a.decode("utf-8") for a in ex["answer_text"])
-        )
-    return out
+  """Question id -> context and gold answers of a span benchmark's split (no tokenization)."""
+  spec = get_downstream_spec(task_name)
+  if spec.kind != "span":
+    raise ValueError(f"{task_name} is a {spec.kind} task, not a span task.")
+  ds = spec.source.get_dataset(split=split, shuffle=False).map(spec.formatter)
+  out = {}
+  for ex in ds.as_numpy_iterator():
+    qid = ex["example_id"].decode("utf-8")
+    if qid in out:
+      raise ValueError(f"{task_name}/{split}: question id {qid!r} occurs twice.")
+    out[qid] = SpanExample(
+        ex["context"].decode("utf-8"), tuple(a.decode("utf-8") for a in ex["answer_text"])
+    )
+  return out
 
 
 def evaluate_span_predictions(
@@ -223,39 +219,37 @@ def evaluate_span_predictions(
     null_score_diff_threshold: float = 0.0,
     examples: Mapping[str, SpanExample] | None = None,
 ) -> tuple[dict[str, float], metrics.SpanDecoding]:
-    """Decodes window logits [N, L] to answers and scores them with the task's metric.
+  """Decodes window logits [N, L] to answers and scores them with the task's metric.
 
-    `windows` are the span bookkeeping features of the same N rows (concatenated eval batches:
-    example_id, offset_start, offset_end, token_is_max_context, valid). Every question of the
-    split must have at least one window.
-    """
-    spec = get_downstream_spec(task_name)
-    examples = get_span_examples(task_name, split) if examples is None else examples
-    decoding = metrics.decode_span_predictions(
-        windows,
-        start_logits,
-        end_logits,
-        {q: e.context for q, e in examples.items()},
-        n_best_size=n_best_size,
-        max_answer_length=max_answer_length,
-        version_2_with_negative=spec.version_2_with_negative,
-        null_score_diff_threshold=null_score_diff_threshold,
+  `windows` are the span bookkeeping features of the same N rows (concatenated eval batches:
+  example_id, offset_start, offset_end, token_is_max_context, valid). Every question of the
+  split must have at least one window.
+  """
+  spec = get_downstream_spec(task_name)
+  examples = get_span_examples(task_name, split) if examples is None else examples
+  decoding = metrics.decode_span_predictions(
+      windows,
+      start_logits,
+      end_logits,
+      {q: e.context for q, e in examples.items()},
+      n_best_size=n_best_size,
+      max_answer_length=max_answer_length,
+      version_2_with_negative=spec.version_2_with_negative,
+      null_score_diff_threshold=null_score_diff_threshold,
+  )
+  unseen = [q for q in examples if q not in decoding.predictions]
+  if unseen:
+    raise ValueError(
+        f"{task_name}/{split}: no windows for {len(unseen)} questions, e.g. {unseen[:5]}."
     )
-    unseen = [q for q in examples if q not in decoding.predictions]
-    if unseen:
-        raise ValueError(
-            f"{task_name}/{split}: no windows for {len(unseen)} questions, e.g. {unseen[:5]}."
-        )
-    targets = {q: list(e.answers) for q, e in examples.items()}
-    extra = {"na_probs": decoding.null_odds} if spec.version_2_with_negative else {}
-    return spec.metric_fn(targets, decoding.predictions, **extra), decoding
+  targets = {q: list(e.answers) for q, e in examples.items()}
+  extra = {"na_probs": decoding.null_odds} if spec.version_2_with_negative else {}
+  return spec.metric_fn(targets, decoding.predictions, **extra), decoding
 
 
 def eval_fields(
     spec: DownstreamSpec, batches: Sequence[Mapping[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-    """The `metric_fields` of concatenated numpy eval batches, padding rows (valid = 0) dropped."""
-    valid = np.concatenate([np.asarray(b["valid"]) for b in batches]).astype(bool)
-    return {
-        f: np.concatenate([np.asarray(b[f]) for b in batches])[valid] for f in spec.metric_fields
-    }
+  """The `metric_fields` of concatenated numpy eval batches, padding rows (valid = 0) dropped."""
+  valid = np.concatenate([np.asarray(b["valid"]) for b in batches]).astype(bool)
+  return {f: np.concatenate([np.asarray(b[f]) for b in batches])[valid] for f in spec.metric_fields}
