@@ -47,8 +47,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # configs/ is imported by the config files themselves and by `vidlankd demo`.
-    packages=setuptools.find_packages(include=["vidlankd_jax", "vidlankd_jax.*", "configs"]),
+    # configs/ holds files read by path (`--config=configs/<stage>.py`, vidlankd_jax.configlib).
+    packages=setuptools.find_packages(include=["vidlankd_jax", "vidlankd_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
     entry_points={"console_scripts": ["vidlankd=vidlankd_jax.cli:main"]},

@@ -35,14 +35,14 @@ sys.path.insert(0, REPO)
 def save_times(size: str, saves: int, workdir: str) -> dict:
   """Blocking and total seconds of `saves` saves of a fresh teacher's train state."""
   import jax
-  from configs import teacher as teacher_configs
   from vidlankd_jax import checkpoint as ckpt_lib
+  from vidlankd_jax import configlib
   from vidlankd_jax import sharding
   from vidlankd_jax.train import teacher as teacher_train
 
-  config = teacher_configs.get_config(f"size={size}")
+  config = configlib.load("teacher", f"size={size}")
   mesh = sharding.make_mesh(config.mesh)
-  state, _, _ = teacher_train.init_state(config, mesh)
+  state = teacher_train.build(config, mesh).state
   nbytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
   manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "saves"), every_steps=1, keep=1)
   blocking, total = [], []

@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import sys
 import time
 
 import jax
@@ -46,13 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import distill as distill_configs  # noqa: E402
-from vidlankd_jax import sharding  # noqa: E402
-from vidlankd_jax.models.teacher import Teacher  # noqa: E402
-from vidlankd_jax.train import common  # noqa: E402
-from vidlankd_jax.train import distill  # noqa: E402
+from vidlankd_jax import configlib
+from vidlankd_jax import sharding
+from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
+from vidlankd_jax.models.teacher import Teacher
+from vidlankd_jax.train import distill
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device_kind` (first match wins).
 PEAK_BF16_FLOPS = (
@@ -95,16 +91,14 @@ def step_flops(config) -> dict[str, float]:
   b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
   s, t = config.model, config.teacher.model
   tokens = b * l
-  num_heads = sum(
-      1 for o in distill.parse_objectives(config.kd.objectives) if o in distill.FEATURE_OBJECTIVES
-  )
+  num_heads = sum(1 for o in parse_objectives(config.kd.objectives) if o in FEATURE_OBJECTIVES)
   heads = num_heads * (s.hidden_size**2 + s.hidden_size * t.hidden_size)
   student = (
       2 * tokens * (encoder_flops(s) + heads)
       + tokens * attention_flops(s, l)
       + mlm_head_flops(s, b * p)
   )
-  uses_teacher = bool(distill.parse_objectives(config.kd.objectives))
+  uses_teacher = bool(parse_objectives(config.kd.objectives))
   teacher = 2 * tokens * encoder_flops(t) + tokens * attention_flops(t, l) if uses_teacher else 0
   return {
       "student_train": 3.0 * student,
@@ -167,8 +161,9 @@ def timed(fn, *args, steps: int, warmup: int, carry_first: bool = False):
 
 
 def build_config(args):
-  config = distill_configs.get_config(
-      f"size={args.student_size},teacher_size={args.teacher_size},objectives={args.objectives}"
+  config = configlib.load(
+      "distill",
+      f"size={args.student_size},teacher_size={args.teacher_size},objectives={args.objectives}",
   )
   config.train.batch_size = args.batch
   config.data.seq_len = args.seq_len
@@ -199,7 +194,7 @@ def main(argv=None) -> dict:
   p.add_argument("--warmup_steps", type=int, default=2)
   args = p.parse_args(argv)
   args.teacher_size = args.teacher_size or args.student_size
-  if distill.VOKEN_OBJECTIVE in args.objectives.split("+"):
+  if VOKEN_OBJECTIVE in args.objectives.split("+"):
     p.error(
         "the voken objective needs a bank of teacher clip vectors read from video data; "
         "benchmark the feature objectives instead"
@@ -207,7 +202,7 @@ def main(argv=None) -> dict:
 
   config = build_config(args)
   mesh = sharding.make_mesh(config.mesh)
-  objectives = distill.parse_objectives(config.kd.objectives)
+  objectives = parse_objectives(config.kd.objectives)
   teacher = (
       sharding.create_sharded(
           lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(1)), mesh, config.sharding_rules
@@ -215,14 +210,21 @@ def main(argv=None) -> dict:
       if objectives
       else None
   )
-  models, state, tx = distill.init_state(config, mesh, teacher=teacher)
+  setup = distill.init(config, mesh, teacher=teacher)
+  models, state = setup.models, setup.state
   del teacher
   batch = sharding.global_batch(random_batch(config), mesh)
   state_sh = sharding.state_shardings(state)
   batch_sh = sharding.batch_sharding(mesh)
-  schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
   step = jax.jit(
-      functools.partial(distill.train_step, models=models, config=config, tx=tx, schedule=schedule),
+      functools.partial(
+          distill.train_step,
+          models=models,
+          kd=setup.kd,
+          config=config,
+          tx=setup.tx,
+          schedule=setup.schedule,
+      ),
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, None),
       donate_argnums=0,
@@ -230,16 +232,12 @@ def main(argv=None) -> dict:
 
   def teacher_forward(frozen, batch):
     teacher = nnx.merge(models.teacher_def, frozen, models.teacher_rest)
-    return distill.teacher_targets(teacher, batch, config)[1]
+    return distill.teacher_targets(teacher, batch, setup.kd)[1]
 
   teacher_fn = jax.jit(teacher_forward, in_shardings=(state_sh.frozen, batch_sh))
   targets = teacher_fn(state.frozen, batch) if objectives else None
   # Head outputs of the step's shapes: unit vectors (the teacher's, shifted by one sequence).
-  heads = {
-      name: jnp.roll(targets, 1, axis=0)
-      for name in objectives
-      if name in distill.FEATURE_OBJECTIVES
-  }
+  heads = {name: jnp.roll(targets, 1, axis=0) for name in objectives if name in FEATURE_OBJECTIVES}
 
   # Soft-label KD reads MLM logits at the masked positions: random ones of the step's shape.
   logits = None
@@ -250,7 +248,7 @@ def main(argv=None) -> dict:
   def kd_losses(heads, logits, targets, batch, extra):
     def total(heads, logits):
       terms, _, updates = distill.objective_terms(
-          config,
+          setup.kd,
           heads,
           targets,
           batch,

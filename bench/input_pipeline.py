@@ -97,7 +97,6 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   cores = _pin_to_one_core()
-  import ml_collections
   import tensorflow as tf
 
   tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -112,21 +111,13 @@ def main(argv=None) -> int:
     mean_steps = write_video_shards(os.path.join(workdir, "howto100m"), args.video_clips, 4, vocab)
 
     def run(task: str, batch: int) -> float:
-      cfg = ml_collections.ConfigDict(
-          dict(
-              task=task,
-              data_dir=workdir,
-              vocab_file=vocab.vocab_file,
-              lower_case=True,
-              seq_len=128,
-              max_predictions=20,
-              mask_prob=0.15,
-              max_video_steps=384,
-              video_dim=4096,
-              shuffle_buffer=1000 if task == "wiki103_mlm" else 16,
-          )
+      spec = tasks.InputSpec(
+          task=task,
+          data_dir=workdir,
+          vocab_file=vocab.vocab_file,
+          shuffle_buffer=1000 if task == "wiki103_mlm" else 16,
       )
-      ds = tasks.make_dataset(cfg, "train", batch_size=batch, shard_index=0, num_shards=1, seed=0)
+      ds = tasks.make_dataset(spec, "train", batch_size=batch, shard_index=0, num_shards=1, seed=0)
       options = tf.data.Options()
       options.threading.private_threadpool_size = cores
       return time_pipeline(ds.with_options(options), batch, args.seconds)

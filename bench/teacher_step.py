@@ -23,17 +23,14 @@ The last line of output is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from configs import teacher as teacher_configs  # noqa: E402
 from distill_step import (
     attention_flops,
     encoder_flops,
@@ -43,8 +40,8 @@ from distill_step import (
     report,
     timed,
 )
+from vidlankd_jax import configlib  # noqa: E402
 from vidlankd_jax import sharding  # noqa: E402
-from vidlankd_jax.train import common  # noqa: E402
 from vidlankd_jax.train import teacher as teacher_train  # noqa: E402
 
 
@@ -81,12 +78,12 @@ def teacher_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def build_config(args):
-  config = teacher_configs.get_config(f"size={args.size},video_size={args.video_size}")
+  config = configlib.load("teacher", f"size={args.size},video_size={args.video_size}")
   config.train.batch_size = args.batch
   config.data.seq_len = args.seq_len or config.data.seq_len
   config.data.max_predictions = args.max_predictions or config.data.max_predictions
   if args.video_steps:
-    config.video.max_steps = config.data.max_video_steps = args.video_steps
+    config.video.max_steps = args.video_steps
   config.model.dtype = config.video.dtype = args.dtype
   if args.attention_impl:
     config.model.attention_impl = config.video.attention_impl = args.attention_impl
@@ -98,7 +95,7 @@ def build_config(args):
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--size", default="small", help="language encoder size (configs/common.py)")
+  p.add_argument("--size", default="small", help="language encoder size (configlib.MODEL_SIZES)")
   p.add_argument("--video_size", default="", help="default: the language encoder's size")
   p.add_argument("--batch", type=int, default=32, help="global batch (clip-text pairs)")
   p.add_argument("--seq_len", type=int, default=0, help="default: the config's (128; tiny 32)")
@@ -119,21 +116,12 @@ def main(argv=None) -> dict:
 
   config = build_config(args)
   mesh = sharding.make_mesh(config.mesh)
-  graphdef, params, rest = teacher_train.build(config, mesh)
-  tx = teacher_train.make_optimizer(config, params)
-  state = common.init_train_state(tx, params)
+  program = teacher_train.build(config, mesh)
+  state = program.state
   state_sh = sharding.state_shardings(state)
   batch_sh = sharding.batch_sharding(mesh)
-  schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
   step = jax.jit(
-      functools.partial(
-          teacher_train.train_step,
-          graphdef=graphdef,
-          rest=rest,
-          config=config,
-          tx=tx,
-          schedule=schedule,
-      ),
+      program.train_step,
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, None),
       donate_argnums=0,

@@ -23,9 +23,9 @@ weight decay 0.01, clipping 1.0, batch 256; 12L/768H: Wikipedia, 500K steps, war
 """
 
 import copy
+import os
 
-from configs import common
-from configs import teacher as teacher_configs
+from vidlankd_jax import configlib as common
 
 TEXT_TASKS = {"wiki103": "wiki103_mlm", "wikipedia": "wikipedia_mlm"}
 # WikiText-103: about 0.95M blocks of 126 word pieces; 40 epochs at batch 256.
@@ -37,7 +37,9 @@ def get_config(arg=None):
   teacher_size = arg.teacher_size or arg.size
   config = common.base_config(stage="distill", size=arg.size)
 
-  teacher = teacher_configs.get_config(f"size={teacher_size}")
+  teacher = common.load(
+      os.path.join(os.path.dirname(__file__), "teacher.py"), f"size={teacher_size}"
+  )
   config.teacher = dict(
       # The teacher run's workdir (or its checkpoints/ folder). Only the language encoder's
       # params are read, never re-saved; required unless objectives=none. With objectives=none

@@ -15,7 +15,7 @@ protocol (method.md "Downstream protocol"); a benchmark added with its own regis
 entry in TASK_DEFAULTS (or the generic defaults).
 """
 
-from configs import common
+from vidlankd_jax import configlib as common
 
 GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli", "ax")
 TASK_ALIASES = {

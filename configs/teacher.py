@@ -11,7 +11,7 @@ transformer (default: the same). Defaults follow the released code: lr 5e-5, no 
 decay, clipping 1.0, margin 1.0, MLM weight 1.0.
 """
 
-from configs import common
+from vidlankd_jax import configlib as common
 
 
 def get_config(arg=None):
@@ -39,8 +39,6 @@ def get_config(arg=None):
   )
 
   config.data.task = "howto100m_video_text"
-  config.data.max_video_steps = 384
-  config.data.video_dim = 4096
   # data=synthetic: generate a small corpus in HowTo100M's layout (features carry the captions'
   # concepts) and convert it with the real converter before training: the embedded default.
   config.data.synthetic = arg.data == "synthetic"
@@ -57,7 +55,7 @@ def get_config(arg=None):
 
   if arg.size == "tiny":
     common.shrink_to_tiny(config)
-    config.video.max_steps = config.data.max_video_steps = 16
+    config.video.max_steps = 16
     config.video.projection_dim = 64
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 20

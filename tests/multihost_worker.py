@@ -205,18 +205,18 @@ def stall_save_at(step: int, workdir: str) -> None:
 
 
 def read_as_hosts(num_hosts: int) -> None:
-  """`common.data_iterator` yields the global batch an H-host run reads: each host's shard of
+  """`pipeline.host_batches` yields the global batch an H-host run reads: each host's shard of
   it (that host's input pipeline), concatenated in host order."""
   import numpy as np
+  from vidlankd_jax.data import pipeline
   from vidlankd_jax.data import tasks
-  from vidlankd_jax.train import common
 
-  def data_iterator(
-      data_cfg, mesh, split, *, global_batch_size, seed, start_step=0, repeat=True, shuffle=True
+  def host_batches(
+      spec, mesh, split, *, global_batch_size, seed, start_step=0, repeat=True, shuffle=True
   ):
     shards = [
         tasks.make_dataset(
-            data_cfg,
+            spec,
             split,
             batch_size=global_batch_size // num_hosts,
             shard_index=i,
@@ -231,7 +231,7 @@ def read_as_hosts(num_hosts: int) -> None:
     for parts in zip(*shards):
       yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  common.data_iterator = data_iterator
+  pipeline.host_batches = host_batches
 
 
 def script_main() -> None:

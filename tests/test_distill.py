@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import distill as distill_configs
-from configs import teacher as teacher_configs
+from vidlankd_jax import configlib
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
 from vidlankd_jax import sharding
 from vidlankd_jax.models.teacher import Teacher
-from vidlankd_jax.train import common
+from vidlankd_jax.evaluation import representation
+from vidlankd_jax.models.student import parse_objectives
+from vidlankd_jax.train import loop
 from vidlankd_jax.train import distill
 from vidlankd_jax.train import teacher as teacher_train
 
@@ -34,12 +35,12 @@ SCIENCE_STEPS = 60
 
 
 def test_parse_objectives():
-  assert distill.parse_objectives("nst") == ("nst",)
-  assert distill.parse_objectives("nst+crd") == ("nst", "crd")
-  assert distill.parse_objectives("none") == ()
+  assert parse_objectives("nst") == ("nst",)
+  assert parse_objectives("nst+crd") == ("nst", "crd")
+  assert parse_objectives("none") == ()
   for bad in ("nst+nst", "crd+none", "", "nts"):
     with pytest.raises(ValueError, match="config.kd.objectives"):
-      distill.parse_objectives(bad)
+      parse_objectives(bad)
 
 
 def test_memory_rows_follow_the_text_not_the_masking():
@@ -74,14 +75,16 @@ def test_linear_cka():
   mask = np.ones((4, 50), np.float32)
   rotation, _ = np.linalg.qr(rng.standard_normal((6, 6)))
   wider = np.concatenate([3.0 * x @ rotation, np.zeros((4, 50, 2), np.float32)], -1)
-  cka = lambda a, b, m: distill.linear_cka(distill.cka_moments(a, b, m))
+  cka = lambda a, b, m: representation.linear_cka(representation.cka_moments(a, b, m))
   assert cka(x, x, mask) == pytest.approx(1.0, abs=1e-5)
   assert cka(x, wider, mask) == pytest.approx(1.0, abs=1e-4)  # rotation, scale, other width
   assert cka(x, rng.standard_normal((4, 50, 6)).astype(np.float32), mask) < 0.2
   # Summing the moments over batches equals one pass; masked tokens count for nothing.
-  halves = [distill.cka_moments(x[i : i + 2], wider[i : i + 2], mask[i : i + 2]) for i in (0, 2)]
+  halves = [
+      representation.cka_moments(x[i : i + 2], wider[i : i + 2], mask[i : i + 2]) for i in (0, 2)
+  ]
   summed = {k: np.asarray(halves[0][k], np.float64) + np.asarray(halves[1][k]) for k in halves[0]}
-  assert distill.linear_cka(summed) == pytest.approx(cka(x, wider, mask), abs=1e-6)
+  assert representation.linear_cka(summed) == pytest.approx(cka(x, wider, mask), abs=1e-6)
   noisy = x.copy()
   noisy[:, 40:] = 100 * rng.standard_normal((4, 10, 6))
   mask[:, 40:] = 0
@@ -93,23 +96,25 @@ def test_spherical_kmeans_finds_the_clusters():
   centres = np.eye(4, 16)
   points = np.repeat(centres, 30, axis=0) + 0.05 * rng.standard_normal((120, 16))
   points /= np.linalg.norm(points, axis=1, keepdims=True)
-  found = distill.spherical_kmeans(points, 4, iters=10, seed=0)
+  found = representation.spherical_kmeans(points, 4, iters=10, seed=0)
   np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1.0, atol=1e-6)
   assert np.sort(np.max(found @ centres.T, axis=0)).min() > 0.99  # every centre is found
   with pytest.raises(ValueError, match="num_vokens=200 exceeds the 120 clips"):
-    distill.spherical_kmeans(points, 200, iters=1, seed=0)
+    representation.spherical_kmeans(points, 200, iters=1, seed=0)
 
 
 def test_total_loss_weights_each_term():
-  config = distill_configs.get_config("size=tiny,objectives=nst+crd")
+  config = configlib.load("distill", "size=tiny,objectives=nst+crd")
   config.kd.weights.crd = 0.25
   config.kd.mlm_weight = 2.0
   terms = {"mlm": jnp.float32(3.0), "nst": jnp.float32(-0.5), "crd": jnp.float32(4.0)}
-  assert float(distill.total_loss(terms, config.kd)) == pytest.approx(6.0 - 0.5 + 1.0)
+  assert float(distill.total_loss(terms, distill.KDSpec.from_config(config))) == pytest.approx(
+      6.0 - 0.5 + 1.0
+  )
 
 
 def test_objective_terms_dispatch_to_the_losses():
-  config = distill_configs.get_config("size=tiny,objectives=nst+ntxent+mse+cos+kd")
+  config = configlib.load("distill", "size=tiny,objectives=nst+ntxent+mse+cos+kd")
   rng = np.random.default_rng(4)
   unit = lambda *shape: np.asarray(
       losses.l2_normalize(rng.standard_normal(shape).astype(np.float32))
@@ -121,7 +126,7 @@ def test_objective_terms_dispatch_to_the_losses():
   batch = {"attention_mask": mask, "mlm_weights": np.ones((4, 3), np.float32)}
   student_logits, teacher_logits = rng.standard_normal((2, 4, 3, 11)).astype(np.float32)
   terms, _, updates = distill.objective_terms(
-      config,
+      distill.KDSpec.from_config(config),
       heads,
       targets,
       batch,
@@ -142,7 +147,7 @@ def test_objective_terms_dispatch_to_the_losses():
     assert float(terms[name]) == pytest.approx(float(value), rel=1e-6), name
   config.kd.nst_variant = "mmd"
   terms, _, _ = distill.objective_terms(
-      config,
+      distill.KDSpec.from_config(config),
       heads,
       targets,
       batch,
@@ -164,7 +169,7 @@ def test_benchmark_flop_count_matches_the_model():
   spec = importlib.util.spec_from_file_location("distill_step", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
-  config = distill_configs.get_config("size=tiny,teacher_size=mini,objectives=none")
+  config = configlib.load("distill", "size=tiny,teacher_size=mini,objectives=none")
   from vidlankd_jax.models.bert import BertConfig, TransformerStack
 
   stack = sharding.create_sharded(
@@ -191,7 +196,7 @@ def test_benchmark_flop_count_matches_the_model():
 
 
 def step_config(objectives="nst+crd"):
-  config = distill_configs.get_config(f"size=tiny,objectives={objectives}")
+  config = configlib.load("distill", f"size=tiny,objectives={objectives}")
   config.model.vocab_size = config.teacher.model.vocab_size = 128
   config.teacher.video.input_dim = 32
   config.kd.crd.memory_size = 64
@@ -224,7 +229,8 @@ def run_steps(config, mesh, num_steps=2):
   teacher = sharding.create_sharded(
       lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)), mesh, config.sharding_rules
   )
-  models, state, tx = distill.init_state(config, mesh, teacher=teacher)
+  setup = distill.init(config, mesh, teacher=teacher)
+  state = setup.state
   before = jax.tree.map(
       np.asarray, {"params": state.params, "frozen": state.frozen, "extra": state.extra}
   )
@@ -232,10 +238,11 @@ def run_steps(config, mesh, num_steps=2):
   step = jax.jit(
       functools.partial(
           distill.train_step,
-          models=models,
+          models=setup.models,
+          kd=setup.kd,
           config=config,
-          tx=tx,
-          schedule=common.learning_rate_schedule(config.optimizer, config.train.steps),
+          tx=setup.tx,
+          schedule=setup.schedule,
       ),
       in_shardings=(state_sh, sharding.batch_sharding(mesh)),
       out_shardings=(state_sh, None),
@@ -291,25 +298,26 @@ def test_sharded_step_with_a_sharded_memory_equals_single_device(single_device_s
 
 def test_text_only_baseline_needs_no_teacher():
   config = step_config("none")
-  models, state, _ = distill.init_state(config, sharding.single_device_mesh())
-  assert state.frozen is None and state.extra is None and models.teacher_def is None
+  setup = distill.init(config, sharding.single_device_mesh())
+  assert setup.state.frozen is None and setup.state.extra is None
+  assert setup.models.teacher_def is None
 
 
 def test_config_errors_name_the_key():
   config = step_config("nst")
   config.teacher.model.vocab_size = 256
   with pytest.raises(ValueError, match="config.teacher.model.vocab_size 256"):
-    distill.check_config(config)
+    distill.KDSpec.from_config(config)
   config = step_config("voken")
   with pytest.raises(ValueError, match="config.kd.voken.data_dir is empty"):
-    distill.check_config(config)
+    distill.KDSpec.from_config(config)
   config = step_config("nst+crd")
   config.optimizer.grad_accum_steps = 2
   with pytest.raises(ValueError, match="grad_accum_steps must be 1 with the crd"):
-    distill.check_config(config)
+    distill.KDSpec.from_config(config)
   config = step_config("nst")
   with pytest.raises(ValueError, match="config.teacher.workdir is empty"):
-    distill.init_state(config, sharding.single_device_mesh())
+    distill.init(config, sharding.single_device_mesh())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +350,7 @@ def corpus(tmp_path_factory):
         log=lambda *_: None,
     )
 
-  config = teacher_configs.get_config("size=tiny,data=synthetic")
+  config = configlib.load("teacher", "size=tiny,data=synthetic")
   config.data.data_dir = str(root / "video")
   config.train.steps = TEACHER_STEPS
   config.train.log_every = TEACHER_STEPS
@@ -357,7 +365,7 @@ def corpus(tmp_path_factory):
 
 
 def loop_config(corpus, objectives, steps, seed=0):
-  config = distill_configs.get_config(f"size=tiny,objectives={objectives}")
+  config = configlib.load("distill", f"size=tiny,objectives={objectives}")
   config.seed = seed
   config.data.data_dir = str(corpus["root"] / "text")
   config.teacher.workdir = corpus["teacher"]
@@ -393,11 +401,9 @@ def science_runs(corpus):
       for objectives in ("nst", "none")
   }
   config = loop_config(corpus, "nst", SCIENCE_STEPS, seed=1)
-  config.data.vocab_file = common.resolve_vocab(config)
   mesh = sharding.make_mesh(config.mesh)
-  models, state, _ = distill.init_state(config, mesh)
-  eval_fn = jax.jit(functools.partial(distill.eval_step, models=models, config=config))
-  runs["initial"] = distill.evaluate(state, eval_fn, config, mesh)
+  program = distill.build(config, mesh)
+  runs["initial"] = program.evaluate(program.state, jax.jit(program.eval_step))
   return runs
 
 
@@ -452,19 +458,20 @@ def test_science_check_distilled_student_ends_closer_to_the_teacher(science_runs
 
 @pytest.mark.slow
 def test_crd_memory_survives_sigterm_and_resume(corpus, monkeypatch):
-  write = common.MetricsWriter.write
+  write = loop.MetricsWriter.write
 
   def write_then_signal(self, step, metrics, **kwargs):
     write(self, step, metrics, **kwargs)
     if step == 2:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  monkeypatch.setattr(common.MetricsWriter, "write", write_then_signal)
+  monkeypatch.setattr(loop.MetricsWriter, "write", write_then_signal)
   config = loop_config(corpus, "nst+crd", 6)
   config.train.log_every = 2
   config.eval.every_steps = 6
   workdir = str(corpus["root"] / "crd")
-  assert distill.train_and_evaluate(config, workdir) == {}  # stopped before any evaluation
+  with pytest.raises(loop.Preempted):  # stopped at step 2, before any evaluation
+    distill.train_and_evaluate(config, workdir)
   manager = ckpt_lib.CheckpointManager(
       os.path.join(workdir, "checkpoints"),
       every_steps=100,
@@ -473,7 +480,7 @@ def test_crd_memory_survives_sigterm_and_resume(corpus, monkeypatch):
   )
   assert manager.latest_step() == 2
   mesh = sharding.make_mesh(config.mesh)
-  _, fresh, _ = distill.init_state(config, mesh)
+  fresh = distill.init(config, mesh).state
   fresh_memory = jax.tree.map(np.asarray, fresh.extra["crd"])
   restored, _ = manager.restore(fresh)
   manager.close()
@@ -482,7 +489,7 @@ def test_crd_memory_survives_sigterm_and_resume(corpus, monkeypatch):
   assert np.any(np.asarray(memory.student_memory) != fresh_memory.student_memory)
   assert memory.student_memory.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
 
-  monkeypatch.setattr(common.MetricsWriter, "write", write)
+  monkeypatch.setattr(loop.MetricsWriter, "write", write)
   metrics = distill.train_and_evaluate(config, workdir)
   assert np.isfinite(metrics["eval/crd_loss"]) and np.isfinite(metrics["eval/nst_loss"])
   logged = [m["step"] for m in read_metrics(workdir) if "train/crd_loss" in m]
@@ -504,7 +511,7 @@ def test_voken_baseline_classifies_teacher_clip_vokens(corpus):
 
 def test_teacher_size_mismatch_is_a_fingerprint_error(corpus):
   config = loop_config(corpus, "nst", 1)
-  bigger = distill_configs.get_config("size=tiny,teacher_size=mini,objectives=nst")
+  bigger = configlib.load("distill", "size=tiny,teacher_size=mini,objectives=nst")
   config.teacher.model = bigger.teacher.model
   config.teacher.video = bigger.teacher.video
   with pytest.raises(

@@ -8,17 +8,17 @@ import torch
 import transformers
 from flax import nnx
 
-from configs import distill as distill_configs
+from vidlankd_jax import configlib
 from vidlankd_jax import sharding
 from vidlankd_jax.models.bert import BertConfig
 from vidlankd_jax.models.student import Student
-from vidlankd_jax.train import common
+from vidlankd_jax import train_state as common
 
 
 @pytest.fixture(scope="module")
 def student_run(tmp_path_factory, load_tool):
   """A tiny distillation workdir (random student with an NST head), as the distill stage writes it."""
-  config = distill_configs.get_config("size=tiny,objectives=nst")
+  config = configlib.load("distill", "size=tiny,objectives=nst")
   student = sharding.create_sharded(
       lambda: Student(
           BertConfig.from_config(config.model), ("nst",), teacher_hidden_size=64, rngs=nnx.Rngs(3)

@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import distill as distill_configs
-from configs import teacher as teacher_configs
+from vidlankd_jax import configlib
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import sharding
 from vidlankd_jax.data import synthetic
-from vidlankd_jax.train import common
+from vidlankd_jax import train_state as common
 from vidlankd_jax.train import loop
 from vidlankd_jax.train import teacher as teacher_train
 
@@ -28,9 +27,8 @@ BAD_STEP = 3
 
 
 def loop_config(data_dir, policy, steps):
-  config = teacher_configs.get_config("size=tiny")
+  config = configlib.load("teacher", "size=tiny")
   config.data.data_dir = data_dir
-  config.data.vocab_file = common.resolve_vocab(config)
   config.train.steps = steps
   config.train.log_every = 1
   config.train.on_nonfinite = policy
@@ -56,16 +54,9 @@ def poisoned(train_step_fn, bad_step):
 
 def fit_poisoned(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
-  state, train_step_fn, eval_step_fn = teacher_train.init_state(config, mesh)
-  return loop.fit(
-      config,
-      workdir,
-      mesh,
-      state,
-      poisoned(train_step_fn, BAD_STEP),
-      eval_step_fn,
-      teacher_train.evaluate,
-  )
+  program = teacher_train.build(config, mesh)
+  program.train_step = poisoned(program.train_step, BAD_STEP)
+  return loop.fit(program, config, workdir, mesh)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +70,7 @@ def data_dir(tmp_path_factory):
 def stopped_run(data_dir, tmp_path_factory):
   """A run whose step 3 is non-finite, under the default policy (stop); checkpoints 1 and 2."""
   workdir = str(tmp_path_factory.mktemp("stopped"))
-  with pytest.raises(common.NonFiniteError) as error:
+  with pytest.raises(loop.NonFiniteError) as error:
     fit_poisoned(loop_config(data_dir, "stop", 5), workdir)
   return workdir, str(error.value)
 
@@ -123,13 +114,13 @@ def test_damaged_checkpoint_is_an_error_naming_the_item(stopped_run, data_dir, t
         f.truncate(8)
   config = loop_config(data_dir, "stop", 5)
   mesh = sharding.make_mesh(config.mesh)
-  state, _, _ = teacher_train.init_state(config, mesh)
+  program = teacher_train.build(config, mesh)
   with pytest.raises(
       ckpt_lib.CorruptCheckpointError,
       match=r"checkpoints/2/params is damaged or incomplete: .*"
       r"delete .*checkpoints/2 to resume from step 1",
   ):
-    loop.fit(config, workdir, mesh, state, None, None, None)
+    loop.fit(program, config, workdir, mesh)
 
 
 def test_checkpoint_of_another_model_size_is_an_error_naming_the_difference(stopped_run, data_dir):
@@ -145,14 +136,14 @@ def test_checkpoint_of_another_objective_set_is_an_error_naming_the_difference(t
   mesh = sharding.single_device_mesh()
   params = {"w": jax.device_put(jnp.ones((2, 2)), sharding.replicated(mesh))}
   state = common.init_train_state(
-      common.make_optimizer(distill_configs.get_config("size=tiny").optimizer, 10), params
+      common.make_optimizer(configlib.load("distill", "size=tiny").optimizer, 10), params
   )
-  nst = distill_configs.get_config("size=tiny,objectives=nst")
-  crd = distill_configs.get_config("size=tiny,objectives=nst+crd")
-  manager = loop.checkpoint_manager(nst, str(tmp_path))
+  nst = configlib.load("distill", "size=tiny,objectives=nst")
+  crd = configlib.load("distill", "size=tiny,objectives=nst+crd")
+  manager = loop.checkpoint_manager(nst, str(tmp_path), ckpt_lib.fingerprint(nst))
   manager.save(1, state, force=True)
   manager.close()
-  manager = loop.checkpoint_manager(crd, str(tmp_path))
+  manager = loop.checkpoint_manager(crd, str(tmp_path), ckpt_lib.fingerprint(crd))
   with pytest.raises(
       ckpt_lib.IncompatibleCheckpointError,
       match="kd.objectives: checkpoint 'nst' vs config 'nst\\+crd'",

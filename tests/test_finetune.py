@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import sys
 
 import jax
@@ -11,12 +12,16 @@ import pytest
 
 import tensorflow_datasets as tfds
 
-from configs import finetune as finetune_config
 from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import configlib
 from vidlankd_jax import main as main_lib
+from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax.data import downstream
 from vidlankd_jax.train import finetune
+from vidlankd_jax.train import loop
+
+import multihost_worker as worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACIE_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "tracie")
@@ -24,7 +29,7 @@ TRACIE_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "tracie")
 
 def tiny_config(task, init="scratch", size="tiny", **overrides):
   """A tiny config of a few steps on short rows and a capped evaluation."""
-  config = finetune_config.get_config(f"task={task},size={size},init={init}")
+  config = configlib.load("finetune", f"task={task},size={size},init={init}")
   config.seeds = "1"
   config.train.steps = 2
   config.train.batch_size = 8
@@ -113,32 +118,39 @@ def swag_run(tmp_path_factory):
   write_swag_csv(data / "train.csv", 20, 0)
   write_swag_csv(data / "val.csv", 12, 1)
   workdir = tmp_path_factory.mktemp("swag")
-  return (workdir, *run(tiny_config("swag", data__swag_dir=str(data)), workdir))
+  return (workdir, *run(swag_config(data), workdir), data)
+
+
+def swag_config(data_dir):
+  """Two seeds of six steps (the uninterrupted reference of the resume test)."""
+  config = tiny_config("swag", data__swag_dir=str(data_dir))
+  config.seeds = "1,2"
+  config.train.steps = 6
+  config.checkpoint.every_steps = 2
+  return config
 
 
 @pytest.fixture(scope="module")
 def teacher_workdir(tmp_path_factory):
   """A tiny teacher-stage workdir: an Orbax checkpoint of the teacher and its config.json."""
   from flax import nnx
-  from configs import teacher as teacher_config
-  from vidlankd_jax.models.teacher import Teacher
-  from vidlankd_jax.train import common
 
-  config = teacher_config.get_config("size=tiny")
+  from vidlankd_jax import train_state as ts
+  from vidlankd_jax.models.teacher import Teacher
+
+  config = configlib.load("teacher", "size=tiny")
   workdir = str(tmp_path_factory.mktemp("teacher"))
-  main_lib.write_config(config, workdir)
+  runs.write_config(config, workdir)
   model = sharding.create_sharded(
       lambda: Teacher.from_config(config, rngs=nnx.Rngs(7)),
       sharding.single_device_mesh(),
       config.sharding_rules,
   )
-  _, params, _ = common.nnx_params(model)
+  _, params, _ = ts.nnx_params(model)
   manager = ckpt_lib.CheckpointManager(
       os.path.join(workdir, "checkpoints"), every_steps=1, keep=1, async_save=False
   )
-  manager.save(
-      3, common.init_train_state(common.make_optimizer(config.optimizer, 10), params), force=True
-  )
+  manager.save(3, ts.init_train_state(ts.make_optimizer(config.optimizer, 10), params), force=True)
   manager.close()
   return workdir
 
@@ -186,7 +198,7 @@ def new_benchmark_run(tmp_path_factory, teacher_workdir):
             f"{'a great happy film' if label else 'a dull sad film'} number {rng.integers(100)}\t{label}\n"
         )
   sys.path.insert(0, str(root))
-  finetune_config.TASK_DEFAULTS["tiny_sentiment"] = dict(
+  configlib.load_module("finetune").TASK_DEFAULTS["tiny_sentiment"] = dict(
       learning_rate=2e-3, epochs=10, batch_size=8
   )
   try:
@@ -203,7 +215,7 @@ def new_benchmark_run(tmp_path_factory, teacher_workdir):
     workdir = tmp_path_factory.mktemp("tiny_sentiment")
     return (workdir, config, *run(config, workdir))
   finally:
-    del finetune_config.TASK_DEFAULTS["tiny_sentiment"]
+    del configlib.load_module("finetune").TASK_DEFAULTS["tiny_sentiment"]
     sys.path.remove(str(root))
 
 
@@ -240,11 +252,46 @@ def test_span_task_on_mock_squad(squad_run):
 
 
 def test_multiple_choice_on_swag_csvs(swag_run):
-  workdir, _, results = swag_run
+  _, _, results, _ = swag_run
   assert results["kind"] == "multiple_choice" and results["train_examples"] == 20
   accuracy = results["per_seed"]["1"]["validation/accuracy"]
   assert any(accuracy == pytest.approx(100.0 * k / 12) for k in range(13))  # 12 questions
   assert results["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_sigterm_mid_seed_resumes_to_the_uninterrupted_results(
+    swag_run, tmp_path, monkeypatch, capsys
+):
+  """Fine-tuning gets the loop's checkpoints: SIGTERM during the second seed saves and stops;
+  the same command again skips the finished seed, resumes the second from its checkpoint, and
+  ends with the metrics of the run that was never stopped."""
+  reference_dir, _, reference, data_dir = swag_run
+  config = swag_config(data_dir)
+  write = loop.MetricsWriter.write
+
+  def write_then_signal(self, step, metrics, **kwargs):
+    write(self, step, metrics, **kwargs)
+    if self.path.parent.name == "seed_2" and step == 3 and "train/loss" in metrics:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(loop.MetricsWriter, "write", write_then_signal)
+  workdir = tmp_path / "run"
+  with pytest.raises(loop.Preempted):
+    main_lib.run(config, str(workdir))
+  assert not (workdir / "results.json").exists()
+  assert ckpt_lib.CheckpointManager(
+      str(workdir / "seed_2" / "checkpoints"), every_steps=2, keep=3
+  ).all_steps() == [2, 3]
+  monkeypatch.setattr(loop.MetricsWriter, "write", write)
+  capsys.readouterr()
+  _, results = run(config, workdir)
+  out = capsys.readouterr().out
+  assert "run already finished at step 6" in out and "resuming from checkpoint step 3" in out
+  assert results["per_seed"] == reference["per_seed"]
+  for seed in ("seed_1", "seed_2"):
+    assert worker.read_metrics(str(workdir / seed)) == worker.read_metrics(
+        str(reference_dir / seed)
+    ), seed
 
 
 def test_a_new_benchmark_trains_through_the_normal_loop(new_benchmark_run):
@@ -265,8 +312,8 @@ def test_init_from_a_teacher_workdir_takes_its_size_and_weights(new_benchmark_ru
   assert results["encoder"]["hidden_size"] == 64 and results["encoder"]["num_heads"] == 2
   # The encoder loaded before training holds the checkpoint's language BERT exactly.
   config = tiny_config("tiny_sentiment", init=teacher_workdir, size="auto")
-  init = finetune.read_initial_encoder(config.init, config.model.num_heads)
-  bert_cfg = finetune.encoder_config(config.model, init)
+  init = runs.read_initial_encoder(config.init.source, None, config.model.num_heads)
+  bert_cfg = runs.encoder_config(config.model, init)
   from flax import nnx
   from vidlankd_jax.models import heads
 
@@ -275,7 +322,7 @@ def test_init_from_a_teacher_workdir_takes_its_size_and_weights(new_benchmark_ru
       sharding.single_device_mesh(),
       config.sharding_rules,
   )
-  finetune.load_encoder(model.bert, init)
+  runs.load_encoder(model.bert, init)
   saved = ckpt_lib.restore_params_numpy(os.path.join(teacher_workdir, "checkpoints"))["language"][
       "bert"
   ]
@@ -287,16 +334,16 @@ def test_init_from_a_teacher_workdir_takes_its_size_and_weights(new_benchmark_ru
   config = tiny_config(
       "tiny_sentiment", init=os.path.join(teacher_workdir, "checkpoints"), size="mini"
   )
-  init = finetune.read_initial_encoder(config.init, config.model.num_heads)
+  init = runs.read_initial_encoder(config.init.source, None, config.model.num_heads)
   with pytest.raises(ValueError, match=r"size=mini.*\n.*hidden_size: weights 64 vs config 256"):
-    finetune.encoder_config(config.model, init)
+    runs.encoder_config(config.model, init)
 
 
 def test_init_from_a_hugging_face_directory(minilm_dir):
-  config = finetune_config.get_config(f"task=sst2,init=hf:{minilm_dir}")
+  config = configlib.load("finetune", f"task=sst2,init=hf:{minilm_dir}")
   assert config.model.size == "auto"
-  init = finetune.read_initial_encoder(config.init, config.model.num_heads)
-  bert_cfg = finetune.encoder_config(config.model, init)
+  init = runs.read_initial_encoder(config.init.source, None, config.model.num_heads)
+  bert_cfg = runs.encoder_config(config.model, init)
   assert (bert_cfg.num_layers, bert_cfg.hidden_size, bert_cfg.num_heads) == (6, 384, 12)
   from flax import nnx
   from safetensors.numpy import load_file
@@ -307,24 +354,24 @@ def test_init_from_a_hugging_face_directory(minilm_dir):
       sharding.single_device_mesh(),
       config.sharding_rules,
   )
-  finetune.load_encoder(model.bert, init)
+  runs.load_encoder(model.bert, init)
   tensors = load_file(os.path.join(minilm_dir, "model.safetensors"))
   key = next(k for k in tensors if k.endswith("encoder.layer.5.intermediate.dense.weight"))
   np.testing.assert_array_equal(
       np.asarray(model.bert.encoder.layers[5].intermediate.kernel.get_value()), tensors[key].T
   )
-  config = finetune_config.get_config(f"task=sst2,init=hf:{minilm_dir},size=small")
+  config = configlib.load("finetune", f"task=sst2,init=hf:{minilm_dir},size=small")
   with pytest.raises(ValueError, match="hidden_size: weights 384 vs config 512"):
-    finetune.encoder_config(config.model, finetune.read_initial_encoder(config.init, 8))
+    runs.encoder_config(config.model, runs.read_initial_encoder(config.init.source, None, 8))
 
 
 def test_missing_inputs_raise_errors_that_name_them(tmp_path):
-  config = finetune_config.get_config("task=tracie,size=auto")
+  config = configlib.load("finetune", "task=tracie,size=auto")
   with pytest.raises(ValueError, match="size 'auto'.*scratch"):
-    finetune.encoder_config(config.model, finetune.InitialEncoder("scratch"))
-  config = finetune_config.get_config(f"task=tracie,init={tmp_path}/nothing")
+    runs.encoder_config(config.model, runs.InitialEncoder("scratch"))
+  config = configlib.load("finetune", f"task=tracie,init={tmp_path}/nothing")
   with pytest.raises(FileNotFoundError, match="nothing.*scratch.*hf:"):
-    finetune.read_initial_encoder(config.init, 12)
+    runs.read_initial_encoder(config.init.source, None, 12)
   with pytest.raises(ValueError, match="distinct seeds"):
     finetune.parse_seeds("1,1")
   config = tiny_config("swag", data__swag_dir=str(tmp_path))
@@ -333,7 +380,7 @@ def test_missing_inputs_raise_errors_that_name_them(tmp_path):
 
 
 def test_config_defaults_follow_the_protocol():
-  glue = finetune_config.get_config("task=qnli")
+  glue = configlib.load("finetune", "task=qnli")
   assert glue.data.task == "glue_qnli" and glue.model.size == "base"
   assert (
       glue.optimizer.learning_rate,
@@ -342,7 +389,7 @@ def test_config_defaults_follow_the_protocol():
       glue.data.seq_len,
   ) == (1e-4, 3, 32, 128)
   assert glue.optimizer.warmup_fraction == 0.1
-  v1, v2 = finetune_config.get_config("task=squad_v1"), finetune_config.get_config("task=squad_v2")
+  v1, v2 = configlib.load("finetune", "task=squad_v1"), configlib.load("finetune", "task=squad_v2")
   assert (v1.optimizer.learning_rate, v2.optimizer.learning_rate) == (3e-5, 5e-5)
   assert (v1.train.epochs, v1.data.seq_len, v1.data.doc_stride, v1.eval.primary_metric) == (
       2,
@@ -350,10 +397,10 @@ def test_config_defaults_follow_the_protocol():
       128,
       "f1",
   )
-  swag = finetune_config.get_config("task=swag,size=small")
+  swag = configlib.load("finetune", "task=swag,size=small")
   assert (swag.optimizer.learning_rate, swag.train.epochs, swag.data.seq_len) == (5e-5, 3, 80)
   assert swag.model.hidden_size == 512
-  assert finetune_config.get_config("task=cola").eval.primary_metric == "matthews_corr"
+  assert configlib.load("finetune", "task=cola").eval.primary_metric == "matthews_corr"
 
 
 def test_comparison_table_shows_mean_and_std_per_checkpoint(tracie_run, tmp_path):
@@ -461,7 +508,7 @@ def test_glue_diagnostics_write_ax_tsv_and_score_categories(tmp_path):
 
 def test_scores_drop_padding_rows_and_read_regression_scores():
   downstream.register_downstream_tasks()
-  config = finetune_config.get_config("task=stsb,size=tiny")
+  config = configlib.load("finetune", "task=stsb,size=tiny")
   labels = np.array([0.5, 2.0, 4.0, 0.0], np.float32)
   batches = [
       {"label": labels[:2], "valid": np.array([1, 1])},

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import distill as distill_configs
-from configs import teacher as teacher_configs
+from vidlankd_jax import configlib
+from vidlankd_jax import runs as run_lib
 from vidlankd_jax import sharding
 from vidlankd_jax.data import synthetic
 from vidlankd_jax.evaluation import grounding
 from vidlankd_jax.models.bert import BertConfig
 from vidlankd_jax.models.student import Student
 from vidlankd_jax.models.teacher import Teacher
-from vidlankd_jax.train import common
+from vidlankd_jax import train_state as common
 from vidlankd_jax.train import teacher as teacher_train
 
 SENTENCES = ["slice the onion and fry it", "the dog runs after a red ball in the park"]
@@ -106,7 +106,7 @@ def runs(tmp_path_factory, load_tool):
   write_workdir = load_tool("import_vidlankd").write_workdir
   mesh = sharding.single_device_mesh()
 
-  t_config = teacher_configs.get_config("size=tiny")
+  t_config = configlib.load("teacher", "size=tiny")
   teacher = sharding.create_sharded(
       lambda: Teacher.from_config(t_config, rngs=nnx.Rngs(1)), mesh, t_config.sharding_rules
   )
@@ -115,7 +115,7 @@ def runs(tmp_path_factory, load_tool):
       t_config, teacher, teacher_train.make_optimizer(t_config, params), str(root / "teacher")
   )
 
-  s_config = distill_configs.get_config("size=tiny,objectives=nst")
+  s_config = configlib.load("distill", "size=tiny,objectives=nst")
   student = sharding.create_sharded(
       lambda: Student(
           BertConfig.from_config(s_config.model), ("nst",), teacher_hidden_size=64, rngs=nnx.Rngs(2)
@@ -190,8 +190,10 @@ def test_tool_lists_k_clips_per_sentence_for_both_models(tool_output, runs):
   assert listings["teacher"][0][0][2].replace("|", "/") in markdown
 
 
-def test_tool_rejects_a_student_without_the_head(runs, load_tool):
-  with pytest.raises(ValueError, match="'crd'"):
-    load_tool("grounding").load_student(str(runs["root"] / "student"), "crd")
+def test_a_student_without_the_head_is_an_error_naming_it(runs):
+  with pytest.raises(ValueError, match=r"no \['crd'\] head.*objectives are nst"):
+    run_lib.load_student(
+        str(runs["root"] / "student"), sharding.single_device_mesh(), heads=("crd",)
+    )
   with pytest.raises(ValueError, match="'crd'"):
     grounding.student_token_vectors(runs["student"], np.ones((1, 4)), np.ones((1, 4)), head="crd")

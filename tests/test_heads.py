@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import common
+from vidlankd_jax import configlib as common
 from vidlankd_jax import sharding
 from vidlankd_jax.models import heads
 from vidlankd_jax.models.bert import BertConfig

@@ -9,7 +9,6 @@ the released `VisnModel` (VideoBert + projection + MLP), saved as DistributedDat
 import json
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -17,14 +16,15 @@ import transformers
 from flax import nnx
 from torch import nn
 
-from configs import distill as distill_configs
+from vidlankd_jax import configlib
 from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax.evaluation import grounding
 from vidlankd_jax.interop import hf_bert, vidlankd_torch
 from vidlankd_jax.models.bert import BertConfig
 from vidlankd_jax.models.student import Student
-from vidlankd_jax.train import distill, finetune
+from vidlankd_jax.train import distill
 
 # The tiny size of configs/common.py (2 layers, 64 hidden, 2 heads, FFN 128), as configs read it.
 HF_CONFIG = dict(
@@ -223,7 +223,7 @@ def test_every_released_tensor_lands_where_it_belongs(released, imported):
 
 
 def test_teacher_loads_in_distillation_and_matches_the_released_modules(released, imported):
-  config = distill_configs.get_config("size=tiny,objectives=nst")
+  config = configlib.load("distill", "size=tiny,objectives=nst")
   config.teacher.workdir = imported["teacher"]
   config.teacher.video.embedding_passes = 2
   teacher = distill.load_teacher(config, sharding.single_device_mesh())
@@ -261,11 +261,13 @@ def test_workdirs_carry_the_fingerprints_and_configs_our_runs_write(imported):
   meta = ckpt_lib.CheckpointManager(
       os.path.join(imported["teacher"], "checkpoints"), every_steps=1, keep=1
   ).read_meta(0)
-  config = distill_configs.get_config("size=tiny,objectives=nst")
+  config = configlib.load("distill", "size=tiny,objectives=nst")
   with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="video.embedding_passes"):
-    ckpt_lib.check_fingerprint(meta["fingerprint"], distill.teacher_fingerprint(config), "teacher")
+    ckpt_lib.check_fingerprint(
+        meta["fingerprint"], runs.teacher_fingerprint(config.teacher), "teacher"
+    )
   config.teacher.video.embedding_passes = 2  # what the import tool tells distillation runs to set
-  assert meta["fingerprint"] == distill.teacher_fingerprint(config)
+  assert meta["fingerprint"] == runs.teacher_fingerprint(config.teacher)
   student_meta = ckpt_lib.CheckpointManager(
       os.path.join(imported["student"], "checkpoints"), every_steps=1, keep=1
   ).read_meta(0)
@@ -273,9 +275,7 @@ def test_workdirs_carry_the_fingerprints_and_configs_our_runs_write(imported):
 
 
 def test_student_feeds_fine_tuning_and_matches_the_released_modules(released, imported):
-  init = finetune.read_initial_encoder(
-      ml_collections.ConfigDict({"source": imported["student"], "step": -1}), default_heads=12
-  )
+  init = runs.read_initial_encoder(imported["student"], None, default_heads=12)
   assert init.architecture["num_heads"] == 2 and init.architecture["hidden_size"] == 64
   word = released["student"].state_dict()["bert.embeddings.word_embeddings.weight"].numpy()
   np.testing.assert_array_equal(init.params["embeddings/word_embeddings/embedding"], word)

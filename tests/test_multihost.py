@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import teacher as teacher_configs
+from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import configlib
 from vidlankd_jax import sharding
 from vidlankd_jax.data import synthetic
 from vidlankd_jax.train import loop
@@ -132,11 +133,11 @@ def test_two_host_teacher_equals_one_process_over_the_same_global_batch(teacher_
 
 @pytest.mark.parametrize("devices", [8, 4])
 def test_two_host_checkpoint_restores_onto_one_process(teacher_runs, shared, devices):
-  config = teacher_configs.get_config("size=tiny")
+  config = configlib.load("teacher", "size=tiny")
   config.mesh.data, config.mesh.tensor = devices // 2, 2  # another layout too: tensor-parallel
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:devices])
-  state, _, _ = teacher_train.init_state(config, mesh)
-  manager = loop.checkpoint_manager(config, teacher_runs["two_hosts"])
+  state = teacher_train.init(config, mesh).state
+  manager = loop.checkpoint_manager(config, teacher_runs["two_hosts"], ckpt_lib.fingerprint(config))
   restored, meta = manager.restore(state)
   manager.close()
   assert meta["step"] == int(restored.step) == TEACHER_STEPS

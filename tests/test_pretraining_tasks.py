@@ -4,7 +4,6 @@ import itertools
 import os
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -52,19 +51,10 @@ def data_dir(tmp_path_factory, vocab):
 
 def data_config(data_dir, task="wiki103_mlm", **kw):
   fields = dict(
-      task=task,
-      data_dir=data_dir,
-      vocab_file=vocab_lib.default_vocab_file(),
-      lower_case=True,
-      seq_len=128,
-      max_predictions=20,
-      mask_prob=0.15,
-      max_video_steps=384,
-      video_dim=4096,
-      shuffle_buffer=64,
+      task=task, data_dir=data_dir, vocab_file=vocab_lib.default_vocab_file(), shuffle_buffer=64
   )
   fields.update(kw)
-  return ml_collections.ConfigDict(fields)
+  return tasks.InputSpec(**fields)
 
 
 def take(ds, n):
@@ -87,6 +77,7 @@ TEXT_SPEC = {
     "mlm_positions": (np.int32, 20),
     "mlm_targets": (np.int32, 20),
     "mlm_weights": (np.float32, 20),
+    "valid": (np.int32, None),
 }
 
 
@@ -97,7 +88,7 @@ def test_text_batches_have_the_trainer_contract(data_dir):
   (batch,) = take(ds, 1)
   assert set(batch) == set(TEXT_SPEC)
   for k, (dtype, length) in TEXT_SPEC.items():
-    assert batch[k].dtype == dtype and batch[k].shape == (8, length), k
+    assert batch[k].dtype == dtype and batch[k].shape == (8, length)[: 2 if length else 1], k
   assert np.all(batch["unmasked_ids"][:, 0] == 101) and np.all(batch["unmasked_ids"][:, 127] == 102)
   assert np.all(batch["attention_mask"] == 1) and np.all(batch["token_type_ids"] == 0)
 
@@ -135,7 +126,7 @@ def test_video_text_batches_carry_the_stored_features(data_dir, vocab):
 
 
 def test_shorter_video_limit_subsamples_uniformly(data_dir):
-  cfg = data_config(data_dir, "howto100m_video_text", max_video_steps=16)
+  cfg = data_config(data_dir, "howto100m_video_text", video_steps=16)
   (b,) = take(
       tasks.make_dataset(
           cfg,
@@ -341,7 +332,7 @@ def test_registry_is_reregistrable_and_usable_through_seqio(data_dir, tmp_path):
         num_shards=1,
         seed=0,
     )
-  with pytest.raises(ValueError, match="Unknown task"):
-    tasks.make_dataset(
-        data_config(data_dir, "nope"), "train", batch_size=2, shard_index=0, num_shards=1, seed=0
-    )
+  with pytest.raises(ValueError, match="unknown pretraining task 'nope'"):
+    data_config(data_dir, "nope")
+  with pytest.raises(ValueError, match="max_predictions 127 must be in"):
+    data_config(data_dir, max_predictions=127)

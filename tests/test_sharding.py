@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import common
+from vidlankd_jax import configlib as common
 from vidlankd_jax import sharding
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM
-from vidlankd_jax.train import common as train_common
+from vidlankd_jax import train_state as train_common
 
 CFG = BertConfig(
     vocab_size=128,
@@ -132,11 +132,13 @@ def one_train_step(mesh, batch, accum=1):
   state = train_common.init_train_state(tx, params)
 
   def step(state, batch):
-    loss_fn = lambda p, b, r: (mlm_loss(p, graphdef, rest, b), {})
-    grads, _ = train_common.accumulated_grads(
-        loss_fn, state.params, batch, jax.random.key(0), accum
-    )
-    return train_common.apply_gradients(tx, state, grads)[0]
+    def loss_fn(p, b, r):
+      loss = mlm_loss(p, graphdef, rest, b)
+      return loss, ({"loss": loss}, {})
+
+    return train_common.guarded_update(
+        tx, state, loss_fn, batch, jax.random.key(0), num_micro=accum
+    )[0]
 
   shardings = sharding.state_shardings(state)
   jitted = jax.jit(

@@ -1,6 +1,5 @@
 """Teacher: video encoder masking, frozen/joint video tower, sharded step, retrieval, resume."""
 
-import functools
 import os
 
 import jax
@@ -8,19 +7,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import teacher as teacher_config
+from vidlankd_jax import configlib
 from vidlankd_jax import sharding
+from vidlankd_jax.evaluation.retrieval import retrieval_metrics
 from vidlankd_jax.models.teacher import Teacher
-from vidlankd_jax.train import common
 from vidlankd_jax.train import teacher as teacher_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(data_dir="", **overrides):
-  config = teacher_config.get_config("size=tiny")
+  config = configlib.load("teacher", "size=tiny")
   config.data.data_dir = data_dir
-  config.video.input_dim = config.data.video_dim = 64
+  config.video.input_dim = 64
   config.model.vocab_size = 128
   config.optimizer.warmup_steps = 0  # the first step must move the weights
   for key, value in overrides.items():
@@ -69,22 +68,11 @@ def test_padding_steps_do_not_change_the_clip_vector():
 
 
 def one_step(config, mesh):
-  graphdef, params, rest = teacher_train.build(config, mesh)
-  tx = teacher_train.make_optimizer(config, params)
-  state = common.init_train_state(tx, params)
-  before = jax.tree.map(np.asarray, params)
-  step = jax.jit(
-      functools.partial(
-          teacher_train.train_step,
-          graphdef=graphdef,
-          rest=rest,
-          config=config,
-          tx=tx,
-          schedule=common.learning_rate_schedule(config.optimizer, config.train.steps),
-      )
-  )
+  setup = teacher_train.init(config, mesh)
+  before = jax.tree.map(np.asarray, setup.state.params)
+  step = jax.jit(setup.train_step)
   with sharding.mesh_context(mesh, config.sharding_rules):
-    state, metrics = step(state, sharding.global_batch(random_batch(config), mesh))
+    state, metrics = step(setup.state, sharding.global_batch(random_batch(config), mesh))
   return before, state, jax.device_get(metrics)
 
 
@@ -130,11 +118,11 @@ def test_sharded_teacher_step_equals_single_device(single_device_step):
 def test_retrieval_metrics_on_known_rankings():
   sentence = np.eye(4, dtype=np.float32) + 0.1 * np.arange(4, dtype=np.float32)  # no ties
   clip = np.eye(4, dtype=np.float32)[[0, 1, 3, 2]]  # rows 2 and 3 swapped: ranks 1, 1, 2, 2
-  m = teacher_train.retrieval_metrics(sentence, clip)
+  m = retrieval_metrics(sentence, clip)
   assert m["recall@1"] == 0.5 and m["recall@5"] == 1.0 and m["median_rank"] == 1.5
   assert m["chance_recall@1"] == 0.25
   # A collapsed model (every clip scored alike) ranks at chance, and NaN scores rank last.
-  collapsed = teacher_train.retrieval_metrics(np.ones((5, 3)), np.ones((5, 3)))
+  collapsed = retrieval_metrics(np.ones((5, 3)), np.ones((5, 3)))
   assert collapsed["recall@1"] == 0.0 and collapsed["median_rank"] == 3.0
-  broken = teacher_train.retrieval_metrics(np.full((5, 3), np.nan), np.ones((5, 3)))
+  broken = retrieval_metrics(np.full((5, 3), np.nan), np.ones((5, 3)))
   assert broken["recall@10"] == 1.0 and broken["median_rank"] == 5.0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import multihost_worker as worker
-from configs import teacher as teacher_configs
+from vidlankd_jax import configlib
 from vidlankd_jax.data import howto100m
 from vidlankd_jax.data import synthetic
 
@@ -65,7 +65,7 @@ def train_both(tmp_path) -> tuple[dict, dict, int]:
   Both run the real entry point as they are configured (`configs/teacher.py:size=tiny`), side by
   side on one emulated device each (two cores), on corpora converted by the real converter.
   """
-  config = teacher_configs.get_config("size=tiny,data=synthetic")
+  config = configlib.load("teacher", "size=tiny,data=synthetic")
   true_dir, shuffled_dir = str(tmp_path / "true"), str(tmp_path / "shuffled")
   synthetic.prepare_video_text(
       true_dir, word_budget=config.data.seq_len // 2, max_steps=config.video.max_steps

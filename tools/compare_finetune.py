@@ -18,11 +18,8 @@ import argparse
 import ast
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import finetune as finetune_config  # noqa: E402
+from vidlankd_jax import configlib
 
 
 class UsageError(ValueError):
@@ -81,8 +78,9 @@ def compare(
 ) -> str:
   """Runs what is missing (unless `table_only`) and returns the markdown comparison table."""
   from vidlankd_jax import main as main_lib
-  from vidlankd_jax.train import finetune
+  from vidlankd_jax.evaluation.results import comparison_table
 
+  finetune_config = configlib.load_module("finetune")
   tasks = [finetune_config.TASK_ALIASES.get(t, t) for t in tasks]
   results: dict[str, dict[str, dict]] = {}
   for name, source in inits.items():
@@ -92,14 +90,14 @@ def compare(
       found = load_results(directory)
       if found is None and not table_only:
         arg = f"task={task},init={source}" + (f",size={size}" if size else "")
-        config = finetune_config.get_config(arg)
+        config = configlib.load("finetune", arg)
         config.seeds = seeds
         apply_overrides(config, list(overrides))
         main_lib.run(config, directory)
         found = load_results(directory)
       if found is not None:
         results[name][task] = found
-  table = finetune.comparison_table(results, tasks)
+  table = comparison_table(results, tasks)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "comparison.md"), "w", encoding="utf-8") as f:
     f.write(table)

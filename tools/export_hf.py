@@ -18,63 +18,12 @@ sizes from the weights.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-from flax import nnx, traverse_util
 
-from vidlankd_jax import checkpoint as ckpt_lib
-from vidlankd_jax import sharding
 from vidlankd_jax.data import vocab as vocab_lib
+from vidlankd_jax import runs
 from vidlankd_jax.interop import hf_bert
-from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM
-from vidlankd_jax.train import finetune
-
-
-def read_run_config(run_dir: str) -> dict:
-  path = os.path.join(run_dir, "config.json")
-  if not os.path.isfile(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def load_language_model(
-    workdir: str, step: int | None = None, num_heads: int = 0
-) -> tuple[BertForMaskedLM, dict]:
-  """The run's language BERT with its MLM head (one device), and the run's config.json dict."""
-  manager_dir, run_dir = finetune.checkpoint_dirs(workdir)
-  if not os.path.isdir(manager_dir):
-    raise FileNotFoundError(
-        f"{workdir}: no checkpoints folder (is it a teacher or student workdir?)"
-    )
-  params = ckpt_lib.restore_params_numpy(manager_dir, step)
-  language = params.get("language", {})
-  if "bert" not in language or "mlm" not in language:
-    raise ValueError(
-        f"{manager_dir}: the checkpoint's params have no language/bert and language/mlm "
-        f"(top-level keys: {sorted(params)}); only teacher and student runs carry both"
-    )
-  flat = traverse_util.flatten_dict(language, sep="/")
-  bert = {k[len("bert/") :]: v for k, v in flat.items() if k.startswith("bert/")}
-  arch = finetune.architecture_from_params(bert, manager_dir)
-  saved_heads = finetune.heads_from_saved_config(run_dir, arch)
-  if num_heads and saved_heads and num_heads != saved_heads:
-    raise ValueError(f"--num_heads {num_heads} differs from {run_dir}/config.json's {saved_heads}")
-  arch["num_heads"] = num_heads or saved_heads
-  if not arch["num_heads"]:
-    raise ValueError(f"{run_dir}/config.json does not describe these weights: pass --num_heads")
-  run_config = read_run_config(run_dir)
-  eps = run_config.get("model", {}).get("layer_norm_eps", BertConfig.layer_norm_eps)
-  cfg = BertConfig(**arch, layer_norm_eps=eps)
-  model = sharding.create_sharded(
-      lambda: BertForMaskedLM(cfg, rngs=nnx.Rngs(0)),
-      sharding.single_device_mesh(),
-      sharding.DEFAULT_RULES,
-  )
-  finetune.load_encoder(model, finetune.InitialEncoder(workdir, params=flat))
-  return model, run_config
 
 
 def export(
@@ -87,7 +36,7 @@ def export(
     num_heads: int = 0,
 ) -> str:
   """Writes the Hugging Face directory; returns the vocabulary file it copied."""
-  model, run_config = load_language_model(workdir, step, num_heads)
+  model, run_config = runs.load_language_model(workdir, step, num_heads)
   vocab_file = (
       vocab_file or run_config.get("data", {}).get("vocab_file") or vocab_lib.default_vocab_file()
   )

@@ -18,85 +18,19 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 
-import ml_collections
 import numpy as np
-from flax import nnx, traverse_util
 
-from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax.evaluation import grounding
-from vidlankd_jax.models.bert import BertConfig
-from vidlankd_jax.models.student import FEATURE_OBJECTIVES, Student
+from vidlankd_jax.models.student import FEATURE_OBJECTIVES
 from vidlankd_jax.models.teacher import Teacher
-from vidlankd_jax.train import finetune
 
 CLIP_BATCH = 64
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(finetune.checkpoint_dirs(workdir)[1], "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{workdir}: no config.json; is it a run's workdir?") from e
-
-
-def load_teacher(
-    workdir: str, step: int | None = None
-) -> tuple[Teacher, ml_collections.ConfigDict]:
-  config = read_run_config(workdir)
-  if config.get("stage") != "teacher":
-    raise ValueError(
-        f"{workdir}: config.json is of stage {config.get('stage')!r}, not a teacher run"
-    )
-  teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(config, rngs=nnx.Rngs(0)),
-      sharding.single_device_mesh(),
-      sharding.DEFAULT_RULES,
-  )
-  params = nnx.state(teacher, nnx.Param)
-  nnx.update(
-      teacher,
-      ckpt_lib.restore_params(
-          finetune.checkpoint_dirs(workdir)[0],
-          params,
-          step,
-          expected_fingerprint=ckpt_lib.fingerprint(config),
-      ),
-  )
-  return teacher, config
-
-
-def load_student(workdir: str, head: str, step: int | None = None) -> Student:
-  """The student's language model and its `head` (other heads are left out)."""
-  config = read_run_config(workdir)
-  objectives = str(config.get("kd", {}).get("objectives", "")).split("+")
-  if head not in FEATURE_OBJECTIVES or head not in objectives:
-    raise ValueError(
-        f"{workdir}: the student has no {head!r} distillation head (objectives "
-        f"{'+'.join(objectives)}; heads map tokens to the teacher for {FEATURE_OBJECTIVES})"
-    )
-  student = sharding.create_sharded(
-      lambda: Student(
-          BertConfig.from_config(config.model),
-          (head,),
-          teacher_hidden_size=config.teacher.model.hidden_size,
-          rngs=nnx.Rngs(0),
-      ),
-      sharding.single_device_mesh(),
-      sharding.DEFAULT_RULES,
-  )
-  params = ckpt_lib.restore_params_numpy(finetune.checkpoint_dirs(workdir)[0], step)
-  finetune.load_encoder(
-      student, finetune.InitialEncoder(workdir, params=traverse_util.flatten_dict(params, sep="/"))
-  )
-  return student
 
 
 def encode_sentences(sentences: list[str], vocab_file: str, lower_case: bool, max_len: int):
@@ -203,15 +137,24 @@ def run(args) -> dict:
   if not sentences:
     raise ValueError("no sentences: pass --sentence (repeatable) or --sentences_file")
   step = None if args.step < 0 else args.step
-  teacher, config = load_teacher(args.teacher_workdir, step)
-  student = load_student(args.student_workdir, args.head, step) if args.student_workdir else None
+  mesh = sharding.single_device_mesh()
+  teacher, config = runs.load_teacher_run(args.teacher_workdir, mesh, step=step)
+  student = None
+  if args.student_workdir:
+    if args.head not in FEATURE_OBJECTIVES:
+      raise ValueError(
+          f"--head {args.head!r}: heads map tokens to the teacher for {FEATURE_OBJECTIVES}"
+      )
+    student = runs.load_student(args.student_workdir, mesh, heads=(args.head,), step=step)
   vocab_file = config.data.get("vocab_file") or vocab_lib.default_vocab_file()
   lower_case = bool(config.data.get("lower_case", True))
-  max_steps = min(
-      int(config.data.get("max_video_steps", config.video.max_steps)), config.video.max_steps
-  )
   features, video_mask, captions = held_out_clips(
-      args.data_dir, vocab_file, lower_case, config.video.input_dim, max_steps, args.retrieval_clips
+      args.data_dir,
+      vocab_file,
+      lower_case,
+      config.video.input_dim,
+      config.video.max_steps,
+      args.retrieval_clips,
   )
   clips = clip_vectors(teacher, features, video_mask)
   k = min(args.k, len(clips))

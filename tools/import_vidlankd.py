@@ -25,40 +25,25 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `configs` is a top-level package of the checkout
-  sys.path.insert(0, ROOT)
+from flax import nnx
 
-from flax import nnx  # noqa: E402
+from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import configlib
+from vidlankd_jax import runs
+from vidlankd_jax import sharding
+from vidlankd_jax import train_state as ts
+from vidlankd_jax.interop import hf_bert, vidlankd_torch
+from vidlankd_jax.models.bert import BertConfig
+from vidlankd_jax.models.student import Student
+from vidlankd_jax.models.teacher import Teacher
 
-from configs import common as common_configs  # noqa: E402
-from configs import distill as distill_configs  # noqa: E402
-from configs import teacher as teacher_configs  # noqa: E402
-from vidlankd_jax import checkpoint as ckpt_lib  # noqa: E402
-from vidlankd_jax import main as main_lib  # noqa: E402
-from vidlankd_jax import sharding  # noqa: E402
-from vidlankd_jax.interop import hf_bert, vidlankd_torch  # noqa: E402
-from vidlankd_jax.models.bert import BertConfig  # noqa: E402
-from vidlankd_jax.models.student import Student  # noqa: E402
-from vidlankd_jax.models.teacher import Teacher  # noqa: E402
-from vidlankd_jax.train import common  # noqa: E402
-
-ARCHITECTURE = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-    "layer_norm_eps",
-)
+ARCHITECTURE = runs.ARCHITECTURE_KEYS + ("layer_norm_eps",)
 
 
 def named_size(cfg: BertConfig) -> str | None:
-  """The configs/common.py size with this shape (layers, hidden, heads, FFN), if any."""
+  """The configlib.MODEL_SIZES size with this shape (layers, hidden, heads, FFN), if any."""
   shape = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size)
-  return next((name for name, dims in common_configs.MODEL_SIZES.items() if dims == shape), None)
+  return next((name for name, dims in configlib.MODEL_SIZES.items() if dims == shape), None)
 
 
 def _set_architecture(section, cfg: BertConfig, prefix: str, overrides: list[str]) -> None:
@@ -74,7 +59,7 @@ def teacher_config(language: BertConfig, video: dict[str, int]) -> tuple[object,
   """A teacher config (configs/teacher.py at the matching size) describing the released weights,
   and the `teacher.*` overrides a distillation config needs beyond `teacher_size=<size>`."""
   size = named_size(language) or "base"
-  config = teacher_configs.get_config(f"size={size}")
+  config = configlib.load("teacher", f"size={size}")
   overrides: list[str] = []
   video_cfg = BertConfig(
       **{
@@ -90,8 +75,6 @@ def teacher_config(language: BertConfig, video: dict[str, int]) -> tuple[object,
         overrides.append(f"--config.teacher.video.{key}={video[key]}")
         config.video[key] = video[key]
     config.video.max_steps = min(config.video.max_steps, video["max_steps"])
-    config.data.max_video_steps = min(config.data.max_video_steps, config.video.max_steps)
-    config.data.video_dim = video["input_dim"]
     config.video.embedding_passes = 2
   config.model.size = config.video.size = size
   return config, overrides
@@ -103,10 +86,11 @@ def student_config(
   """A distillation config (configs/distill.py) whose student is the released one."""
   size = named_size(language) or "base"
   teacher_size = next(
-      (n for n, dims in common_configs.MODEL_SIZES.items() if dims[1] == teacher_hidden), size
+      (n for n, dims in configlib.MODEL_SIZES.items() if dims[1] == teacher_hidden), size
   )
-  config = distill_configs.get_config(
-      f"size={size},teacher_size={teacher_size},objectives={'+'.join(objectives) or 'none'}"
+  config = configlib.load(
+      "distill",
+      f"size={size},teacher_size={teacher_size},objectives={'+'.join(objectives) or 'none'}",
   )
   overrides: list[str] = []
   with config.unlocked():
@@ -136,11 +120,11 @@ def write_workdir(config, model: nnx.Module, tx, workdir: str) -> None:
           f"{manager_dir} already holds checkpoints (step {ckpt.latest_step()}); "
           "import into a new workdir"
       )
-    _, params, _ = common.nnx_params(model)
-    ckpt.save(0, common.init_train_state(tx, params), force=True)
+    _, params, _ = ts.nnx_params(model)
+    ckpt.save(0, ts.init_train_state(tx, params), force=True)
   finally:
     ckpt.close()
-  main_lib.write_config(config, workdir)
+  runs.write_config(config, workdir)
 
 
 def _build(ctor, config):
@@ -170,10 +154,7 @@ def import_teacher(model_dir: str, workdir: str, language_file: str = "", video_
       teacher.language, vidlankd_torch.read_checkpoint(language_path), language_path
   )
   vidlankd_torch.load_video(teacher.video, video_state, video_path)
-  from vidlankd_jax.train import teacher as teacher_lib
-
-  _, params, _ = common.nnx_params(teacher)
-  write_workdir(config, teacher, teacher_lib.make_optimizer(config, params), workdir)
+  write_workdir(config, teacher, ts.make_optimizer(config.optimizer, config.train.steps), workdir)
   return config, overrides
 
 
@@ -195,9 +176,7 @@ def import_student(model_dir: str, workdir: str, language_file: str = ""):
       config,
   )
   vidlankd_torch.load_student(student, state, path)
-  write_workdir(
-      config, student, common.make_optimizer(config.optimizer, config.train.steps), workdir
-  )
+  write_workdir(config, student, ts.make_optimizer(config.optimizer, config.train.steps), workdir)
   return config, overrides
 
 

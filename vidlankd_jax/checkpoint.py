@@ -20,7 +20,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vidlankd_jax.train.common import TrainState
+from vidlankd_jax.train_state import TrainState
 
 PyTree = Any
 

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vidlankd_jax.ops import inverse_norm, l2_normalize
+
 # Full float32 precision for the small contractions in the losses (TPUs otherwise default to a
 # single bf16 pass for float32 matmuls).
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -55,21 +57,6 @@ def _masked_mean(values, mask):
 
 def _hinge(x):
   return jnp.maximum(x, 0.0)
-
-
-def l2_normalize(x, axis=-1, eps=1e-12):
-  """``x / max(||x||_2, eps)`` along ``axis`` (the definition of torch's ``F.normalize``).
-
-  Computed and returned in float32. A zero vector maps to zero with a finite gradient.
-  """
-  x = _f32(x)
-  return x * _inverse_norm(x, axis, eps, keepdims=True)
-
-
-def _inverse_norm(x, axis=-1, eps=1e-12, keepdims=False):
-  """``1 / max(||x||_2, eps)`` along ``axis`` for a float32 ``x``."""
-  squared_norm = jnp.sum(x * x, axis=axis, keepdims=keepdims)
-  return jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +365,7 @@ def nt_xent_loss(student, teacher, temperature=1.0, mask=None):
   """
   batch, seq_len = student.shape[0], student.shape[1]
   s, u = _f32(student), _f32(teacher)
-  inv_s, inv_u = _inverse_norm(s).T, _inverse_norm(u).T  # [L, B]
+  inv_s, inv_u = inverse_norm(s).T, inverse_norm(u).T  # [L, B]
 
   def scaled_cosines(a, inv_a, c, inv_c):  # [L, B, B]: cos(a_{b,t}, c_{b',t}) / tau
     dots = _einsum("blh,clh->lbc", a, c)

@@ -67,23 +67,13 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   )
 
 
-def write_config(config, workdir: str) -> None:
-  """Records the resolved config (after command-line overrides) in the workdir."""
-  import jax
-
-  if jax.process_index() != 0:
-    return
-  from etils import epath  # local folders and gs:// buckets alike
-
-  path = epath.Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  logging.info("config:\n%s", config)
-
-
 def run(config, workdir: str) -> dict:
-  """Runs `config.stage` and returns its final metrics."""
-  write_config(config, workdir)
+  """Runs `config.stage` and returns its final metrics.
+
+  `<workdir>/config.json` records the config once the stage accepts the workdir (a checkpoint
+  of another configuration is refused before anything is written). A stage stopped on request
+  (SIGTERM, preemption) raises `loop.Preempted` after saving a checkpoint.
+  """
   if config.stage not in STAGES:
     raise ValueError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
   module = importlib.import_module(STAGES[config.stage])
@@ -98,7 +88,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # the loops print progress; keep library INFO logs out
     logging.set_verbosity(logging.WARNING)
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  metrics = run(_CONFIG.value, _WORKDIR.value)
+  from vidlankd_jax.train import loop
+
+  try:
+    metrics = run(_CONFIG.value, _WORKDIR.value)
+  except loop.Preempted:
+    return  # checkpoint saved; the same command resumes
   logging.info("final metrics: %s", json.dumps({k: float(v) for k, v in metrics.items()}))
 
 

@@ -1,4 +1,4 @@
-"""The seqio registry of pretraining data and the input pipeline the trainers call.
+"""The seqio registry of pretraining data and the tf.data pipeline of one host's batches.
 
 Tasks (registered by `register_pretraining_tasks(data_dir, vocab_file, ...)`, re-registrable):
   howto100m_video_text  teacher: captions + video features   {data_dir}/howto100m/howto100m-*
@@ -12,6 +12,7 @@ Every example becomes fixed-shape features (L = seq_len, P = max_predictions, T 
   attention_mask int32 [L], token_type_ids int32 [L] (zeros), unmasked_ids int32 [L]
   mlm_positions int32 [P], mlm_targets int32 [P], mlm_weights float32 [P] (0 = unused slot)
   video_features float32 [T, D], video_mask int32 [T]   (video-text only)
+and each batch an int32 `valid` [B]: 0 marks the all-zero rows that pad an evaluation pass.
 
 Masking (BERT): 15% of the real, non-special tokens (rounded, at least 1, at most P); of those
 80% become [MASK], 10% a random non-special token, 10% stay. Its randomness is stateless, seeded
@@ -25,15 +26,16 @@ epochs, so `start_step` starts at example start_step * batch_size exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Mapping, Sequence
 
-import ml_collections
 import numpy as np
 import seqio
 import tensorflow as tf
 
+from vidlankd_jax.data import batching
 from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.data import text as text_lib
 from vidlankd_jax.data import video_text
@@ -425,19 +427,38 @@ def _epoch_records(
   return ds
 
 
-def _pad_batch(batch: dict, batch_size: int) -> dict:
-  """Pads a final partial batch with all-zero rows (zero masks and weights)."""
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+  """What a pretraining stage reads and the fixed shapes its batches have.
 
-  def pad(x):
-    n = tf.shape(x)[0]
-    paddings = [[0, batch_size - n]] + [[0, 0]] * (len(x.shape) - 1)
-    return tf.ensure_shape(tf.pad(x, paddings), [batch_size] + x.shape[1:].as_list())
+  Derived once from a stage's config (`vidlankd_jax.data.pipeline.input_spec`): the text
+  settings come from `config.data`, the video shape from the video tower's config.
+  """
 
-  return {k: pad(v) for k, v in batch.items()}
+  task: str
+  data_dir: str
+  vocab_file: str = ""  # "" reads bert-base-uncased
+  lower_case: bool = True
+  seq_len: int = 128
+  max_predictions: int = 20
+  mask_prob: float = 0.15
+  shuffle_buffer: int = 10_000
+  video_steps: int = 384  # video-text task only
+  video_dim: int = video_text.DEFAULT_FEATURE_DIM
+
+  def __post_init__(self):
+    if self.task not in TASK_FILES:
+      raise ValueError(
+          f"unknown pretraining task {self.task!r}; expected one of {sorted(TASK_FILES)}"
+      )
+    if not 0 < self.max_predictions <= self.seq_len - 2:
+      raise ValueError(
+          f"max_predictions {self.max_predictions} must be in [1, seq_len - 2 = {self.seq_len - 2}]"
+      )
 
 
 def make_dataset(
-    data_cfg: ml_collections.ConfigDict,
+    spec: InputSpec,
     split: str,
     *,
     batch_size: int,
@@ -448,41 +469,37 @@ def make_dataset(
     repeat: bool = True,
     shuffle: bool = True,
 ) -> tf.data.Dataset:
-  """Host-local batches of the task `data_cfg.task` for one data-parallel shard.
+  """Host-local batches of the task `spec.task` for one data-parallel shard.
 
   Training (`repeat=True`) drops nothing: batches are cut from the endless stream of epochs.
   With `repeat=False` the stream is one epoch and the last partial batch is padded with
-  all-zero rows. `start_step` resumes at exactly the batch a run at that step would see.
+  all-zero rows (`valid` = 0). `start_step` resumes at exactly the batch a run at that step would see.
   """
-  name = data_cfg.task
-  if name not in TASK_FILES:
-    raise ValueError(f"Unknown task {name!r}; expected one of {sorted(TASK_FILES)}.")
+  name = spec.task
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
-  video_dim = int(data_cfg.get("video_dim", video_text.DEFAULT_FEATURE_DIM))
   register_pretraining_tasks(
-      data_cfg.data_dir,
-      data_cfg.get("vocab_file") or None,
-      lower_case=bool(data_cfg.get("lower_case", True)),
-      mask_prob=float(data_cfg.get("mask_prob", 0.15)),
-      video_dim=video_dim,
+      spec.data_dir,
+      spec.vocab_file or None,
+      lower_case=spec.lower_case,
+      mask_prob=spec.mask_prob,
+      video_dim=spec.video_dim,
   )
   task = seqio.get_mixture_or_task(name)
   files = sorted(task.source.list_shards(split))
   if not files:
     raise FileNotFoundError(
-        f"Task {name}: no {split} shards match {task_file_pattern(data_cfg.data_dir, name, split)}"
+        f"Task {name}: no {split} shards match {task_file_pattern(spec.data_dir, name, split)}"
         f" (convert the data with tools/convert_howto100m.py or tools/make_text_tfrecords.py)."
     )
   host_files, record_level = _host_files(files, shard_index, num_shards)
   record_sharding = (num_shards, shard_index) if record_level else None
-  shuffle_buffer = int(data_cfg.get("shuffle_buffer", 10_000))
   epoch_fn = functools.partial(
       _epoch_records,
       host_files,
       seed=seed,
       shuffle=shuffle,
-      shuffle_buffer=shuffle_buffer,
+      shuffle_buffer=spec.shuffle_buffer,
       record_sharding=record_sharding,
   )
 
@@ -507,20 +524,10 @@ def make_dataset(
       num_parallel_calls=_AUTOTUNE,
       deterministic=True,
   )
-  lengths = feature_lengths(
-      name,
-      int(data_cfg.get("seq_len", 128)),
-      int(data_cfg.get("max_predictions", 20)),
-      int(data_cfg.get("max_video_steps", 384)),
-  )
-  if not 0 < lengths["mlm_positions"] <= lengths["input_ids"] - 2:
-    raise ValueError(f"max_predictions must be in [1, seq_len - 2], got {lengths}.")
+  lengths = feature_lengths(name, spec.seq_len, spec.max_predictions, spec.video_steps)
   ds = task.preprocess_postcache(ds, sequence_length=lengths, seed=seed)
-  ds = feature_converter(name, video_dim)(ds, lengths)
-  if repeat:
-    ds = ds.batch(batch_size, drop_remainder=True)
-  else:
-    ds = ds.batch(batch_size).map(functools.partial(_pad_batch, batch_size=batch_size))
+  ds = feature_converter(name, spec.video_dim)(ds, lengths)
+  ds = batching.batch_examples(ds, batch_size, repeat=repeat)
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True

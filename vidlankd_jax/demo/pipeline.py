@@ -22,9 +22,7 @@ import os
 import shutil
 import time
 
-from configs import distill as distill_configs
-from configs import finetune as finetune_configs
-from configs import teacher as teacher_configs
+from vidlankd_jax import configlib
 from vidlankd_jax.demo import data as demo_data
 from vidlankd_jax.demo import report
 from vidlankd_jax.demo.stages import StageRunner, json_ready
@@ -89,7 +87,7 @@ STUDENTS = {"nst": "student_nst", "base": "student_base"}
 
 def teacher_config(workdir: str, size: DemoSize):
   """configs/teacher.py at tiny size on the demo's generated corpus."""
-  config = teacher_configs.get_config("size=tiny")
+  config = configlib.load("teacher", "size=tiny")
   config.data.data_dir = os.path.join(workdir, "data")
   config.train.steps = size.teacher_steps or config.train.steps
   config.train.log_every = max(1, config.train.steps // 10)
@@ -99,7 +97,7 @@ def teacher_config(workdir: str, size: DemoSize):
 
 def student_config(workdir: str, size: DemoSize, objectives: str):
   """configs/distill.py at tiny size on the Wikipedia sample, from the demo's teacher."""
-  config = distill_configs.get_config(f"size=tiny,objectives={objectives},data=wikipedia")
+  config = configlib.load("distill", f"size=tiny,objectives={objectives},data=wikipedia")
   config.data.data_dir = os.path.join(workdir, "data")
   # The baseline keeps the teacher for evaluation only (its closeness to the teacher).
   config.teacher.workdir = os.path.join(workdir, "teacher")
@@ -114,8 +112,8 @@ def student_config(workdir: str, size: DemoSize, objectives: str):
 
 def finetune_config(workdir: str, size: DemoSize, student: str):
   """configs/finetune.py on movie-review polarity, from a student's workdir."""
-  config = finetune_configs.get_config(
-      f"task={demo_data.BENCHMARK},size=auto,init={os.path.join(workdir, student)}"
+  config = configlib.load(
+      "finetune", f"task={demo_data.BENCHMARK},size=auto,init={os.path.join(workdir, student)}"
   )
   config.data.data_dir = os.path.join(workdir, "data", "polarity")
   config.data.benchmarks_module = demo_data.BENCHMARKS_MODULE
@@ -151,7 +149,7 @@ def make_data(stage_dir: str, size: DemoSize, log) -> dict:
       "126-token blocks (data/text.py, as tools/make_text_tfrecords.py)"
   )
   text = demo_data.make_text_tfrecords(stage_dir, vocab_file, max_articles=size.articles, log=log)
-  tcfg = teacher_configs.get_config("size=tiny")
+  tcfg = configlib.load("teacher", "size=tiny")
   log(
       "video-text: a GENERATED corpus (concept prototypes plus noise, captions from real English "
       "sentences) in HowTo100M's layout, converted by the real converter. It is not real video."

@@ -2,7 +2,7 @@
 
 For every held-out clip the caption is the query and the clip's teacher vector (the teacher's
 video encoder) the target; text-to-clip recall@k ranks all held-out clips (the teacher's own
-retrieval metric, `train.teacher.retrieval_metrics`). The rows:
+retrieval metric, `evaluation.retrieval.retrieval_metrics`). The rows:
 
 * teacher: its own token states averaged over the caption, zero-shot (what it was trained for);
 * NST student through its distillation head, zero-shot: the head maps tokens into the
@@ -19,42 +19,36 @@ from __future__ import annotations
 import os
 import re
 
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import runs
+from vidlankd_jax.data import pipeline
 from vidlankd_jax.data import synthetic
 from vidlankd_jax.evaluation import grounding
-from vidlankd_jax.train import common
-from vidlankd_jax.train import distill
-from vidlankd_jax.train import teacher as teacher_lib
+from vidlankd_jax.evaluation.retrieval import retrieval_metrics
+from vidlankd_jax.ops import masked_mean_pool
 
 RIDGE_PENALTIES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 TEXT_INPUTS = ("unmasked_ids", "attention_mask", "token_type_ids")
 
 
 def load_student(config, workdir: str | None, mesh):
-  """A `Student` of `config` with the params of `workdir`'s last checkpoint (fresh if None)."""
-  graphdef, params, rest = distill.build_student(config, mesh)
-  if workdir is not None:
-    params = ckpt_lib.restore_params(
-        os.path.join(workdir, "checkpoints"),
-        params,
-        expected_fingerprint=ckpt_lib.fingerprint(config),
-    )
-  return nnx.merge(graphdef, params, rest)
+  """The student of `workdir`'s last checkpoint, or a fresh one of `config` when None."""
+  if workdir is None:
+    return runs.build_student(config, mesh)
+  return runs.load_student(workdir, mesh)
 
 
 @nnx.jit
 def pooled_hidden(student, input_ids, attention_mask, token_type_ids):
   """[B, H] the student's last hidden states averaged over the real tokens (no head)."""
   hidden = student.language.bert.encode(input_ids, attention_mask, token_type_ids)
-  return distill.masked_mean_pool(hidden, attention_mask)
+  return masked_mean_pool(hidden, attention_mask)
 
 
 def read_clips(
-    teacher, students: dict, data_cfg, mesh, split: str, *, max_clips: int, batch_size: int
+    teacher, students: dict, spec, mesh, split: str, *, max_clips: int, batch_size: int
 ) -> dict[str, np.ndarray]:
   """Captions and vectors of up to `max_clips` clips of `split`, in file order.
 
@@ -62,13 +56,13 @@ def read_clips(
   vectors), `pooled/<name>` [N, H_s] per student and `head/<name>` [N, H] per student with an
   NST head (sentence vectors through the head).
   """
-  batches = common.data_iterator(
-      data_cfg, mesh, split, global_batch_size=batch_size, seed=0, repeat=False, shuffle=False
+  batches = pipeline.host_batches(
+      spec, mesh, split, global_batch_size=batch_size, seed=0, repeat=False, shuffle=False
   )
   out: dict[str, list] = {}
   count = 0
   for batch in batches:
-    keep = batch["attention_mask"][:, 0] > 0  # the last batch is padded with empty rows
+    keep = batch["valid"] > 0  # the last batch is padded with empty rows
     ids, mask, types = (batch[k] for k in TEXT_INPUTS)
     rows = {
         "ids": ids,
@@ -92,7 +86,7 @@ def read_clips(
     if count >= max_clips:
       break
   if not count:
-    raise ValueError(f"no {split} clips in {data_cfg.data_dir}")
+    raise ValueError(f"no {split} clips in {spec.data_dir}")
   return {k: np.concatenate(v)[:max_clips] for k, v in out.items()}
 
 
@@ -126,7 +120,7 @@ def linear_probe(train_x, train_y, test_x, test_y, *, holdout_fraction: float = 
 
   penalty = max(RIDGE_PENALTIES, key=holdout_cosine)
   w, mean = fit_ridge(train_x, train_y, penalty)
-  metrics = teacher_lib.retrieval_metrics(predict_ridge(test_x, w, mean).astype(np.float32), test_y)
+  metrics = retrieval_metrics(predict_ridge(test_x, w, mean).astype(np.float32), test_y)
   return {**metrics, "ridge_penalty": penalty}
 
 
@@ -227,40 +221,36 @@ def run_probe(
 
   nst_config = student_configs["nst"]
   mesh = sharding.make_mesh(nst_config.mesh)
-  teacher = distill.load_teacher(nst_config, mesh)
+  teacher = runs.load_teacher(
+      nst_config.teacher, runs.Run(nst_config.teacher.workdir), mesh, nst_config.sharding_rules
+  )
   students = {
       name: load_student(cfg, student_workdirs[name], mesh) for name, cfg in student_configs.items()
   }
-  data_cfg = ml_collections.ConfigDict(teacher_config.data.to_dict())
-  data_cfg.vocab_file = common.resolve_vocab(teacher_config)
+  vocab_file = pipeline.resolve_vocab(teacher_config.data, teacher_config.model.vocab_size)
+  spec = pipeline.input_spec(teacher_config.data, vocab_file, teacher_config.video)
   batch_size = int(teacher_config.eval.batch_size)
   train = read_clips(
-      teacher, students, data_cfg, mesh, "train", max_clips=max_train_clips, batch_size=batch_size
+      teacher, students, spec, mesh, "train", max_clips=max_train_clips, batch_size=batch_size
   )
   test = read_clips(
-      teacher,
-      students,
-      data_cfg,
-      mesh,
-      "validation",
-      max_clips=max_test_clips,
-      batch_size=batch_size,
+      teacher, students, spec, mesh, "validation", max_clips=max_test_clips, batch_size=batch_size
   )
   log(
       f"probe: {len(train['clip'])} training clips fit the linear maps, {len(test['clip'])} held-out "
       "clips are ranked"
   )
-  rows = {"teacher (zero-shot)": teacher_lib.retrieval_metrics(test["teacher"], test["clip"])}
+  rows = {"teacher (zero-shot)": retrieval_metrics(test["teacher"], test["clip"])}
   for name in students:
     if f"head/{name}" in test:
-      rows[f"{name} student, NST head (zero-shot)"] = teacher_lib.retrieval_metrics(
+      rows[f"{name} student, NST head (zero-shot)"] = retrieval_metrics(
           test[f"head/{name}"], test["clip"]
       )
   for name in students:
     rows[f"{name} student, linear probe"] = linear_probe(
         train[f"pooled/{name}"], train["clip"], test[f"pooled/{name}"], test["clip"]
     )
-  vocab = vocab_lib.WordPieceVocabulary(data_cfg.vocab_file)
+  vocab = vocab_lib.WordPieceVocabulary(vocab_file)
   concepts = tuple(synthetic.CONCEPT_NAMES)
   panels, examples = grounding_examples(
       teacher,

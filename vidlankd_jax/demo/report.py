@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 
-from configs import common as config_common
+from vidlankd_jax import configlib
 from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.evaluation import plots
-from vidlankd_jax.train.finetune import format_cell, markdown_table
+from vidlankd_jax.evaluation.results import format_cell, markdown_table
 
 CURVE_METRICS = r"^train/(loss|mlm_loss|contrastive_loss|nst_loss|mlm_accuracy)$"
 PROBE_TRAINED = (
@@ -123,7 +123,7 @@ def write_report(workdir: str, records, *, steps: dict, total_seconds: float) ->
   shutil.copyfile(os.path.join(workdir, "probe", "grounding.png"), heatmap)
   data = records["data"].result
   probe = records["probe"].result
-  layers, hidden, _, _ = config_common.MODEL_SIZES["tiny"]
+  layers, hidden, _, _ = configlib.MODEL_SIZES["tiny"]
   text = f"""# VidLanKD demo
 
 Size: teacher {steps['teacher']} steps, each student {steps['student']} steps, tiny models

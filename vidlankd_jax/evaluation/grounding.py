@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from vidlankd_jax.models.student import FEATURE_OBJECTIVES
-from vidlankd_jax.models.video import l2_normalize
+from vidlankd_jax.ops import l2_normalize
 
 
 @dataclasses.dataclass

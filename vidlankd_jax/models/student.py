@@ -23,13 +23,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM, dense, gelu, layer_norm
-from vidlankd_jax.models.video import l2_normalize
+from vidlankd_jax.ops import l2_normalize
 
 Array = jax.Array
 
 # Objectives whose loss compares the student's token states (through a head) with the teacher's.
 FEATURE_OBJECTIVES = ("nst", "ntxent", "crd", "mse", "cos")
 VOKEN_OBJECTIVE = "voken"
+# Every distillation objective: soft-label KD ("kd") reads the MLM logits and has no head.
+OBJECTIVES = FEATURE_OBJECTIVES + ("kd", VOKEN_OBJECTIVE)
+
+
+def parse_objectives(spec: str) -> tuple[str, ...]:
+  """`config.kd.objectives` ("nst", "nst+crd", "none", ...) -> the active KD objectives."""
+  names = tuple(n.strip() for n in str(spec).split("+") if n.strip())
+  if names == ("none",):
+    return ()
+  unknown = [n for n in names if n not in OBJECTIVES]
+  if not names or unknown or len(set(names)) != len(names):
+    raise ValueError(
+        f"config.kd.objectives {spec!r}: expected 'none' or distinct names from "
+        f"{OBJECTIVES} joined by '+'" + (f"; unknown: {unknown}" if unknown else "")
+    )
+  return names
 
 
 class DistillationHead(nnx.Module):

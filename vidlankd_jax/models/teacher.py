@@ -6,7 +6,8 @@ import jax
 from flax import nnx
 
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM
-from vidlankd_jax.models.video import VideoEncoder, l2_normalize
+from vidlankd_jax.models.video import VideoEncoder
+from vidlankd_jax.ops import l2_normalize
 
 Array = jax.Array
 

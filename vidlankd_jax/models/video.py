@@ -14,14 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vidlankd_jax.ops import l2_normalize
 from vidlankd_jax.models.bert import BertConfig, TransformerStack, dense, embedding, layer_norm
 
 Array = jax.Array
-
-
-def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-6) -> Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 class VideoEncoder(nnx.Module):

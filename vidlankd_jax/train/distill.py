@@ -1,9 +1,6 @@
 """Distillation: a student BERT trained on text with MLM plus KD against a frozen teacher.
 
-One loop: text files -> seqio task -> host batch -> global sharded array -> one jitted step
-(frozen teacher forward, student forward and backward, every loss) -> metrics and checkpoints.
-
-The teacher's params are restored alone from its run's checkpoint (fingerprint-checked against
+The teacher's params are restored alone from its run (fingerprint-checked against
 `config.teacher`), kept in `TrainState.frozen` (used, never trained, never saved), and only its
 language encoder is kept. Its forward runs in the same program as the student's, without the
 vocabulary head (the head runs only for soft-label KD, at the masked positions). Its targets are
@@ -23,13 +20,12 @@ so the teacher plays the token-to-image retrieval model of vokenization.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -37,40 +33,83 @@ from jax.experimental import multihost_utils
 
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
+from vidlankd_jax import runs
 from vidlankd_jax import sharding
-from vidlankd_jax.models.bert import BertConfig
-from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, Student
+from vidlankd_jax import train_state as ts
+from vidlankd_jax.data import pipeline
+from vidlankd_jax.data import tasks
+from vidlankd_jax.evaluation import representation
+from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
 from vidlankd_jax.models.teacher import Teacher
-from vidlankd_jax.train import common
+from vidlankd_jax.ops import l2_normalize, masked_mean_pool
 from vidlankd_jax.train import loop
 
-OBJECTIVES = FEATURE_OBJECTIVES + ("kd", VOKEN_OBJECTIVE)
 NST_VARIANTS = ("released", "mmd")
 TEACHER_INPUTS = ("masked", "unmasked")
 
 
-def parse_objectives(spec: str) -> tuple[str, ...]:
-  """`config.kd.objectives` ("nst", "nst+crd", "none", ...) -> the active KD objectives."""
-  names = tuple(n.strip() for n in str(spec).split("+") if n.strip())
-  if names == ("none",):
-    return ()
-  unknown = [n for n in names if n not in OBJECTIVES]
-  if not names or unknown or len(set(names)) != len(names):
-    raise ValueError(
-        f"config.kd.objectives {spec!r}: expected 'none' or distinct names from "
-        f"{OBJECTIVES} joined by '+'" + (f"; unknown: {unknown}" if unknown else "")
+@dataclasses.dataclass(frozen=True)
+class KDSpec:
+  """The distillation objective, parsed and checked once from `config.kd` before tracing."""
+
+  objectives: tuple[str, ...]
+  weights: dict[str, float]
+  mlm_weight: float
+  nst_variant: str
+  ntxent_temperature: float
+  soft_label_temperature: float
+  teacher_input: str
+  crd_memory_size: int
+  crd_num_negatives: int
+  crd_temperature: float
+  crd_momentum: float
+
+  @classmethod
+  def from_config(cls, config) -> "KDSpec":
+    """Errors name the config key at fault."""
+    kd = config.kd
+    objectives = parse_objectives(kd.objectives)
+    if kd.nst_variant not in NST_VARIANTS:
+      raise ValueError(f"config.kd.nst_variant {kd.nst_variant!r} is not one of {NST_VARIANTS}")
+    if config.teacher.input not in TEACHER_INPUTS:
+      raise ValueError(
+          f"config.teacher.input {config.teacher.input!r} is not one of {TEACHER_INPUTS}"
+      )
+    if (objectives or config.teacher.workdir) and (
+        config.teacher.model.vocab_size != config.model.vocab_size
+    ):
+      raise ValueError(
+          f"config.teacher.model.vocab_size {config.teacher.model.vocab_size} differs "
+          f"from config.model.vocab_size {config.model.vocab_size}: student and "
+          "teacher must read the same token ids"
+      )
+    if "crd" in objectives and config.optimizer.grad_accum_steps != 1:
+      raise ValueError(
+          "config.optimizer.grad_accum_steps must be 1 with the crd objective: the "
+          "memory update needs every example's embeddings of the step at once"
+      )
+    if VOKEN_OBJECTIVE in objectives and not kd.voken.data_dir:
+      raise ValueError(
+          "config.kd.voken.data_dir is empty: the voken bank is made of the "
+          "teacher's clip vectors of that data dir's held-out video clips"
+      )
+    return cls(
+        objectives=objectives,
+        weights={name: float(kd.weights[name]) for name in objectives},
+        mlm_weight=float(kd.mlm_weight),
+        nst_variant=kd.nst_variant,
+        ntxent_temperature=float(kd.ntxent_temperature),
+        soft_label_temperature=float(kd.soft_label_temperature),
+        teacher_input=config.teacher.input,
+        crd_memory_size=int(kd.crd.memory_size),
+        crd_num_negatives=int(kd.crd.num_negatives),
+        crd_temperature=float(kd.crd.temperature),
+        crd_momentum=float(kd.crd.momentum),
     )
-  return names
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions: pooling, memory ids, voken labels, closeness to the teacher.
-
-
-def masked_mean_pool(x, mask):
-  """[B, L, D], [B, L] -> [B, D]: the mean over the real tokens (0 for an empty row)."""
-  mask = mask.astype(jnp.float32)[..., None]
-  return jnp.sum(x.astype(jnp.float32) * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+# Pure functions: memory rows and voken labels.
 
 
 _HASH_MULTIPLIER = 0x01000193  # FNV-1a 32-bit prime
@@ -106,61 +145,8 @@ def voken_labels(token_states, bank):
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
-def cka_moments(x, y, mask):
-  """Sums over the real tokens that linear CKA needs: count, sums, and cross-products.
-
-  x [B, L, Hx], y [B, L, Hy], mask [B, L] -> dict of n, sx [Hx], sy [Hy], xx [Hx, Hx],
-  yy [Hy, Hy], yx [Hy, Hx] (float32; add them over batches, then `linear_cka`).
-  """
-  m = mask.astype(jnp.float32)
-  x = x.astype(jnp.float32).reshape(-1, x.shape[-1]) * m.reshape(-1, 1)
-  y = y.astype(jnp.float32).reshape(-1, y.shape[-1]) * m.reshape(-1, 1)
-  mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-  return {
-      "n": jnp.sum(m),
-      "sx": jnp.sum(x, 0),
-      "sy": jnp.sum(y, 0),
-      "xx": mm(x.T, x),
-      "yy": mm(y.T, y),
-      "yx": mm(y.T, x),
-  }
-
-
-def linear_cka(moments) -> float:
-  """Linear CKA of the token representations X and Y summarised by `cka_moments`.
-
-  With centred cross-products C_ab = sum_t (a_t - mean a)(b_t - mean b)ᵀ:
-  ``CKA = ||C_yx||_F^2 / (||C_xx||_F ||C_yy||_F)``, in [0, 1], invariant to rotations and
-  scalings of either representation (so a student needs no head to be compared).
-  """
-  m = {k: np.asarray(v, np.float64) for k, v in moments.items()}
-  n = max(float(m["n"]), 1.0)
-  centred = lambda ab, sa, sb: ab - np.outer(sa, sb) / n
-  cxx = centred(m["xx"], m["sx"], m["sx"])
-  cyy = centred(m["yy"], m["sy"], m["sy"])
-  cyx = centred(m["yx"], m["sy"], m["sx"])
-  denominator = np.linalg.norm(cxx) * np.linalg.norm(cyy)
-  return float(np.sum(cyx * cyx) / denominator) if denominator > 0 else 0.0
-
-
-def spherical_kmeans(vectors: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
-  """`k` unit centroids of unit `vectors` [N, D] by cosine k-means (an empty cluster keeps its
-  centroid); initialised from `k` distinct vectors drawn with `seed`."""
-  if k > len(vectors):
-    raise ValueError(f"config.kd.voken.num_vokens={k} exceeds the {len(vectors)} clips read")
-  rng = np.random.default_rng(seed)
-  centroids = vectors[rng.choice(len(vectors), k, replace=False)]
-  for _ in range(iters):
-    assign = np.argmax(vectors @ centroids.T, axis=1)
-    sums = np.zeros_like(centroids)
-    np.add.at(sums, assign, vectors)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    centroids = np.where(norms > 0, sums / np.maximum(norms, 1e-12), centroids)
-  return centroids
-
-
 # ---------------------------------------------------------------------------------------------
-# Models: the student, and the frozen teacher restored from its checkpoint.
+# Init: the student, the frozen teacher, the CRD memory and the voken bank.
 
 
 class Models(NamedTuple):
@@ -172,97 +158,20 @@ class Models(NamedTuple):
   teacher_rest: nnx.State | None
 
 
-def teacher_checkpoints(workdir: str) -> str:
-  """The checkpoint folder of a teacher run: `<workdir>/checkpoints`, or `workdir` itself."""
-  if not workdir:
+def load_teacher(config, mesh) -> Teacher:
+  """The whole teacher `config.teacher` describes, trained params from its run, on `mesh`."""
+  if not config.teacher.workdir:
     raise ValueError(
         "config.teacher.workdir is empty: name the teacher run's workdir "
         "(only objectives=none trains without a teacher)"
     )
-  nested = os.path.join(workdir, "checkpoints")
-  return nested if os.path.isdir(nested) or "://" in workdir else workdir
-
-
-def teacher_fingerprint(config) -> dict:
-  """The fingerprint a teacher run with `config.teacher`'s architecture wrote."""
-  return ckpt_lib.fingerprint(
-      ml_collections.ConfigDict(
-          {"stage": "teacher", "model": config.teacher.model, "video": config.teacher.video}
-      )
-  )
-
-
-def load_teacher(config, mesh) -> Teacher:
-  """The whole teacher with its trained params, sharded on `mesh`."""
-  teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(config.seed)),
+  return runs.load_teacher(
+      config.teacher,
+      runs.Run(config.teacher.workdir),
       mesh,
       config.sharding_rules,
+      step=runs.step_or_latest(config.teacher.step),
   )
-  _, params, _ = common.nnx_params(teacher)
-  step = None if config.teacher.step < 0 else int(config.teacher.step)
-  directory = teacher_checkpoints(config.teacher.workdir)
-  nnx.update(
-      teacher,
-      ckpt_lib.restore_params(
-          directory, params, step, expected_fingerprint=teacher_fingerprint(config)
-      ),
-  )
-  logging.info("teacher restored from %s", directory)
-  return teacher
-
-
-def build_student(config, mesh, num_vokens: int = 0) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """(graphdef, params, rest) of a fresh student, sharded on `mesh`."""
-  cfg = BertConfig.from_config(config.model)
-  model = sharding.create_sharded(
-      lambda: Student(
-          cfg,
-          parse_objectives(config.kd.objectives),
-          teacher_hidden_size=config.teacher.model.hidden_size,
-          num_vokens=num_vokens,
-          rngs=nnx.Rngs(config.seed),
-      ),
-      mesh,
-      config.sharding_rules,
-  )
-  return common.nnx_params(model)
-
-
-def check_config(config) -> tuple[str, ...]:
-  """Errors that name the config key at fault, before anything is built."""
-  objectives = parse_objectives(config.kd.objectives)
-  if config.kd.nst_variant not in NST_VARIANTS:
-    raise ValueError(
-        f"config.kd.nst_variant {config.kd.nst_variant!r} is not one of {NST_VARIANTS}"
-    )
-  if config.teacher.input not in TEACHER_INPUTS:
-    raise ValueError(
-        f"config.teacher.input {config.teacher.input!r} is not one of {TEACHER_INPUTS}"
-    )
-  if (objectives or config.teacher.workdir) and (
-      config.teacher.model.vocab_size != config.model.vocab_size
-  ):
-    raise ValueError(
-        f"config.teacher.model.vocab_size {config.teacher.model.vocab_size} differs "
-        f"from config.model.vocab_size {config.model.vocab_size}: student and "
-        "teacher must read the same token ids"
-    )
-  if "crd" in objectives and config.optimizer.grad_accum_steps != 1:
-    raise ValueError(
-        "config.optimizer.grad_accum_steps must be 1 with the crd objective: the "
-        "memory update needs every example's embeddings of the step at once"
-    )
-  if VOKEN_OBJECTIVE in objectives and not config.kd.voken.data_dir:
-    raise ValueError(
-        "config.kd.voken.data_dir is empty: the voken bank is made of the "
-        "teacher's clip vectors of that data dir's held-out video clips"
-    )
-  return objectives
-
-
-# ---------------------------------------------------------------------------------------------
-# The extra state: CRD memory and voken bank.
 
 
 def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
@@ -284,22 +193,20 @@ def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
   )
 
 
-def clip_vectors(teacher: Teacher, config, mesh) -> np.ndarray:
+def clip_vectors(teacher: Teacher, config, mesh, vocab_file: str) -> np.ndarray:
   """The teacher's clip vectors [N, H] of the held-out clips of `config.kd.voken.data_dir`."""
   voken = config.kd.voken
-  data_cfg = ml_collections.ConfigDict(
-      dict(
-          config.data.to_dict(),
-          task="howto100m_video_text",
-          data_dir=voken.data_dir,
-          max_video_steps=config.teacher.video.max_steps,
-          video_dim=config.teacher.video.input_dim,
-      )
+  spec = pipeline.input_spec(
+      config.data,
+      vocab_file,
+      config.teacher.video,
+      task=tasks.VIDEO_TEXT_TASK,
+      data_dir=voken.data_dir,
   )
-  video_def, video_params, video_rest = common.nnx_params(teacher.video)
+  video_def, video_params, video_rest = ts.nnx_params(teacher.video)
   encode = jax.jit(lambda p, f, m: nnx.merge(video_def, p, video_rest)(f, m)[0])
-  batches = common.data_iterator(
-      data_cfg,
+  batches = pipeline.host_batches(
+      spec,
       mesh,
       "validation",
       global_batch_size=config.eval.batch_size,
@@ -309,13 +216,11 @@ def clip_vectors(teacher: Teacher, config, mesh) -> np.ndarray:
   )
   chunks, count = [], 0
   for host_batch in batches:
-    batch = sharding.global_batch(
-        {k: host_batch[k] for k in ("video_features", "video_mask")}, mesh
-    )
-    clip = multihost_utils.process_allgather(
-        encode(video_params, batch["video_features"], batch["video_mask"]), tiled=True
-    )
-    valid = multihost_utils.process_allgather(batch["video_mask"][:, 0], tiled=True) > 0
+    names = ("video_features", "video_mask", "valid")
+    batch = sharding.global_batch({k: host_batch[k] for k in names}, mesh)
+    clip = encode(video_params, batch["video_features"], batch["video_mask"])
+    clip = multihost_utils.process_allgather(clip, tiled=True)
+    valid = multihost_utils.process_allgather(batch["valid"], tiled=True) > 0
     chunks.append(np.asarray(clip, np.float32)[np.asarray(valid)])
     count += len(chunks[-1])
     if count >= voken.num_clips:
@@ -325,18 +230,19 @@ def clip_vectors(teacher: Teacher, config, mesh) -> np.ndarray:
   return np.concatenate(chunks)[: voken.num_clips]
 
 
-def voken_bank(teacher: Teacher, config, mesh) -> jax.Array:
+def voken_bank(teacher: Teacher, config, mesh, vocab_file: str) -> jax.Array:
   """The voken vectors [K, H]: the clip vectors, or their k-means centroids; replicated."""
-  clips = clip_vectors(teacher, config, mesh)
+  clips = clip_vectors(teacher, config, mesh, vocab_file)
   voken = config.kd.voken
   bank = (
       clips
       if voken.num_vokens <= 0
-      else spherical_kmeans(clips, int(voken.num_vokens), int(voken.kmeans_iters), config.seed)
+      else representation.spherical_kmeans(
+          clips, int(voken.num_vokens), int(voken.kmeans_iters), config.seed
+      )
   )
   print(
-      f"voken bank: {len(bank)} vokens from {len(clips)} teacher clip vectors of "
-      f"{voken.data_dir}",
+      f"voken bank: {len(bank)} vokens from {len(clips)} teacher clip vectors of {voken.data_dir}",
       flush=True,
   )
   return jax.device_put(jnp.asarray(bank, jnp.float32), sharding.replicated(mesh))
@@ -347,7 +253,7 @@ def voken_bank(teacher: Teacher, config, mesh) -> jax.Array:
 
 
 def objective_terms(
-    config, heads, targets, batch, extra, key, *, mlm_logits=None, teacher_logits=None
+    kd: KDSpec, heads, targets, batch, extra, key, *, mlm_logits=None, teacher_logits=None
 ):
   """Every active KD loss (unweighted) from the heads' outputs and the teacher's token states.
 
@@ -356,10 +262,9 @@ def objective_terms(
   `teacher_logits` ([B, P, V], at the masked positions) for soft-label KD. Returns
   (terms, metrics, extra_updates), the updates holding the advanced CRD memory.
   """
-  kd = config.kd
   mask = batch["attention_mask"]
   terms, metrics, updates = {}, {}, {}
-  for name in parse_objectives(kd.objectives):
+  for name in kd.objectives:
     if name == "nst" and kd.nst_variant == "released":
       terms[name] = losses.nst_loss(heads[name], targets)
     elif name == "nst":
@@ -372,14 +277,14 @@ def objective_terms(
       terms[name] = losses.hidden_cosine_loss(heads[name], targets, mask)
     elif name == "crd":
       terms[name], updates["crd"] = losses.crd_loss(
-          losses.l2_normalize(masked_mean_pool(heads[name], mask)),
-          losses.l2_normalize(masked_mean_pool(targets, mask)),
-          memory_rows(batch, kd.crd.memory_size),
+          l2_normalize(masked_mean_pool(heads[name], mask)),
+          l2_normalize(masked_mean_pool(targets, mask)),
+          memory_rows(batch, kd.crd_memory_size),
           extra["crd"],
           key,
-          num_negatives=kd.crd.num_negatives,
-          temperature=kd.crd.temperature,
-          momentum=kd.crd.momentum,
+          num_negatives=kd.crd_num_negatives,
+          temperature=kd.crd_temperature,
+          momentum=kd.crd_momentum,
       )
     elif name == "kd":
       terms[name] = losses.soft_label_kd_loss(
@@ -395,16 +300,16 @@ def objective_terms(
   return terms, metrics, updates
 
 
-def teacher_targets(teacher, batch, config):
+def teacher_targets(teacher, batch, kd: KDSpec):
   """The frozen teacher's last hidden states (no vocabulary head) and their unit-norm targets."""
-  ids = batch["unmasked_ids"] if config.teacher.input == "unmasked" else batch["input_ids"]
+  ids = batch["unmasked_ids"] if kd.teacher_input == "unmasked" else batch["input_ids"]
   hidden = jax.lax.stop_gradient(
       teacher.bert.encode(ids, batch["attention_mask"], batch["token_type_ids"])
   )
-  return hidden, losses.l2_normalize(hidden)
+  return hidden, l2_normalize(hidden)
 
 
-def distill_terms(student: Student, teacher, batch, extra, key, config, *, rngs=None):
+def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None):
   """Both forwards and every loss term (unweighted).
 
   Returns (terms, metrics, extra_updates, outputs): `terms` has "mlm" and one entry per
@@ -422,14 +327,14 @@ def distill_terms(student: Student, teacher, batch, extra, key, config, *, rngs=
   outputs = {"hidden": hidden, "heads": heads}
   if teacher is None:
     return {"mlm": mlm}, {"mlm_accuracy": accuracy}, {}, outputs
-  teacher_hidden, outputs["teacher"] = teacher_targets(teacher, batch, config)
+  teacher_hidden, outputs["teacher"] = teacher_targets(teacher, batch, kd)
   teacher_logits = None
-  if "kd" in parse_objectives(config.kd.objectives):
+  if "kd" in kd.objectives:
     teacher_logits = teacher.mlm(
         teacher_hidden, teacher.bert.embeddings.word_embeddings, batch["mlm_positions"]
     )
   terms, metrics, updates = objective_terms(
-      config,
+      kd,
       heads,
       outputs["teacher"],
       batch,
@@ -441,10 +346,10 @@ def distill_terms(student: Student, teacher, batch, extra, key, config, *, rngs=
   return {"mlm": mlm, **terms}, {"mlm_accuracy": accuracy, **metrics}, updates, outputs
 
 
-def total_loss(terms: dict, kd_cfg):
+def total_loss(terms: dict, kd: KDSpec):
   """mlm_weight * MLM + sum_k weights[k] * KD_k."""
-  return kd_cfg.mlm_weight * terms["mlm"] + sum(
-      kd_cfg.weights[name] * value for name, value in terms.items() if name != "mlm"
+  return kd.mlm_weight * terms["mlm"] + sum(
+      kd.weights[name] * value for name, value in terms.items() if name != "mlm"
   )
 
 
@@ -454,49 +359,39 @@ def merge_models(models: Models, params, frozen):
   return student, teacher
 
 
-def train_step(state, batch, *, models: Models, config, tx, schedule):
-  """One optimiser step; the CRD memory advances with it; non-finite steps change nothing."""
-  uses_teacher = bool(parse_objectives(config.kd.objectives))
-
-  def loss_fn(params, batch, rng):
-    student, teacher = merge_models(models, params, state.frozen if uses_teacher else None)
-    terms, metrics, updates, _ = distill_terms(
-        student,
-        teacher,
-        batch,
-        state.extra,
-        jax.random.fold_in(rng, 1),
-        config,
-        rngs=nnx.Rngs(dropout=rng),
-    )
-    loss = total_loss(terms, config.kd)
-    return loss, ({"loss": loss, **{f"{k}_loss": v for k, v in terms.items()}, **metrics}, updates)
-
-  rng = common.step_rng(config.seed, state.step)
-  grads, (metrics, updates) = common.accumulated_grads(
-      loss_fn, state.params, batch, rng, config.optimizer.grad_accum_steps
+def loss_fn(models: Models, kd: KDSpec, frozen, extra, params, batch, rng):
+  """MLM + weighted KD on one batch: (loss, (metrics, CRD memory updates))."""
+  student, teacher = merge_models(models, params, frozen)
+  terms, metrics, updates, _ = distill_terms(
+      student, teacher, batch, extra, jax.random.fold_in(rng, 1), kd, rngs=nnx.Rngs(dropout=rng)
   )
-  extra = None if state.extra is None else {**state.extra, **updates}
-  new_state, opt_metrics = common.apply_gradients(tx, state, grads, extra=extra)
-  finite = common.all_finite(metrics["loss"], opt_metrics["grad_norm"])
-  new_state = common.keep_if_finite(finite, new_state, state.replace(step=state.step + 1))
-  return new_state, {
-      **metrics,
-      **opt_metrics,
-      "learning_rate": schedule(state.step),
-      "finite": finite,
-  }
+  loss = total_loss(terms, kd)
+  return loss, ({"loss": loss, **{f"{k}_loss": v for k, v in terms.items()}, **metrics}, updates)
 
 
-def eval_step(state, batch, *, models: Models, config):
+def train_step(state, batch, *, models: Models, kd: KDSpec, config, tx, schedule):
+  """One optimiser step; the CRD memory advances with it; non-finite steps change nothing."""
+  frozen = state.frozen if kd.objectives else None
+  return ts.guarded_update(
+      tx,
+      state,
+      functools.partial(loss_fn, models, kd, frozen, state.extra),
+      batch,
+      ts.step_rng(config.seed, state.step),
+      num_micro=config.optimizer.grad_accum_steps,
+      schedule=schedule,
+  )
+
+
+def eval_step(state, batch, *, models: Models, kd: KDSpec, seed: int):
   """Sums over one held-out batch: MLM, KD losses, head-teacher cosines, CKA moments."""
   student, teacher = merge_models(models, state.params, state.frozen)
   terms, metrics, _, out = distill_terms(
-      student, teacher, batch, state.extra, jax.random.key(config.seed), config
+      student, teacher, batch, state.extra, jax.random.key(seed), kd
   )
   mask = batch["attention_mask"]
   count = jnp.sum(batch["mlm_weights"])
-  full = jnp.all(mask[:, 0] > 0).astype(jnp.float32)  # padded rows only in the last batch
+  full = jnp.all(batch["valid"] > 0).astype(jnp.float32)  # padding only in the last batch
   sums = {
       "mlm_loss": terms["mlm"] * count,
       "mlm_accuracy": metrics["mlm_accuracy"] * count,
@@ -514,19 +409,19 @@ def eval_step(state, batch, *, models: Models, config):
       if name in out["heads"]:
         cosine = jnp.sum(out["heads"][name] * out["teacher"], axis=-1)
         sums[f"{name}_teacher_cosine"] = jnp.sum(cosine * m)
-    moments = cka_moments(out["hidden"], out["teacher"], mask)
+    moments = representation.cka_moments(out["hidden"], out["teacher"], mask)
   return sums, moments
 
 
-def evaluate(state, jitted_eval, config, mesh) -> dict[str, float]:
+def evaluate(state, jitted_eval, *, spec, config, mesh) -> dict[str, float]:
   """MLM loss/accuracy, each KD loss and closeness to the teacher on held-out text.
 
   MLM figures are means over the masked tokens, KD losses means over the full batches, cosines
   means over real tokens; `teacher_cka` is linear CKA between the student's last hidden states
   and the teacher's token states over all real tokens read.
   """
-  it = common.data_iterator(
-      config.data,
+  batches = pipeline.host_batches(
+      spec,
       mesh,
       "validation",
       global_batch_size=config.eval.batch_size,
@@ -535,7 +430,7 @@ def evaluate(state, jitted_eval, config, mesh) -> dict[str, float]:
       shuffle=False,
   )
   sums, moments = {}, {}
-  for i, host_batch in enumerate(it):
+  for i, host_batch in enumerate(batches):
     if i >= config.eval.batches:
       break
     batch_sums, batch_moments = jax.device_get(
@@ -545,7 +440,7 @@ def evaluate(state, jitted_eval, config, mesh) -> dict[str, float]:
       for k, v in values.items():
         target[k] = target.get(k, 0.0) + np.asarray(v, np.float64)
   if not sums:
-    raise ValueError(f"no validation data for task {config.data.task} in {config.data.data_dir}")
+    raise ValueError(f"no validation data for task {spec.task} in {spec.data_dir}")
   count, full = max(float(sums["mlm_count"]), 1.0), max(float(sums["full_batches"]), 1.0)
   metrics = {"mlm_loss": sums["mlm_loss"] / count, "mlm_accuracy": sums["mlm_accuracy"] / count}
   for k, v in sums.items():
@@ -554,51 +449,82 @@ def evaluate(state, jitted_eval, config, mesh) -> dict[str, float]:
     elif k.endswith("_teacher_cosine"):
       metrics[k] = v / max(float(sums["tokens"]), 1.0)
   if moments:
-    metrics["teacher_cka"] = linear_cka(moments)
+    metrics["teacher_cka"] = representation.linear_cka(moments)
   return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop.
+# The program the loop runs.
 
 
-def init_state(config, mesh, teacher: Teacher | None = None):
-  """(models, state, tx) of a fresh run: student, frozen teacher, CRD memory, voken bank.
+class Setup(NamedTuple):
+  """A fresh distillation run's pieces (what `build` wires into the loop; benchmarks time them)."""
+
+  models: Models
+  kd: KDSpec
+  state: ts.TrainState
+  tx: object
+  schedule: object
+
+
+def init(config, mesh, teacher: Teacher | None = None) -> Setup:
+  """Student, frozen teacher, CRD memory, voken bank and optimiser of a fresh run.
 
   The teacher is restored from `config.teacher.workdir` unless given (benchmarks pass a fresh
   one); a run with objectives=none and no teacher workdir has none.
   """
-  objectives = check_config(config)
-  if teacher is None and (objectives or config.teacher.workdir):
+  kd = KDSpec.from_config(config)
+  if teacher is None and (kd.objectives or config.teacher.workdir):
     teacher = load_teacher(config, mesh)
   extra = {}
-  if VOKEN_OBJECTIVE in objectives:
-    extra["voken_bank"] = voken_bank(teacher, config, mesh)
-  if "crd" in objectives:
+  if VOKEN_OBJECTIVE in kd.objectives:
+    vocab_file = pipeline.resolve_vocab(config.data, config.model.vocab_size)
+    extra["voken_bank"] = voken_bank(teacher, config, mesh, vocab_file)
+  if "crd" in kd.objectives:
     extra["crd"] = init_crd_memory(config, mesh, jax.random.key(config.seed + 1))
   num_vokens = int(extra["voken_bank"].shape[0]) if "voken_bank" in extra else 0
-  student_def, params, student_rest = build_student(config, mesh, num_vokens)
+  student_def, params, student_rest = ts.nnx_params(
+      runs.build_student(config, mesh, num_vokens=num_vokens)
+  )
+  logging.info("student parameters:\n%s", sharding.describe_shardings(params))
   teacher_def = teacher_rest = frozen = None
   if teacher is not None:
-    teacher_def, frozen, teacher_rest = common.nnx_params(teacher.language)
-  tx = common.make_optimizer(config.optimizer, config.train.steps)
-  state = common.init_train_state(tx, params, frozen=frozen, extra=extra or None)
-  return Models(student_def, student_rest, teacher_def, teacher_rest), state, tx
+    teacher_def, frozen, teacher_rest = ts.nnx_params(teacher.language)
+  tx = ts.make_optimizer(config.optimizer, config.train.steps)
+  return Setup(
+      models=Models(student_def, student_rest, teacher_def, teacher_rest),
+      kd=kd,
+      state=ts.init_train_state(tx, params, frozen=frozen, extra=extra or None),
+      tx=tx,
+      schedule=ts.learning_rate_schedule(config.optimizer, config.train.steps),
+  )
+
+
+def build(config, mesh) -> loop.Program:
+  """The program the loop runs: `init`'s state, the steps, the text data and the evaluation."""
+  vocab_file = pipeline.resolve_vocab(config.data, config.model.vocab_size)
+  spec = pipeline.input_spec(config.data, vocab_file)
+  setup = init(config, mesh)
+  return loop.pretraining_program(
+      config,
+      mesh,
+      spec,
+      state=setup.state,
+      train_step=functools.partial(
+          train_step,
+          models=setup.models,
+          kd=setup.kd,
+          config=config,
+          tx=setup.tx,
+          schedule=setup.schedule,
+      ),
+      eval_step=functools.partial(eval_step, models=setup.models, kd=setup.kd, seed=config.seed),
+      evaluate=functools.partial(evaluate, spec=spec, config=config, mesh=mesh),
+      fingerprint=ckpt_lib.fingerprint(config),
+  )
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Distils the student for `config.train.steps` steps, resuming from `workdir` if it can."""
-  config.data.vocab_file = common.resolve_vocab(config)
   mesh = sharding.make_mesh(config.mesh)
-  models, state, tx = init_state(config, mesh)
-  logging.info("student parameters:\n%s", sharding.describe_shardings(state.params))
-  schedule = common.learning_rate_schedule(config.optimizer, config.train.steps)
-  return loop.fit(
-      config,
-      workdir,
-      mesh,
-      state,
-      functools.partial(train_step, models=models, config=config, tx=tx, schedule=schedule),
-      functools.partial(eval_step, models=models, config=config),
-      evaluate,
-  )
+  return loop.fit(build(config, mesh), config, workdir, mesh)

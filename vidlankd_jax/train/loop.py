@@ -1,98 +1,244 @@
-"""The training loop every pretraining stage shares: resume, logging, evaluation, checkpoints,
-numerical faults and preemption.
+"""The one training loop of every stage: resume, logging, evaluation, checkpoints, numerical
+faults and preemption.
 
-A stage (teacher.py, distill.py) builds its state and its pure step functions; `fit` runs them.
-Resumes are exact: the data restarts at the batch the checkpoint's step would read, each step's
-randomness is a function of (seed, step), so a run stopped and started again ends with the same
-parameters and metrics as one that was never stopped.
+A stage (teacher.py, distill.py, finetune.py) builds a `Program`: its state, its pure step
+functions, its data and its evaluation. `fit` runs it. Resumes are exact: the data restarts at
+the batch the checkpoint's step would read and each step's randomness is a function of
+(seed, step), so a run stopped and started again ends with the same parameters and metrics as
+one that was never stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import os
+import time
+from typing import Any, Callable, Iterator
 
 import jax
+import numpy as np
+from etils import epath
 
 from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import runs
 from vidlankd_jax import sharding
-from vidlankd_jax.train import common
+from vidlankd_jax.data import pipeline
+from vidlankd_jax.train_state import TrainState
 
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def checkpoint_manager(config, workdir: str) -> ckpt_lib.CheckpointManager:
-  """The run's checkpoints under `<workdir>/checkpoints`, fingerprinted with its config."""
-  return ckpt_lib.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      every_steps=config.checkpoint.every_steps,
-      keep=config.checkpoint.keep,
-      best_metric=config.checkpoint.best_metric,
-      best_mode=config.checkpoint.best_mode,
-      async_save=config.checkpoint.async_save,
-      fingerprint=ckpt_lib.fingerprint(config),
+@dataclasses.dataclass
+class Program:
+  """What a stage hands the loop.
+
+  `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch)` are pure and
+  jitted here with the state's shardings; `evaluate(state, jitted_eval_step)` returns the
+  `eval/...` metrics; `train_batches(start_step)` yields this host's part of each global batch
+  from `start_step` on; `fingerprint` is what a checkpoint must match to be resumed.
+  """
+
+  state: TrainState
+  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  eval_step: Callable[[TrainState, dict], Any]
+  evaluate: Callable[[TrainState, Callable], dict[str, float]]
+  train_batches: Callable[[int], Iterator[dict]]
+  steps: int
+  batch_size: int
+  fingerprint: dict
+
+
+def pretraining_program(
+    config, mesh, spec, *, state, train_step, eval_step, evaluate, fingerprint
+) -> Program:
+  """A Program whose training data is `spec`'s train split (a pretraining `InputSpec`) in global
+  batches of `config.train.batch_size`, for `config.train.steps` steps."""
+  return Program(
+      state=state,
+      train_step=train_step,
+      eval_step=eval_step,
+      evaluate=evaluate,
+      train_batches=functools.partial(
+          pipeline.host_batches,
+          spec,
+          mesh,
+          "train",
+          global_batch_size=config.train.batch_size,
+          seed=config.seed,
+      ),
+      steps=config.train.steps,
+      batch_size=config.train.batch_size,
+      fingerprint=fingerprint,
   )
 
 
-def fit(
-    config, workdir: str, mesh, state, train_step_fn, eval_step_fn, evaluate_fn
-) -> dict[str, float]:
-  """Runs `train_step_fn(state, batch) -> (state, metrics)` to `config.train.steps`.
+class Preempted(Exception):
+  """The run stopped on request (SIGTERM, a pod's preemption notice) after saving a checkpoint;
+  running the same command again resumes it."""
 
-  The state is restored from `<workdir>/checkpoints` when a checkpoint is there (its `frozen`
-  part is never saved nor restored) and `metrics.jsonl` is cut back to that step; data resumes
-  at the exact batch. Both steps are jitted with the state's shardings;
-  `evaluate_fn(state, jitted_eval, config, mesh)` returns the `eval/...` metrics, written and
-  used for the best checkpoint. A non-finite step (the step function leaves the state as it
-  was and reports `finite`) stops the run (`config.train.on_nonfinite="stop"`, the last
-  checkpoint is kept) or is skipped ("skip"). SIGTERM, or a pod's preemption notice, saves a
-  checkpoint at the next step boundary and returns.
+
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient was NaN/inf; the message names the step and the losses."""
+
+
+def check_finite(step: int, metrics: dict, policy: str) -> bool:
+  """Host-side: raises NonFiniteError (policy "stop") or returns False to report a skip."""
+  if bool(metrics.get("finite", True)):
+    return True
+  shown = ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items() if k != "finite")
+  if policy == "stop":
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {step}: {shown}; the last good "
+        "checkpoint is kept (set config.train.on_nonfinite='skip' to skip such steps)"
+    )
+  print(f"[step {step}] skipped: non-finite loss or gradient ({shown})", flush=True)
+  return False
+
+
+class MetricsWriter:
+  """Writes scalar metrics to `<workdir>/metrics.jsonl` and TensorBoard, and prints a line.
+
+  Only process 0 writes; the JSON lines are what tools/plot_metrics.py and the demo read.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.path = epath.Path(workdir) / "metrics.jsonl"  # local or gs://
+    self._tb = None
+    if self.active:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if tensorboard:
+        import tensorflow as tf  # deferred: only the writer needs it
+
+        self._tf = tf
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any], *, echo: bool = True) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    if self._tb is not None:
+      with self._tb.as_default():
+        for name, value in scalars.items():
+          self._tf.summary.scalar(name, value, step=int(step))
+      self._tb.flush()
+    if echo:
+      shown = "  ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+      print(f"[step {int(step)}] {shown}", flush=True)
+
+  def rewind(self, step: int) -> None:
+    """Drops the JSON lines logged after `step`, and a last line cut short by a crash: a run
+    killed between logging a step and checkpointing it would otherwise log that step twice."""
+    if not self.active or not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+      self.path.write_text("".join(kept))
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class ProgressMeter:
+  """Step rate, examples per second and time left since the first timed step."""
+
+  def __init__(self, total_steps: int, examples_per_step: int, first_step: int = 0):
+    self.total_steps = total_steps
+    self.examples_per_step = examples_per_step
+    self.start_step = first_step
+    self.start_time = None
+
+  def update(self, step: int) -> dict[str, float]:
+    """Call after `step` finished; the first call (the compile step) starts the clock."""
+    now = time.perf_counter()
+    if self.start_time is None:
+      self.start_time, self.start_step = now, step
+      return {}
+    steps = step - self.start_step
+    rate = steps / max(now - self.start_time, 1e-9)
+    return {
+        "steps_per_second": rate,
+        "examples_per_second": rate * self.examples_per_step,
+        "minutes_left": (self.total_steps - step) / max(rate, 1e-9) / 60.0,
+    }
+
+
+def checkpoint_manager(config, workdir: str, fingerprint: dict) -> ckpt_lib.CheckpointManager:
+  """The run's checkpoints under `<workdir>/checkpoints`."""
+  ckpt = config.checkpoint
+  return ckpt_lib.CheckpointManager(
+      os.path.join(workdir, "checkpoints"),
+      every_steps=ckpt.every_steps,
+      keep=ckpt.keep,
+      best_metric=ckpt.best_metric,
+      best_mode=ckpt.best_mode,
+      async_save=ckpt.async_save,
+      fingerprint=fingerprint,
+  )
+
+
+def is_due(step: int, every: int, total: int) -> bool:
+  """Whether a periodic event (log, evaluation) falls on `step`; `every` <= 0: only at the end."""
+  return step == total or (every > 0 and step % every == 0)
+
+
+def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None = None) -> dict:
+  """Runs `program` to `program.steps`, resuming from `<workdir>/checkpoints`; returns the last
+  evaluation's metrics.
+
+  The checkpoint (when there is one) is restored and `metrics.jsonl` cut back to its step before
+  `config.json` is written to `config_dir` (default `workdir`), so a run that a checkpoint
+  rejects leaves the record as it was. A non-finite step (the step leaves the state as it was and
+  reports `finite`) stops the run (`config.train.on_nonfinite="stop"`, the last checkpoint is
+  kept) or is skipped ("skip"). SIGTERM, or a pod's preemption notice, saves a checkpoint at the
+  next step boundary and raises `Preempted`. A run that finished earlier is evaluated again.
   """
   policy = config.train.on_nonfinite
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"config.train.on_nonfinite {policy!r} is not one of {NONFINITE_POLICIES}")
-  total = int(config.train.steps)
-  ckpt = checkpoint_manager(config, workdir)
-  writer = common.MetricsWriter(workdir)
+  total = int(program.steps)
+  state = program.state
+  ckpt = checkpoint_manager(config, workdir, program.fingerprint)
+  writer = MetricsWriter(workdir)
   watcher = ckpt_lib.PreemptionWatcher()  # from here on, SIGTERM waits for a step boundary
   eval_metrics: dict[str, float] = {}
   try:
     if ckpt.latest_step() is not None:
       state, _ = ckpt.restore(state)
-      writer.rewind(int(state.step))
       print(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
     start_step = int(state.step)
+    writer.rewind(start_step)
+    runs.write_config(config, config_dir or workdir)
 
     state_sh = sharding.state_shardings(state)
     batch_sh = sharding.batch_sharding(mesh)
     step_fn = jax.jit(
-        train_step_fn,
+        program.train_step,
         in_shardings=(state_sh, batch_sh),
         out_shardings=(state_sh, None),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(eval_step_fn, in_shardings=(state_sh, batch_sh))
-    meter = common.ProgressMeter(total, config.train.batch_size, start_step)
-    host_batches = common.data_iterator(
-        config.data,
-        mesh,
-        "train",
-        seed=config.seed,
-        global_batch_size=config.train.batch_size,
-        start_step=start_step,
-    )
-    batches = (sharding.global_batch(b, mesh) for b in host_batches)
-    batch = next(batches, None)
-    if start_step < total:  # compiled before the hosts line up for the first step
+    eval_fn = jax.jit(program.eval_step, in_shardings=(state_sh, batch_sh))
+    meter = ProgressMeter(total, program.batch_size, start_step)
+    batches = (sharding.global_batch(b, mesh) for b in program.train_batches(start_step=start_step))
+    batch = next(batches, None) if start_step < total else None
+    if batch is not None:  # compiled before the hosts line up for the first step
       step_fn = step_fn.lower(state, batch).compile()
       sharding.wait_for_all_processes(f"train step compiled, step {start_step}")
     for step in range(start_step, total):
       batch = batch if step == start_step else next(batches)
       state, metrics = step_fn(state, batch)
       done = step + 1
-      log = done % config.train.log_every == 0 or done == total
+      log = is_due(done, config.train.log_every, total)
       if policy == "stop" or log:  # "stop" reads every step's flag: no bad step goes unseen
         metrics = jax.device_get(metrics)
-        common.check_finite(done, metrics, policy)
+        check_finite(done, metrics, policy)
       if log:
         writer.write(
             done,
@@ -102,15 +248,18 @@ def fit(
       elif step == start_step:
         meter.update(done)
       stop = watcher.should_stop(done) and done < total
-      evaluate = done % config.eval.every_steps == 0 or done == total
+      evaluate = is_due(done, config.eval.every_steps, total)
       if evaluate:
         sharding.wait_for_all_processes(f"evaluation at step {done}")
-        eval_metrics = evaluate_fn(state, eval_fn, config, mesh)
+        eval_metrics = program.evaluate(state, eval_fn)
         writer.write(done, eval_metrics)
       ckpt.save(done, state, metrics=eval_metrics if evaluate else None, force=evaluate or stop)
       if stop:
         print(f"stopped at step {done} on request; checkpoint saved, rerun to resume", flush=True)
-        break
+        raise Preempted(f"stopped at step {done}")
+    if start_step >= total:  # finished earlier: its final metrics, not logged a second time
+      print(f"run already finished at step {start_step} in {ckpt.directory}", flush=True)
+      eval_metrics = program.evaluate(state, eval_fn)
   finally:
     ckpt.close()
     writer.close()

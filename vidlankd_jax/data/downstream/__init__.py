@@ -20,9 +20,10 @@ from vidlankd_jax.data.downstream.registry import (
     get_downstream_spec,
     get_span_examples,
     register_benchmark,
+    training_stats,
 )
 from vidlankd_jax.data.downstream.sources import TfdsSource, file_source
-from vidlankd_jax.data.downstream.tasks import register_downstream_tasks
+from vidlankd_jax.data.downstream.tasks import register_downstream_tasks, register_from_config
 
 __all__ = [
     "KINDS",
@@ -39,4 +40,6 @@ __all__ = [
     "get_span_examples",
     "register_benchmark",
     "register_downstream_tasks",
+    "register_from_config",
+    "training_stats",
 ]

@@ -16,6 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from vidlankd_jax.data import batching
 from vidlankd_jax.data.downstream import encoding
 from vidlankd_jax.evaluation import metrics
 
@@ -127,17 +128,6 @@ def downstream_specs() -> dict[str, DownstreamSpec]:
   return dict(_SPECS)
 
 
-def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
-  """Pads a partial batch to `batch_size` rows of zeros ("" for strings; valid = 0)."""
-
-  def pad(x):
-    rows = [[0, batch_size - tf.shape(x)[0]]] + [[0, 0]] * (x.shape.rank - 1)
-    padded = tf.pad(x, rows, constant_values="" if x.dtype == tf.string else tf.zeros([], x.dtype))
-    return tf.ensure_shape(padded, [batch_size] + x.shape[1:].as_list())
-
-  return {k: pad(v) for k, v in batch.items()}
-
-
 def get_downstream_dataset(
     task_name: str,
     split: str,
@@ -174,12 +164,30 @@ def get_downstream_dataset(
       use_cached=False,
       try_in_mem_cache=False,
   )
-  ds = ds.map(lambda ex: {**ex, "valid": tf.constant(1, tf.int32)})
-  if repeat:
-    ds = ds.batch(batch_size, drop_remainder=True)
-  else:
-    ds = ds.batch(batch_size).map(functools.partial(_pad_batch, batch_size=batch_size))
-  return ds.prefetch(tf.data.AUTOTUNE)
+  return batching.batch_examples(ds, batch_size, repeat=repeat).prefetch(tf.data.AUTOTUNE)
+
+
+def training_stats(spec: DownstreamSpec, seq_len: int) -> tuple[int, np.ndarray | None]:
+  """(training examples, label counts or None) of the train split.
+
+  Span tasks count their context windows (what a training step consumes); the others count raw
+  records, reading labels through the task's formatter without tokenizing.
+  """
+  if spec.kind == "span":
+    ds = get_downstream_dataset(spec.name, spec.train_split, batch_size=256, seq_len=seq_len)
+    return (
+        int(ds.reduce(np.int64(0), lambda n, b: n + tf.reduce_sum(tf.cast(b["valid"], tf.int64)))),
+        None,
+    )
+  ds = spec.source.get_dataset(split=spec.train_split, shuffle=False).map(spec.formatter)
+  if spec.kind == "regression":
+    return int(ds.reduce(np.int64(0), lambda n, _: n + 1)), None
+  counts = ds.reduce(
+      tf.zeros([spec.num_labels], tf.int64),
+      lambda c, ex: c + tf.one_hot(tf.cast(ex["label"], tf.int32), spec.num_labels, dtype=tf.int64),
+  )
+  counts = np.asarray(counts)
+  return int(counts.sum()), counts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ tracie_uniform_prior classification   {tracie_dir}/uniform-prior/...
 
 from __future__ import annotations
 
+import importlib
 from typing import Mapping
 
 import tensorflow as tf
@@ -237,3 +238,32 @@ def register_downstream_tasks(
   for spec in specs:
     registry.register_benchmark(spec, vocab)
   return {spec.name: spec for spec in specs}
+
+
+def register_from_config(data_cfg) -> DownstreamSpec:
+  """Registers the protocol's benchmarks (and `data_cfg.benchmarks_module`'s) -> the task's spec.
+
+  A benchmarks module defines `register_benchmarks(vocab, data_config)`, which calls
+  `register_benchmark(spec, vocab)` for each benchmark it adds.
+  """
+  vocab_file = data_cfg.vocab_file or vocab_lib.default_vocab_file()
+  register_downstream_tasks(
+      vocab_file,
+      data_dir=data_cfg.data_dir or None,
+      swag_dir=data_cfg.swag_dir or None,
+      tracie_dir=data_cfg.tracie_dir or None,
+      lower_case=data_cfg.lower_case,
+      doc_stride=data_cfg.doc_stride,
+      max_query_length=data_cfg.max_query_length,
+  )
+  if data_cfg.benchmarks_module:
+    module = importlib.import_module(data_cfg.benchmarks_module)
+    if not hasattr(module, "register_benchmarks"):
+      raise AttributeError(
+          f"config.data.benchmarks_module {data_cfg.benchmarks_module!r} has no "
+          "register_benchmarks(vocab, data_config) function"
+      )
+    module.register_benchmarks(
+        vocab_lib.WordPieceVocabulary(vocab_file, data_cfg.lower_case), data_cfg
+    )
+  return registry.get_downstream_spec(data_cfg.task)

@@ -1,8 +1,16 @@
-"""Pieces shared by every stage's config: model sizes, mesh, sharding rules, optimiser.
+"""The stage configs' building blocks (model sizes, mesh, sharding rules, optimiser) and loading
+of the config files.
 
-Config files are ml-collections files with `get_config(arg)`; `arg` is a comma-separated list of
-`key=value` pairs (e.g. `size=small,teacher_size=base`) parsed by `parse_arg`.
+The stage configs are the files in the repository's `configs/` folder (teacher.py, distill.py,
+finetune.py): ml-collections files with `get_config(arg)`, where `arg` is a comma-separated list
+of `key=value` pairs (e.g. `size=small,teacher_size=base`) parsed by `parse_arg`. The command
+line reads them with `--config=configs/<stage>.py:<arg>`; code reads them with `load`.
 """
+
+from __future__ import annotations
+
+import importlib.util
+import os
 
 import ml_collections
 
@@ -150,3 +158,40 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
   config.eval.batches = 4
   config.eval.batch_size = 16
   config.checkpoint.every_steps = 100
+
+
+# The config files: <checkout>/configs, or the folder $VIDLANKD_CONFIGS names.
+CONFIGS_DIR = os.environ.get(
+    "VIDLANKD_CONFIGS", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+)
+
+
+def config_file(name: str) -> str:
+  """The path of stage config `name` ("teacher", "distill", "finetune") or of a .py file."""
+  path = name if name.endswith(".py") else os.path.join(CONFIGS_DIR, f"{name}.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"config file {path} not found: the stage configs live in the repository's configs/ "
+        "folder (install from a checkout with `pip install -e .`, or set VIDLANKD_CONFIGS)"
+    )
+  return path
+
+
+_MODULES = {}
+
+
+def load_module(name: str):
+  """The config file as a module (its constants, `get_config`), loaded once per process."""
+  path = os.path.abspath(config_file(name))
+  if path not in _MODULES:
+    module_name = "vidlankd_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _MODULES[path] = module
+  return _MODULES[path]
+
+
+def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, as `--config=<file>:<arg>` reads it."""
+  return load_module(name).get_config(arg)

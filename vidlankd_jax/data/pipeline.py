@@ -1,0 +1,159 @@
+"""The host side of every stage's input: which files, which shard, which batch comes next.
+
+Each process reads its own shard of the global batch (chosen from the rows its devices hold,
+`sharding.host_data_shard`) as numpy arrays; `sharding.global_batch` turns them into global
+arrays. Pretraining stages read `InputSpec`s (derived once from a config by `input_spec`);
+fine-tuning reads registered downstream benchmarks. TensorFlow is imported only when data is read.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from vidlankd_jax import sharding
+
+
+def resolve_vocab(data_cfg, model_vocab_size: int) -> str:
+  """The vocabulary file `data_cfg.vocab_file` names (default: bert-base-uncased), checked
+  against the model's embedding table."""
+  from vidlankd_jax.data import vocab as vocab_lib
+
+  path = data_cfg.vocab_file or vocab_lib.default_vocab_file()
+  size = len(vocab_lib.read_vocab_file(path))
+  if size > model_vocab_size:
+    raise ValueError(
+        f"vocabulary {path} has {size} entries but config.model.vocab_size is "
+        f"{model_vocab_size}: set --config.model.vocab_size={size}"
+    )
+  return path
+
+
+def input_spec(data_cfg, vocab_file: str, video_cfg=None, **overrides):
+  """The `InputSpec` of a pretraining stage: `data_cfg`'s text settings and, for video-text,
+  the video shape of the tower that reads it (`video_cfg.max_steps`, `video_cfg.input_dim`)."""
+  from vidlankd_jax.data import tasks
+
+  fields = dict(
+      task=data_cfg.task,
+      data_dir=data_cfg.data_dir,
+      vocab_file=vocab_file,
+      lower_case=bool(data_cfg.lower_case),
+      seq_len=int(data_cfg.seq_len),
+      max_predictions=int(data_cfg.max_predictions),
+      mask_prob=float(data_cfg.mask_prob),
+      shuffle_buffer=int(data_cfg.shuffle_buffer),
+  )
+  if video_cfg is not None:
+    fields.update(video_steps=int(video_cfg.max_steps), video_dim=int(video_cfg.input_dim))
+  fields.update(overrides)
+  return tasks.InputSpec(**fields)
+
+
+def host_batches(
+    spec,
+    mesh,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    repeat: bool = True,
+    shuffle: bool = True,
+) -> Iterator[dict[str, np.ndarray]]:
+  """This host's rows of each global batch of `spec.task` (numpy).
+
+  Training (`repeat`) is an endless stream that starts at exactly the batch `start_step` reads;
+  evaluation is one pass, every host yielding the same number of batches (`in_lockstep`).
+  """
+  from vidlankd_jax.data import tasks  # deferred: TensorFlow is only needed once data is read
+
+  shard_index, num_shards = sharding.host_data_shard(mesh, global_batch_size)
+  ds = tasks.make_dataset(
+      spec,
+      split,
+      batch_size=global_batch_size // num_shards,
+      shard_index=shard_index,
+      num_shards=num_shards,
+      seed=seed,
+      start_step=start_step,
+      repeat=repeat,
+      shuffle=shuffle,
+  )
+  if repeat or jax.process_count() == 1:
+    return ds.as_numpy_iterator()
+  return in_lockstep(ds.as_numpy_iterator())
+
+
+def in_lockstep(batches):
+  """One pass over each host's shard, the same number of batches on every host.
+
+  Hosts' shards of a split may differ by a batch; each jitted step is a collective that every
+  process must join, so a host whose shard is done yields all-zero batches (`valid` = 0:
+  padding to evaluation) until every host's is done.
+  """
+  from jax.experimental import multihost_utils
+
+  last = None
+  while True:
+    batch = next(batches, None)
+    more = multihost_utils.process_allgather(np.asarray(batch is not None))
+    if not np.any(more):
+      return
+    if batch is None and last is None:
+      raise ValueError(f"process {jax.process_index()} has no data in its shard of this split")
+    last = batch if batch is not None else last
+    yield batch if batch is not None else jax.tree.map(np.zeros_like, last)
+
+
+def downstream_batches(
+    task_name: str,
+    split: str,
+    mesh,
+    *,
+    global_batch_size: int,
+    seq_len: int,
+    seed: int,
+    shuffle_buffer: int,
+    start_step: int = 0,
+    features: tuple[str, ...] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """This host's rows of the endless, shuffled training stream of a registered benchmark.
+
+  The order is a function of `seed`; `start_step` skips the batches a run stopped at that step
+  has already trained on, so a resumed fine-tuning run reads what an uninterrupted one would.
+  `features` keeps only those arrays (strings and bookkeeping stay behind).
+  """
+  import seqio
+
+  from vidlankd_jax.data import downstream
+
+  shard_index, num_shards = sharding.host_data_shard(mesh, global_batch_size)
+  ds = downstream.get_downstream_dataset(
+      task_name,
+      split,
+      batch_size=global_batch_size // num_shards,
+      seq_len=seq_len,
+      shuffle=True,
+      seed=seed,
+      repeat=True,
+      shuffle_buffer_size=shuffle_buffer,
+      shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
+  )
+  if features is not None:
+    ds = ds.map(lambda batch: {k: batch[k] for k in features})
+  return ds.skip(start_step).as_numpy_iterator()
+
+
+def prepare_synthetic_video_text(data_cfg, video_cfg) -> None:
+  """Generates and converts the GENERATED video-text corpus (`data=synthetic` configs) once,
+  on process 0; the other processes wait for it."""
+  if jax.process_index() == 0:
+    from vidlankd_jax.data import synthetic
+
+    synthetic.prepare_video_text(
+        data_cfg.data_dir, word_budget=data_cfg.seq_len // 2, max_steps=video_cfg.max_steps
+    )
+  sharding.wait_for_all_processes("synthetic video-text data")
