@@ -8,6 +8,8 @@ fine-tuning reads registered downstream benchmarks. TensorFlow is imported only 
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Iterator
 
 import jax
@@ -157,3 +159,58 @@ def prepare_synthetic_video_text(data_cfg, video_cfg) -> None:
         data_cfg.data_dir, word_budget=data_cfg.seq_len // 2, max_steps=video_cfg.max_steps
     )
   sharding.wait_for_all_processes("synthetic video-text data")
+
+
+class DevicePrefetch:
+  """Global batches assembled and sent to the devices by a background thread, `size` ahead of
+  the step that reads them, so the host never makes a step wait for its input.
+
+  Errors of the host pipeline are raised by `next` in the caller's thread; `close` stops the
+  thread (it exits on its own too: it is a daemon and never holds the interpreter open).
+  """
+
+  _END = object()
+
+  def __init__(self, host_batches: Iterator[dict], mesh, size: int = 2):
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(
+        target=self._fill, args=(host_batches, mesh), name="device-prefetch", daemon=True
+    )
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.2)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _fill(self, host_batches, mesh) -> None:
+    try:
+      for batch in host_batches:
+        if not self._put(sharding.global_batch(batch, mesh)):
+          return
+    except BaseException as error:  # handed to the reader, raised in its thread
+      self._put(error)
+      return
+    self._put(self._END)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    item = self._queue.get()
+    if item is self._END:
+      self._put(self._END)  # every later call ends too
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    while not self._queue.empty():
+      self._queue.get_nowait()

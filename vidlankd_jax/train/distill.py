@@ -171,6 +171,7 @@ def load_teacher(config, mesh) -> Teacher:
       mesh,
       config.sharding_rules,
       step=runs.step_or_latest(config.teacher.step),
+      dtype=config.dtype,
   )
 
 
