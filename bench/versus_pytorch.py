@@ -204,7 +204,9 @@ def our_distill_step(args):
   config.data.max_predictions = args.max_predictions
   mesh = sharding.single_device_mesh()
   teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(1)), mesh, config.sharding_rules
+      lambda: Teacher.from_config(config.teacher, dtype=config.dtype, rngs=nnx.Rngs(1)),
+      mesh,
+      config.sharding_rules,
   )
   setup = distill.init(config, mesh, teacher=teacher)
   step = jax.jit(

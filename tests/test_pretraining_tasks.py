@@ -101,7 +101,7 @@ def test_video_text_batches_carry_the_stored_features(data_dir, vocab):
   batches = take(ds, 100)
   assert set(batches[0]) == set(TEXT_SPEC) | {"video_features", "video_mask"}
   b = batches[0]
-  assert b["video_features"].shape == (4, 384, 4096) and b["video_features"].dtype == np.float32
+  assert b["video_features"].shape == (4, 384, 4096) and b["video_features"].dtype == np.float16
   assert b["video_mask"].shape == (4, 384) and b["video_mask"].dtype == np.int32
   files = sorted(tf.io.gfile.glob(tasks.task_file_pattern(data_dir, cfg.task, "train")))
   assert len(files) == 2
@@ -336,3 +336,22 @@ def test_registry_is_reregistrable_and_usable_through_seqio(data_dir, tmp_path):
     data_config(data_dir, "nope")
   with pytest.raises(ValueError, match="max_predictions 127 must be in"):
     data_config(data_dir, max_predictions=127)
+
+
+def test_video_batches_leave_the_host_cut_to_their_longest_clip():
+  from vidlankd_jax.data import pipeline
+
+  rng = np.random.default_rng(0)
+  lengths = [[5, 9, 3], [2, 2, 1], [16, 4, 16]]
+  batches = []
+  for row_lengths in lengths:
+    mask = (np.arange(16)[None] < np.asarray(row_lengths)[:, None]).astype(np.int32)
+    features = (rng.standard_normal((3, 16, 4)) * mask[..., None]).astype(np.float16)
+    batches.append({"video_features": features, "video_mask": mask, "input_ids": np.ones((3, 8))})
+  cut = list(pipeline.trim_video_padding(iter(batches), 8, name="test"))
+  assert [b["video_mask"].shape[1] for b in cut] == [16, 8, 16]  # 9 -> 16, 2 -> 8, 16 -> 16
+  for full, short in zip(batches, cut):
+    steps = short["video_mask"].shape[1]
+    np.testing.assert_array_equal(short["video_features"], full["video_features"][:, :steps])
+    assert not full["video_mask"][:, steps:].any()  # only padding was cut
+    assert short["input_ids"] is full["input_ids"]

@@ -8,6 +8,7 @@ fine-tuning reads registered downstream benchmarks. TensorFlow is imported only 
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from typing import Iterator
@@ -50,6 +51,7 @@ def input_spec(data_cfg, vocab_file: str, video_cfg=None, **overrides):
   )
   if video_cfg is not None:
     fields.update(video_steps=int(video_cfg.max_steps), video_dim=int(video_cfg.input_dim))
+    fields.update(video_bucket=int(data_cfg.get("video_bucket", 0)))
   fields.update(overrides)
   return tasks.InputSpec(**fields)
 
@@ -84,9 +86,43 @@ def host_batches(
       repeat=repeat,
       shuffle=shuffle,
   )
-  if repeat or jax.process_count() == 1:
-    return ds.as_numpy_iterator()
-  return in_lockstep(ds.as_numpy_iterator())
+  batches = ds.as_numpy_iterator()
+  if not (repeat or jax.process_count() == 1):
+    batches = in_lockstep(batches)
+  if spec.video_bucket:
+    # Every process opens its streams in the same order: the same name for the same stream.
+    name = f"{spec.task}/{split}/{next(_STREAMS)}"
+    batches = trim_video_padding(batches, spec.video_bucket, name=name)
+  return batches
+
+
+_STREAMS = itertools.count()
+
+
+def trim_video_padding(batches, bucket: int, *, name: str):
+  """Cuts each batch's video arrays to its longest clip rounded up to a multiple of `bucket`
+  steps (the same on every host): no padding beyond that is transferred or computed.
+
+  A step's shapes are one of at most max_steps / bucket, each compiled once. With several
+  processes the length is agreed through the coordination service (host-side, ahead of the
+  step, from the prefetch thread).
+  """
+  for index, batch in enumerate(batches):
+    if "video_mask" not in batch:
+      yield batch
+      continue
+    max_steps = batch["video_mask"].shape[1]
+    longest = int(batch["video_mask"].sum(axis=1).max(initial=0))
+    steps = sharding.agreed_maximum(
+        f"vidlankd/video_steps/{name}/{index}",
+        min(max_steps, max(bucket, -(-longest // bucket) * bucket)),
+        forget=f"vidlankd/video_steps/{name}/{index - 16}" if index >= 16 else None,
+    )
+    yield dict(
+        batch,
+        video_features=batch["video_features"][:, :steps],
+        video_mask=batch["video_mask"][:, :steps],
+    )
 
 
 def in_lockstep(batches):

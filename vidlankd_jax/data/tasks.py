@@ -11,7 +11,7 @@ Every example becomes fixed-shape features (L = seq_len, P = max_predictions, T 
   input_ids int32 [L]        masked [CLS] tokens [SEP] then [PAD]=0
   attention_mask int32 [L], token_type_ids int32 [L] (zeros), unmasked_ids int32 [L]
   mlm_positions int32 [P], mlm_targets int32 [P], mlm_weights float32 [P] (0 = unused slot)
-  video_features float32 [T, D], video_mask int32 [T]   (video-text only)
+  video_features float16 [T, D], video_mask int32 [T]   (video-text; the stored precision)
 and each batch an int32 `valid` [B]: 0 marks the all-zero rows that pad an evaluation pass.
 
 Masking (BERT): 15% of the real, non-special tokens (rounded, at least 1, at most P); of those
@@ -62,7 +62,7 @@ TEXT_FEATURES = {
     "mlm_targets": tf.int32,
     "mlm_weights": tf.float32,
 }
-VIDEO_FEATURES = {"video_features": tf.float32, "video_mask": tf.int32}
+VIDEO_FEATURES = {"video_features": tf.float16, "video_mask": tf.int32}
 
 
 def task_file_pattern(data_dir: str, task_name: str, split: str) -> str:
@@ -279,7 +279,7 @@ class VideoTextFeatureConverter(MlmFeatureConverter):
 
   TASK_FEATURES = {
       **MlmFeatureConverter.TASK_FEATURES,
-      "video_features": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32, rank=2),
+      "video_features": seqio.FeatureConverter.FeatureSpec(dtype=tf.float16, rank=2),
       "video_mask": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
   }
   MODEL_FEATURES = TASK_FEATURES
@@ -340,7 +340,7 @@ def register_pretraining_tasks(
     feats["input_ids"] = seqio.Feature(vocab, add_eos=False, dtype=tf.int32)
     feats["unmasked_ids"] = seqio.Feature(vocab, add_eos=False, dtype=tf.int32)
     if video:
-      feats["video_features"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.float32, rank=2)
+      feats["video_features"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.float16, rank=2)
       feats["video_mask"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.int32)
     return feats
 
@@ -445,6 +445,8 @@ class InputSpec:
   shuffle_buffer: int = 10_000
   video_steps: int = 384  # video-text task only
   video_dim: int = video_text.DEFAULT_FEATURE_DIM
+  # > 0: batches leave the host cut to their longest clip, rounded up to this many steps.
+  video_bucket: int = 0
 
   def __post_init__(self):
     if self.task not in TASK_FILES:

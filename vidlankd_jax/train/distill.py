@@ -37,7 +37,6 @@ from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as ts
 from vidlankd_jax.data import pipeline
-from vidlankd_jax.data import tasks
 from vidlankd_jax.evaluation import representation
 from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
 from vidlankd_jax.models.teacher import Teacher
@@ -196,6 +195,8 @@ def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
 
 def clip_vectors(teacher: Teacher, config, mesh, vocab_file: str) -> np.ndarray:
   """The teacher's clip vectors [N, H] of the held-out clips of `config.kd.voken.data_dir`."""
+  from vidlankd_jax.data import tasks  # deferred: TensorFlow only where data is read
+
   voken = config.kd.voken
   spec = pipeline.input_spec(
       config.data,

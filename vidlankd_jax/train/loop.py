@@ -183,6 +183,23 @@ def checkpoint_manager(config, workdir: str, fingerprint: dict) -> ckpt_lib.Chec
   )
 
 
+class ShapeCompiled:
+  """A jitted step compiled ahead once per batch shape (video batches come in a few lengths)."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+    self.programs = {}
+
+  def compile(self, state, batch):
+    key = tuple(sorted((name, value.shape) for name, value in batch.items()))
+    if key not in self.programs:
+      self.programs[key] = self.jitted.lower(state, batch).compile()
+    return self.programs[key]
+
+  def __call__(self, state, batch):
+    return self.compile(state, batch)(state, batch)
+
+
 def is_due(step: int, every: int, total: int) -> bool:
   """Whether a periodic event (log, evaluation) falls on `step`; `every` <= 0: only at the end."""
   return step == total or (every > 0 and step % every == 0)
@@ -225,18 +242,20 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
 
     state_sh = sharding.state_shardings(state)
     batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        program.train_step,
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
+    step_fn = ShapeCompiled(
+        jax.jit(
+            program.train_step,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
     )
     eval_fn = jax.jit(program.eval_step, in_shardings=(state_sh, batch_sh))
     meter = ProgressMeter(total, program.batch_size, start_step)
     if start_step < total:
       batches = pipeline.DevicePrefetch(program.train_batches(start_step=start_step), mesh)
       batch = next(batches)  # compiled before the hosts line up for the first step
-      step_fn = step_fn.lower(state, batch).compile()
+      step_fn.compile(state, batch)
       sharding.wait_for_all_processes(f"train step compiled, step {start_step}")
     pending = None  # (step, metrics) of a dispatched step whose finite flag is not read yet
 
@@ -260,10 +279,10 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
         meter.update(done)
         pending = None
       log = is_due(done, config.train.log_every, total)
-      stop = watcher.should_stop(done) and done < total
       evaluate = is_due(done, config.eval.every_steps, total)
-      save = evaluate or stop or ckpt.should_save(done)
-      values = settle() if pending is not None and (log or evaluate or save) else None
+      values = None
+      if pending is not None and (log or evaluate or ckpt.should_save(done)):
+        values = settle()
       if log:
         values = jax.device_get(metrics) if values is None else values
         writer.write(
@@ -271,6 +290,10 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
             {f"train/{k}": v for k, v in values.items()}
             | {f"train/{k}": v for k, v in meter.update(done).items()},
         )
+      stop = watcher.should_stop(done) and done < total
+      if stop and pending is not None:
+        settle()  # a checkpoint follows: its step must be known to be finite
+      save = evaluate or stop or ckpt.should_save(done)
       if evaluate:
         sharding.wait_for_all_processes(f"evaluation at step {done}")
         eval_metrics = program.evaluate(state, eval_fn)
