@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     # Real English text shipped in its test data (a Wikipedia sample, movie-review sentences
     # with polarity labels): the data of `vidlankd demo`.
     "gensim>=4.3",
+    # Video decoding for tools/extract_video_features.py: PyAV bundles FFmpeg's libraries, whose
+    # filters (fps, scale, crop) the reference feature extractor runs through the ffmpeg program.
+    "av>=18.1,<20",
 ]
 
 TEST_REQUIRES = [
