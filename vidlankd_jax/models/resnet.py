@@ -67,6 +67,34 @@ RESNEXT101_3D = ResNetConfig(
 )
 
 
+def forward_flops(cfg: ResNetConfig, spatial: tuple[int, ...]) -> int:
+  """FLOPs (2 x multiply-adds) of every convolution for one input of `spatial` size (what the
+  benchmarks count; XLA's cost analysis counts a scanned block once)."""
+
+  def out(size: int, kernel: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+  def conv_flops(sizes, kernel: int, c_in: int, c_out: int, groups: int = 1) -> int:
+    return 2 * math.prod(sizes) * kernel**cfg.spatial_dims * (c_in // groups) * c_out
+
+  k = cfg.stem_kernel
+  sizes = [out(n, k, s, k // 2) for n, s in zip(spatial, cfg.stem_stride)]
+  total = conv_flops(sizes, k, 3, cfg.stem_width)
+  sizes = [out(n, *POOL) for n in sizes]
+  c_in = cfg.stem_width
+  for index, blocks in enumerate(cfg.stage_blocks):
+    width, c_out = cfg.stage_widths[index], cfg.stage_outputs[index]
+    for block in range(blocks):
+      stride = STAGE_STRIDES[index] if block == 0 else 1
+      total += conv_flops(sizes, 1, c_in, width)
+      sizes = [out(n, 3, stride, 1) for n in sizes]
+      total += conv_flops(sizes, 3, width, width, cfg.groups) + conv_flops(sizes, 1, width, c_out)
+      if block == 0 and (stride != 1 or c_in != c_out):
+        total += conv_flops(sizes, 1, c_in, c_out)
+      c_in = c_out
+  return total
+
+
 # ------------------------------------------------------------------------------------------
 # Pure functions
 
