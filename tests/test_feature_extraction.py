@@ -181,7 +181,8 @@ def test_weight_import_names_what_is_wrong(tmp_path, resnext101_file):
 @pytest.fixture(scope="module")
 def generated_videos(tmp_path_factory):
   """Videos the sample files do not cover: portrait BT.709 (h >= w), a container that starts at
-  1.7 s (the ffmpeg program shifts timestamps to 0), audio only, and two broken files."""
+  1.7 s (the ffmpeg program shifts timestamps to 0), one too short for a frame at 1 fps, audio
+  only, and two broken files."""
   root = tmp_path_factory.mktemp("generated")
 
   def make(name, *args):
@@ -215,6 +216,15 @@ def generated_videos(tmp_path_factory):
           "mpeg4",
           "-output_ts_offset",
           "1.7",
+      ),
+      "short": make(
+          "short.mp4",
+          "-f",
+          "lavfi",
+          "-i",
+          "testsrc2=size=160x120:rate=25:duration=0.2",
+          "-c:v",
+          "mpeg4",
       ),
       "audio": make("audio.mp4", "-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac"),
   }
@@ -284,11 +294,17 @@ def test_decoded_frames_equal_the_reference_ffmpeg_chain(name, generated_videos)
 
 
 def test_bad_videos_are_named_decode_errors(generated_videos, tmp_path):
-  expected = {"broken": "undecodable", "empty": "undecodable", "audio": "no_video_stream"}
+  expected = {
+      "broken": "undecodable",
+      "empty": "undecodable",
+      "audio": "no_video_stream",
+      "short": "empty_video",  # the reference's chain gives no frame at 1 fps either
+  }
   for name, reason in expected.items():
     with pytest.raises(decode.DecodeError) as error:
       decoded(generated_videos[name])
     assert error.value.reason == reason, name
+  assert len(reference_frames(generated_videos["short"], STREAM_2D)) == 0
   with pytest.raises(decode.DecodeError, match="missing_file"):
     decoded(str(tmp_path / "absent.mp4"))
 

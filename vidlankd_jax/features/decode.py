@@ -196,7 +196,7 @@ def decode_video(
       out.push(None)
       for chunk in out.chunks(final=True):
         yield ("rows", (out.stream.name, chunk))
-    info["duration"] = _duration(container, video, info)
+    info["duration"] = _duration(container, video)
     for out in outputs:
       if out.frames == 0:
         raise DecodeError(
@@ -207,7 +207,7 @@ def decode_video(
   yield ("done", info)
 
 
-def _duration(container, video, info: dict) -> float | None:
+def _duration(container, video) -> float | None:
   """Seconds: the stream's duration, else the container's (None when neither is known)."""
   if video.duration is not None and video.time_base:
     return float(video.duration * video.time_base)
