@@ -104,10 +104,11 @@ def load_state_dict(model: resnet.ResNet, state_dict: dict[str, np.ndarray], sou
   missing = [k for k in needed if k not in state]
   unexpected = sorted(set(state) - set(needed) - {k for k in state if any(i in k for i in IGNORED)})
   if missing or unexpected:
+    problems = [f"{len(missing)} missing weight(s) {missing[:4]}"] if missing else []
+    problems += [f"{len(unexpected)} unexpected {unexpected[:4]}"] if unexpected else []
     raise ValueError(
-        f"{source}: not a {model.config.stage_blocks} bottleneck ResNet checkpoint: "
-        f"{len(missing)} missing weight(s) {missing[:4]}, {len(unexpected)} unexpected "
-        f"{unexpected[:4]}"
+        f"not a checkpoint of this bottleneck ResNet, blocks {model.config.stage_blocks} "
+        f"({source}): {', '.join(problems)}"
     )
   stacks: dict[tuple, list] = {}
   for conv_name, bn_name, path, index in table:
@@ -118,8 +119,8 @@ def load_state_dict(model: resnet.ResNet, state_dict: dict[str, np.ndarray], sou
     )
     if tuple(weight.shape) != torch_shape:
       raise ValueError(
-          f"{source}: {conv_name}.weight has shape {tuple(weight.shape)}, the model needs "
-          f"{torch_shape}"
+          f"{conv_name}.weight has shape {tuple(weight.shape)}, the model needs {torch_shape} "
+          f"({source})"
       )
     bn = {p: state[f"{bn_name}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")}
     kernel, bias = fold_batchnorm(weight, bn)
@@ -147,14 +148,20 @@ def read_checkpoint(path: str, source: WeightsSource) -> dict[str, np.ndarray]:
         f"{source.label} weights not found ({path}): download {source.where} and pass it as "
         f"{source.flag}"
     )
-  return hf_bert.read_torch_state_dict(path)
+  try:
+    return hf_bert.read_torch_state_dict(path)
+  except ValueError as e:
+    raise ValueError(f"{e}: {source.flag} wants {source.where}") from None
 
 
 def load_resnet(path: str, source: WeightsSource) -> resnet.ResNet:
   """The model `source` describes, with the weights of the checkpoint at `path`."""
   state = read_checkpoint(path, source)
   model = nnx.eval_shape(lambda: resnet.ResNet(source.config, seed=None))
-  load_state_dict(model, state, path)
+  try:
+    load_state_dict(model, state, path)
+  except ValueError as e:
+    raise ValueError(f"{e}; {source.flag} wants {source.where}") from None
   unset = [x for x in jax.tree.leaves(nnx.state(model)) if not isinstance(x, jax.Array)]
   assert not unset, f"{len(unset)} weights were not loaded"
   return model
