@@ -254,7 +254,10 @@ class DecodePool:
   Each worker's decoder gets `threads` threads (default: the cores shared out among workers).
 
   Messages of one video arrive in order; messages of different videos interleave. A video that
-  is skipped after some of its rows were sent must be dropped by the consumer.
+  is skipped after some of its rows were sent must be dropped by the consumer. Workers are
+  spawned (the parent runs JAX threads), so they import the main script again: a script that
+  runs a pool needs Python's `if __name__ == "__main__":` guard and should keep heavy imports
+  out of its top level (tools/extract_video_features.py does).
   """
 
   def __init__(
