@@ -327,7 +327,7 @@ def test_init_from_a_teacher_workdir_takes_its_size_and_weights(new_benchmark_ru
       "bert"
   ]
   np.testing.assert_array_equal(
-      np.asarray(model.bert.encoder.layers[1].attention.query.kernel.get_value()),
+      np.asarray(model.bert.encoder.layers.attention.query.kernel.get_value()[1]),
       saved["encoder"]["layers"]["1"]["attention"]["query"]["kernel"],
   )
   # The checkpoints/ folder itself works too, and a named size must match the weights.
@@ -358,7 +358,7 @@ def test_init_from_a_hugging_face_directory(minilm_dir):
   tensors = load_file(os.path.join(minilm_dir, "model.safetensors"))
   key = next(k for k in tensors if k.endswith("encoder.layer.5.intermediate.dense.weight"))
   np.testing.assert_array_equal(
-      np.asarray(model.bert.encoder.layers[5].intermediate.kernel.get_value()), tensors[key].T
+      np.asarray(model.bert.encoder.layers.intermediate.kernel.get_value()[5]), tensors[key].T
   )
   config = configlib.load("finetune", f"task=sst2,init=hf:{minilm_dir},size=small")
   with pytest.raises(ValueError, match="hidden_size: weights 384 vs config 512"):

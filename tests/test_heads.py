@@ -161,8 +161,8 @@ def test_heads_carry_logical_shardings():
   mesh = sharding.make_mesh(cfg)
   model = build("multiple_choice", mesh=mesh)
   assert model.classifier.kernel.get_value().sharding.spec == P("fsdp", None)
-  assert model.bert.encoder.layers[0].attention.query.kernel.get_value().sharding.spec == P(
-      "fsdp", "tensor"
+  assert model.bert.encoder.layers.attention.query.kernel.get_value().sharding.spec == P(
+      None, "fsdp", "tensor"
   )
   span = build("span", mesh=mesh)
   assert span.qa_outputs.kernel.get_value().sharding.spec == P("fsdp", None)

@@ -73,9 +73,9 @@ def test_scanned_layers_equal_unrolled_ones_with_dropout(remat, unrolled_referen
   loss_s, grads_s = loss_and_grads(scanned, inputs, KEY)
   assert float(loss_s) == pytest.approx(float(loss_u), rel=1e-6)
   assert max_relative(grads_s, grads_u) < 1e-4
-  # The parameters keep one module per layer: what checkpoints and HF interop read and write.
-  names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(scanned, nnx.Param))}
-  assert "bert/encoder/layers/2/attention/query/kernel" in names
+  # In memory the layers are stacked: one array per weight, whatever the depth.
+  kernel = scanned.bert.encoder.layers.attention.query.kernel.get_value()
+  assert kernel.shape == (SIZES["num_layers"], 64, 64)
 
 
 def test_bf16_compute_agrees_with_f32_within_bf16_tolerance():
@@ -111,3 +111,52 @@ def test_auto_dtype_is_float32_on_cpu_and_one_switch_sets_every_tower():
   with pytest.raises(ValueError, match="remat 'some'"):
     BertConfig(remat="some")
   assert BertConfig(remat=True).remat == "full"  # configs written before the policies existed
+
+
+def test_checkpoints_keep_one_entry_per_layer_and_old_ones_load(tmp_path):
+  """On disk the layers are `layers/<i>/...` as before the stack; a checkpoint written that way
+  (by an older version, here by Orbax directly) restores into the stacked model exactly."""
+  import orbax.checkpoint as ocp
+
+  from vidlankd_jax import checkpoint as ckpt_lib
+  from vidlankd_jax.models import layout
+
+  model, _ = model_and_batch()
+  tx = ts.make_optimizer(configlib.load("teacher", "size=tiny").optimizer, 10)
+  state = ts.init_train_state(tx, ts.nnx_params(model)[1])
+  on_disk = ckpt_lib.to_disk(state.params)
+  layers = on_disk["bert"]["encoder"]["layers"]
+  assert sorted(layers) == [0, 1, 2] and layers[1]["attention"]["query"]["kernel"].shape == (64, 64)
+  np.testing.assert_array_equal(
+      np.asarray(layout.stacked(on_disk)["bert"]["encoder"]["layers"]["output"]["kernel"]),
+      np.asarray(model.bert.encoder.layers.output.kernel.get_value()),
+  )
+  # An older checkpoint: per-layer params and optimiser state, other values, written directly.
+  old = jax.tree.map(lambda x: np.asarray(x) + 1.0, on_disk)
+  old_opt = ckpt_lib.to_disk(state.opt_state)
+  manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+  manager.save(
+      7,
+      args=ocp.args.Composite(
+          params=ocp.args.StandardSave(old),
+          opt_state=ocp.args.StandardSave(old_opt),
+          meta=ocp.args.JsonSave({"step": 7, "fingerprint": {}}),
+      ),
+  )
+  manager.wait_until_finished()
+  manager.close()
+  restored, _ = ckpt_lib.CheckpointManager(
+      str(tmp_path / "checkpoints"), every_steps=1, keep=1
+  ).restore(state)
+  assert int(restored.step) == 7
+  stacked_kernel = restored.params["bert"]["encoder"]["layers"]["attention"]["query"]["kernel"]
+  np.testing.assert_array_equal(
+      np.asarray(stacked_kernel[...]),
+      np.stack(
+          [old["bert"]["encoder"]["layers"][i]["attention"]["query"]["kernel"] for i in range(3)]
+      ),
+  )
+  assert (
+      stacked_kernel[...].sharding
+      == model.bert.encoder.layers.attention.query.kernel.get_value().sharding
+  )

@@ -75,21 +75,21 @@ def test_parameters_carry_the_shardings_the_rules_say():
   model = build(mesh)
   spec = lambda v: v.get_value().sharding.spec
   assert spec(model.bert.embeddings.word_embeddings.embedding) == P("tensor", "fsdp")
-  layer = model.bert.encoder.layers[0]
-  assert spec(layer.attention.query.kernel) == P("fsdp", "tensor")
-  assert spec(layer.attention.output.kernel) == P("tensor", "fsdp")
-  assert spec(layer.intermediate.kernel) == P("fsdp", "tensor")
-  assert spec(layer.output.kernel) == P("tensor", "fsdp")
-  assert spec(layer.layer_norm.scale) == P(None)
+  layers = model.bert.encoder.layers  # stacked: a leading, unsharded layer axis
+  assert spec(layers.attention.query.kernel) == P(None, "fsdp", "tensor")
+  assert spec(layers.attention.output.kernel) == P(None, "tensor", "fsdp")
+  assert spec(layers.intermediate.kernel) == P(None, "fsdp", "tensor")
+  assert spec(layers.output.kernel) == P(None, "tensor", "fsdp")
+  assert spec(layers.layer_norm.scale) == P(None, None)
   # Changing a rule changes the placement: replicate the MLP dimension instead.
   rules = tuple((k, None) if k == "mlp" else (k, v) for k, v in RULES)
   model2 = sharding.create_sharded(lambda: BertForMaskedLM(CFG, rngs=nnx.Rngs(0)), mesh, rules)
-  assert spec(model2.bert.encoder.layers[0].intermediate.kernel) == P("fsdp", None)
+  assert spec(model2.bert.encoder.layers.intermediate.kernel) == P(None, "fsdp", None)
   table = sharding.describe_shardings(nnx.state(model, nnx.Param))
   row = next(
-      r for r in table.splitlines() if r.startswith("bert/encoder/layers/0/attention/query/kernel")
+      r for r in table.splitlines() if r.startswith("bert/encoder/layers/attention/query/kernel")
   )
-  assert "(32, 32)" in row and "P('fsdp', 'tensor')" in row
+  assert f"({CFG.num_layers}, 32, 32)" in row and "P(None, 'fsdp', 'tensor')" in row
 
 
 forward = nnx.jit(

@@ -21,6 +21,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidlankd_jax.models import layout
 from vidlankd_jax.train_state import TrainState
 
 PyTree = Any
@@ -114,6 +115,25 @@ def abstract_like(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def to_disk(tree: PyTree) -> PyTree:
+  """A state's part as it is written: pure dicts, one entry per transformer layer."""
+  return layout.per_layer(to_pure(tree))
+
+
+def disk_target(tree: PyTree) -> PyTree:
+  """The restore target of a state's part: what `to_disk` writes, as abstract sharded arrays."""
+  return layout.per_layer(abstract_like(to_pure(tree)))
+
+
+def from_disk(target: PyTree, restored: PyTree, what: str) -> PyTree:
+  """Restored per-layer arrays -> `target`'s structure, its layers stacked, on its shardings."""
+  shardings = jax.tree.map(lambda x: x.sharding, to_pure(target))
+  merged = layout.stacked(restored)
+  if jax.tree.structure(merged) == jax.tree.structure(shardings):
+    merged = jax.tree.map(jax.device_put, merged, shardings)
+  return from_pure(target, merged, what)
+
+
 class CheckpointManager:
   """Saves and restores `TrainState`s under `<workdir>/checkpoints`.
 
@@ -190,8 +210,8 @@ class CheckpointManager:
   ) -> bool:
     """Saves if the policy says so at `step` (interval or preemption) or if `force`."""
     items = {
-        "params": ocp.args.StandardSave(to_pure(state.params)),
-        "opt_state": ocp.args.StandardSave(to_pure(state.opt_state)),
+        "params": ocp.args.StandardSave(to_disk(state.params)),
+        "opt_state": ocp.args.StandardSave(to_disk(state.opt_state)),
         "meta": ocp.args.JsonSave(
             {
                 "step": int(step),
@@ -201,7 +221,7 @@ class CheckpointManager:
         ),
     }
     if state.extra is not None:
-      items["extra"] = ocp.args.StandardSave(to_pure(state.extra))
+      items["extra"] = ocp.args.StandardSave(to_disk(state.extra))
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
     metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
@@ -225,10 +245,10 @@ class CheckpointManager:
     check_fingerprint(meta.get("fingerprint", {}), self.fingerprint, str(self.directory))
     names = ["params", "opt_state"] + (["extra"] if target.extra is not None else [])
     restored = {
-        name: from_pure(
+        name: from_disk(
             getattr(target, name),
             self._restore_item(
-                step, name, ocp.args.StandardRestore(abstract_like(to_pure(getattr(target, name))))
+                step, name, ocp.args.StandardRestore(disk_target(getattr(target, name)))
             ),
             f"{self.directory}/{step}/{name}",
         )
@@ -286,12 +306,10 @@ def restore_params(
     )
   restored = manager.restore(
       step,
-      args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_like(to_pure(abstract_params)))
-      ),
+      args=ocp.args.Composite(params=ocp.args.StandardRestore(disk_target(abstract_params))),
   )
   manager.close()
-  return from_pure(abstract_params, restored["params"], f"{directory}/{step}/params")
+  return from_disk(abstract_params, restored["params"], f"{directory}/{step}/params")
 
 
 class PreemptionWatcher:

@@ -15,12 +15,14 @@ import json
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 from flax import nnx, traverse_util
 
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import sharding
+from vidlankd_jax.models import layout
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM
 from vidlankd_jax.models.student import VOKEN_OBJECTIVE, Student, parse_objectives
 from vidlankd_jax.models.teacher import Teacher
@@ -113,13 +115,19 @@ def step_or_latest(step: int) -> int | None:
 
 
 def load_flat_params(module: nnx.Module, flat: dict, source: str) -> None:
-  """Copies `flat` ("a/b/kernel" -> numpy array) into `module`'s params in place, keeping their
-  shardings and dtypes; a missing key or another shape is an error naming `source`."""
+  """Copies `flat` ("a/b/kernel" -> numpy array, one entry per layer as on disk) into `module`'s
+  params in place, keeping their shardings and dtypes; a missing key or another shape is an
+  error naming `source`."""
   for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
     key = "/".join(map(str, path))
-    if key not in flat:
-      raise ValueError(f"{source}: the checkpoint lacks {key}")
-    value, current = flat[key], var.get_value()
+    current = var.get_value()
+    per_layer = layout.flat_per_layer_keys(key, current.shape[0]) if current.ndim else None
+    if key in flat:
+      value = flat[key]
+    elif per_layer and all(k in flat for k in per_layer):
+      value = np.stack([np.asarray(flat[k]) for k in per_layer])
+    else:
+      raise ValueError(f"{source}: the checkpoint lacks {per_layer[0] if per_layer else key}")
     if tuple(value.shape) != tuple(current.shape):
       raise ValueError(f"{source}: {key} has shape {value.shape}, the model {current.shape}")
     var.set_value(jax.device_put(jnp.asarray(value, current.dtype), current.sharding))

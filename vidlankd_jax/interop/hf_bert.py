@@ -170,12 +170,30 @@ def normalise_keys(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def variable(module: nnx.Module, path: tuple) -> nnx.Variable:
-  """The variable at `path` (attribute names and list indices) inside `module`."""
-  node = module
+class LayerSlice:
+  """Layer `index` of a stacked weight, read and written like a variable of its own."""
+
+  def __init__(self, stacked: nnx.Variable, index: int):
+    self.stacked, self.index = stacked, index
+
+  def get_value(self):
+    return self.stacked.get_value()[self.index]
+
+  def set_value(self, value) -> None:
+    whole = self.stacked.get_value()
+    self.stacked.set_value(jax.device_put(whole.at[self.index].set(value), whole.sharding))
+
+
+def variable(module: nnx.Module, path: tuple) -> nnx.Variable | LayerSlice:
+  """The variable at `path` (attribute names and list indices) inside `module`; a layer index
+  into a stacked `layers` module selects that layer's slice of each weight."""
+  node, layer = module, None
   for name in path:
+    if isinstance(name, int) and not isinstance(node, (list, nnx.List)):
+      layer = name  # stacked layers: resolve the weight, then take its slice
+      continue
     node = node[name] if isinstance(name, int) else getattr(node, name)
-  return node
+  return node if layer is None else LayerSlice(node, layer)
 
 
 def assign(module: nnx.Module, path: tuple, value: np.ndarray, key: str) -> None:
@@ -187,7 +205,8 @@ def assign(module: nnx.Module, path: tuple, value: np.ndarray, key: str) -> None
         f"checkpoint tensor {key!r}: shape {tuple(value.shape)} does not fit "
         f"{'.'.join(map(str, path))} of shape {tuple(current.shape)}"
     )
-  var.set_value(jax.device_put(jnp.asarray(value, current.dtype), current.sharding))
+  value = jnp.asarray(value, current.dtype)
+  var.set_value(value if isinstance(var, LayerSlice) else jax.device_put(value, current.sharding))
 
 
 def load_state_dict(

@@ -221,35 +221,41 @@ class BertLayer(nnx.Module):
 
 
 class TransformerStack(nnx.Module):
-  """`num_layers` BertLayers; returns the last hidden states.
+  """`num_layers` BertLayers held stacked (each weight one array with a leading layer axis);
+  returns the last hidden states.
 
-  Each layer's dropout key is the layer's slot of one split of the caller's key, in the scanned
-  and the unrolled forms alike, so the two compute the same function.
+  `scan_layers` runs them with one `lax.scan` (the program holds one layer whatever the depth);
+  otherwise a Python loop indexes the stack. Each layer's dropout key is its slot of one split
+  of the caller's key in both forms, so the two compute the same function. Checkpoints and weight
+  interop see one entry per layer (`vidlankd_jax.models.layout`).
   """
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
-    self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+    def make_layers(rngs):
+      return BertLayer(cfg, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.num_layers = cfg.num_layers
     self.scan_layers = cfg.scan_layers
     self.remat = cfg.remat
 
   def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-    num_layers = len(self.layers)
-    keys = None if rngs is None else jax.random.split(rngs.dropout(), num_layers)
-    graphdef, first = nnx.split(self.layers[0])
+    keys = None if rngs is None else jax.random.split(rngs.dropout(), self.num_layers)
+    graphdef, stacked = nnx.split(self.layers)
 
     def apply(state, h, key):
       layer = nnx.merge(graphdef, state)
       return layer(h, mask, rngs=None if key is None else nnx.Rngs(dropout=key))
 
-    policy = REMAT_POLICIES[self.remat]
     if self.remat != "none":
-      apply = jax.checkpoint(apply, policy=policy)
-    states = [first] + [nnx.state(layer) for layer in list(self.layers)[1:]]
+      apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat])
     if not self.scan_layers:
-      for i, state in enumerate(states):
+      for i in range(self.num_layers):
+        state = jax.tree.map(lambda w: w[i], stacked)
         x = apply(state, x, None if keys is None else keys[i])
       return x
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
     def body(h, layer_inputs):
       state, key = layer_inputs
