@@ -144,7 +144,7 @@ def test_features_are_2d_next_to_3d_resampled_to_one_hz(converted):
   clips = read_clips(tf.io.gfile.glob(os.path.join(cfg.output_dir, "howto100m-*.tfrecord-*")))
   for clip in clips:
     feats = clip["features"]
-    assert feats.shape == (clip["num_steps"], 4096) and feats.dtype == np.float32
+    assert feats.shape == (clip["num_steps"], 4096) and feats.dtype == np.float16
     steps = feats[:, 0].astype(int)
     seconds = GOOD_VIDEOS[clip["video_id"]][0]
     n3d = int(np.ceil(1.5 * seconds))

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from vidlankd_jax.models import layout
+
 Array = jax.Array
 PyTree = Any
 
@@ -36,8 +38,14 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: PyTree) -> PyTree:
-  """Weight decay on matrices (kernels, embeddings) only: never on biases or LayerNorm."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices (kernels, embeddings) only: never on biases or LayerNorm. A
+  weight of stacked transformer layers has one more axis (the layer) than the layer's own."""
+
+  def is_matrix(path, p):
+    stacked = any(getattr(k, "key", None) == layout.LAYERS for k in path)
+    return p.ndim - int(stacked) >= 2
+
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
