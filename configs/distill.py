@@ -59,13 +59,19 @@ def get_config(arg=None):
   config.kd = dict(
       objectives=arg.objectives,
       mlm_weight=1.0,
-      # The released NT-Xent ("CRD") divides each position's loss by 2B (B the per-GPU batch):
-      # weights.ntxent = 1 / (2B) reproduces it.
-      weights=dict(nst=1.0, ntxent=1.0, crd=1.0, kd=1.0, mse=1.0, cos=1.0, voken=1.0),
+      # Each KD term is a per-example mean (independent of the batch size, the devices and
+      # gradient accumulation); the weights give the released effective strength
+      # (docs/recipe.md derives them): NST 32 / 128 (the released per-GPU batch over L, its
+      # sum over a call's sequences divided by L); NT-Xent 1 / (2 x 32) (the released call
+      # divides its mean again by 2B).
+      weights=dict(nst=0.25, ntxent=1 / 64, crd=1.0, kd=1.0, mse=1.0, cos=1.0, voken=1.0),
       # "released": sum over sequences / L, padding included, teacher-teacher term dropped;
       # "mmd": the masked squared MMD, mean over sequences (>= 0).
       nst_variant="released",
       ntxent_temperature=1.0,
+      # NT-Xent draws its negatives within groups of this many sequences: 32, the released
+      # per-GPU batch (2 x 32 - 2 = 62 negatives per anchor); 0: the whole (micro-)batch.
+      ntxent_group_size=32,
       soft_label_temperature=1.0,
       crd=dict(
           # Rows of each memory (student and teacher), sharded over the data axes. An example's
@@ -107,6 +113,7 @@ def get_config(arg=None):
     config.optimizer.warmup_steps = 20
     config.kd.crd.memory_size = 4096
     config.kd.crd.num_negatives = 256
+    config.kd.ntxent_group_size = 8
     config.kd.voken.num_clips = 512
   config.lock()
   return config

@@ -109,12 +109,13 @@ def test_total_loss_weights_each_term():
   config.kd.mlm_weight = 2.0
   terms = {"mlm": jnp.float32(3.0), "nst": jnp.float32(-0.5), "crd": jnp.float32(4.0)}
   assert float(distill.total_loss(terms, distill.KDSpec.from_config(config))) == pytest.approx(
-      6.0 - 0.5 + 1.0
+      6.0 - 0.5 * 0.25 + 1.0  # the default NST weight is the released 0.25
   )
 
 
 def test_objective_terms_dispatch_to_the_losses():
   config = configlib.load("distill", "size=tiny,objectives=nst+ntxent+mse+cos+kd")
+  config.kd.ntxent_group_size = 2
   rng = np.random.default_rng(4)
   unit = lambda *shape: np.asarray(
       losses.l2_normalize(rng.standard_normal(shape).astype(np.float32))
@@ -135,9 +136,13 @@ def test_objective_terms_dispatch_to_the_losses():
       mlm_logits=student_logits,
       teacher_logits=teacher_logits,
   )
+  halves = [
+      losses.nt_xent_loss(heads["ntxent"][i : i + 2], targets[i : i + 2], 1.0, mask[i : i + 2])
+      for i in (0, 2)
+  ]
   expected = {
-      "nst": losses.nst_loss(heads["nst"], targets),
-      "ntxent": losses.nt_xent_loss(heads["ntxent"], targets, 1.0, mask),
+      "nst": losses.nst_loss(heads["nst"], targets) * 8 / 4,  # per sequence: x L / B
+      "ntxent": (halves[0] + halves[1]) / 2,  # groups of 2 sequences
       "mse": losses.hidden_mse_loss(heads["mse"], targets, mask),
       "cos": losses.hidden_cosine_loss(heads["cos"], targets, mask),
       "kd": losses.soft_label_kd_loss(student_logits, teacher_logits, 1.0, batch["mlm_weights"]),
@@ -146,6 +151,7 @@ def test_objective_terms_dispatch_to_the_losses():
   for name, value in expected.items():
     assert float(terms[name]) == pytest.approx(float(value), rel=1e-6), name
   config.kd.nst_variant = "mmd"
+  config.kd.ntxent_group_size = 0  # the whole batch
   terms, _, _ = distill.objective_terms(
       distill.KDSpec.from_config(config),
       heads,
@@ -158,6 +164,9 @@ def test_objective_terms_dispatch_to_the_losses():
   )
   assert float(terms["nst"]) == pytest.approx(
       float(losses.nst_mmd_loss(heads["nst"], targets, mask))
+  )
+  assert float(terms["ntxent"]) == pytest.approx(
+      float(losses.nt_xent_loss(heads["ntxent"], targets, 1.0, mask)), rel=1e-6
   )
 
 
@@ -225,16 +234,13 @@ def random_batch(config, batch=8, seed=0):
   }
 
 
-def run_steps(config, mesh, num_steps=2):
+def compiled_step(config, mesh):
+  """A fresh run's state (from a fresh teacher) and its jitted train step."""
   teacher = sharding.create_sharded(
       lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)), mesh, config.sharding_rules
   )
   setup = distill.init(config, mesh, teacher=teacher)
-  state = setup.state
-  before = jax.tree.map(
-      np.asarray, {"params": state.params, "frozen": state.frozen, "extra": state.extra}
-  )
-  state_sh = sharding.state_shardings(state)
+  state_sh = sharding.state_shardings(setup.state)
   step = jax.jit(
       functools.partial(
           distill.train_step,
@@ -248,21 +254,34 @@ def run_steps(config, mesh, num_steps=2):
       out_shardings=(state_sh, None),
       donate_argnums=0,
   )
-  for i in range(num_steps):
-    state, metrics = step(state, sharding.global_batch(random_batch(config, seed=i), mesh))
-  return before, state, jax.device_get(metrics)
+  return setup.state, step
+
+
+def run_steps(config, mesh, num_steps=2, batches=None):
+  """Train steps on random batches (or on `batches`): (state before, state after, the metrics of
+  every step)."""
+  state, step = compiled_step(config, mesh)
+  before = jax.tree.map(
+      np.asarray, {"params": state.params, "frozen": state.frozen, "extra": state.extra}
+  )
+  metrics = []
+  for batch in batches or [random_batch(config, seed=i) for i in range(num_steps)]:
+    state, step_metrics = step(state, sharding.global_batch(batch, mesh))
+    metrics.append(jax.device_get(step_metrics))
+  return before, state, metrics
 
 
 @pytest.fixture(scope="module")
 def single_device_steps():
-  return run_steps(step_config(), sharding.single_device_mesh())
+  before, state, metrics = run_steps(step_config(), sharding.single_device_mesh())
+  return before, state, metrics[-1]
 
 
 def test_step_trains_the_student_advances_the_memory_and_keeps_the_teacher(single_device_steps):
   before, state, metrics = single_device_steps
   assert metrics["finite"] and np.isfinite(metrics["loss"])
   assert metrics["loss"] == pytest.approx(
-      metrics["mlm_loss"] + metrics["nst_loss"] + metrics["crd_loss"], rel=1e-5
+      metrics["mlm_loss"] + 0.25 * metrics["nst_loss"] + metrics["crd_loss"], rel=1e-5
   )
   for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(before["frozen"])):
     np.testing.assert_array_equal(np.asarray(a), b)
@@ -286,6 +305,7 @@ def test_sharded_step_with_a_sharded_memory_equals_single_device(single_device_s
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
   mesh = sharding.make_mesh(config.mesh)
   _, out, metrics = run_steps(config, mesh)
+  metrics = metrics[-1]
   assert out.extra["crd"].student_memory.sharding.spec == jax.sharding.PartitionSpec(
       ("data", "fsdp"), None
   )
@@ -294,6 +314,34 @@ def test_sharded_step_with_a_sharded_memory_equals_single_device(single_device_s
       jax.tree.leaves((ref.params, ref.extra)), jax.tree.leaves((out.params, out.extra))
   ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_logged_kd_losses_are_per_example_whatever_the_batch_and_accumulation():
+  """The logged (unweighted) KD terms of one step are per-example means: the same at global
+  batch 8 and 16 and with grad_accum_steps 1 and 2. Batch 16 is two batches of 8 and dropout
+  is off, so NST and MSE agree exactly; NT-Xent's groups of 4 are regrouped by the strided
+  micro-batches, so it agrees within sampling noise."""
+  objectives = ("nst", "ntxent", "mse")
+  a, b = (random_batch(step_config(), batch=8, seed=s) for s in (10, 11))
+  both = {k: np.concatenate([a[k], b[k]]) for k in a}
+
+  def logged(batches, accum):  # learning rate 0: every step sees the initial parameters
+    config = step_config("+".join(objectives))
+    config.model.hidden_dropout = config.model.attention_dropout = 0.0
+    config.optimizer.learning_rate = 0.0
+    config.kd.ntxent_group_size = 4
+    config.train.batch_size = len(batches[0]["input_ids"])
+    config.optimizer.grad_accum_steps = accum
+    _, _, metrics = run_steps(config, sharding.single_device_mesh(), batches=batches)
+    return [{name: float(m[f"{name}_loss"]) for name in objectives} for m in metrics]
+
+  small = logged([a, b], 1)
+  mean_of_small = {k: (small[0][k] + small[1][k]) / 2 for k in objectives}
+  for label, accum in (("batch 16", 1), ("batch 16, accumulation 2", 2)):
+    (values,) = logged([both], accum)
+    for name in ("nst", "mse"):
+      assert values[name] == pytest.approx(mean_of_small[name], rel=1e-4), (label, name)
+    assert values["ntxent"] == pytest.approx(mean_of_small["ntxent"], rel=0.02), label
 
 
 def test_text_only_baseline_needs_no_teacher():

@@ -57,6 +57,7 @@ class KDSpec:
   mlm_weight: float
   nst_variant: str
   ntxent_temperature: float
+  ntxent_group_size: int
   soft_label_temperature: float
   teacher_input: str
   crd_memory_size: int
@@ -88,6 +89,18 @@ class KDSpec:
           "config.optimizer.grad_accum_steps must be 1 with the crd objective: the "
           "memory update needs every example's embeddings of the step at once"
       )
+    group = int(kd.ntxent_group_size)
+    if "ntxent" in objectives and group:
+      micro = config.train.batch_size // config.optimizer.grad_accum_steps
+      for key, size in (
+          ("the micro-batch", micro),
+          ("config.eval.batch_size", config.eval.batch_size),
+      ):
+        if group < 0 or size % group:
+          raise ValueError(
+              f"config.kd.ntxent_group_size {group} does not divide {key} ({size}): NT-Xent's "
+              "negatives are drawn within groups of that many sequences"
+          )
     if VOKEN_OBJECTIVE in objectives and not kd.voken.data_dir:
       raise ValueError(
           "config.kd.voken.data_dir is empty: the voken bank is made of the "
@@ -99,6 +112,7 @@ class KDSpec:
         mlm_weight=float(kd.mlm_weight),
         nst_variant=kd.nst_variant,
         ntxent_temperature=float(kd.ntxent_temperature),
+        ntxent_group_size=int(kd.ntxent_group_size),
         soft_label_temperature=float(kd.soft_label_temperature),
         teacher_input=config.teacher.input,
         crd_memory_size=int(kd.crd.memory_size),
@@ -137,6 +151,30 @@ def memory_rows(batch, num_rows: int):
   if "example_id" in batch:
     return (batch["example_id"] % num_rows).astype(jnp.int32)
   return (sequence_hash(batch["unmasked_ids"]) % jnp.uint32(num_rows)).astype(jnp.int32)
+
+
+def nst_per_sequence(student, teacher):
+  """Released NST as a mean over sequences: `losses.nst_loss` (sum over the call's sequences,
+  divided by L) times L / B, so the term does not grow with the batch it is computed on."""
+  batch, seq_len = student.shape[0], student.shape[1]
+  return losses.nst_loss(student, teacher) * (seq_len / batch)
+
+
+def grouped_nt_xent(student, teacher, temperature, mask, group_size: int):
+  """NT-Xent within consecutive groups of `group_size` sequences, averaged over the groups.
+
+  Each group is one released per-GPU call: its anchors' negatives are the 2G - 2 other vectors
+  of the group at that position, so the value does not depend on the global batch size, the
+  devices or gradient accumulation. `group_size` 0 takes the whole batch as one group.
+  """
+  batch = student.shape[0]
+  if not group_size or group_size == batch:
+    return losses.nt_xent_loss(student, teacher, temperature, mask)
+  regroup = lambda x: x.reshape((batch // group_size, group_size) + x.shape[1:])
+  per_group = jax.vmap(losses.nt_xent_loss, in_axes=(0, 0, None, 0))(
+      regroup(student), regroup(teacher), temperature, regroup(mask)
+  )
+  return jnp.mean(per_group)
 
 
 def voken_labels(token_states, bank):
@@ -255,7 +293,12 @@ def voken_bank(teacher: Teacher, config, mesh, vocab_file: str) -> jax.Array:
 def objective_terms(
     kd: KDSpec, heads, targets, batch, extra, key, *, mlm_logits=None, teacher_logits=None
 ):
-  """Every active KD loss (unweighted) from the heads' outputs and the teacher's token states.
+  """Every active KD loss (unweighted, per example) from the heads' outputs and the teacher's
+  token states.
+
+  Each term is a mean over the batch's examples (tokens, positions), so its value and its
+  gradient do not change with the global batch size, the devices or gradient accumulation;
+  `config.kd.weights` carries the released scale (docs/recipe.md derives it).
 
   heads: objective -> student head output ([B, L, H_t] unit vectors; the voken scores
   [B, L, K]); targets: the teacher's unit token states [B, L, H_t]; `mlm_logits` and
@@ -266,11 +309,13 @@ def objective_terms(
   terms, metrics, updates = {}, {}, {}
   for name in kd.objectives:
     if name == "nst" and kd.nst_variant == "released":
-      terms[name] = losses.nst_loss(heads[name], targets)
+      terms[name] = nst_per_sequence(heads[name], targets)
     elif name == "nst":
       terms[name] = losses.nst_mmd_loss(heads[name], targets, mask)
     elif name == "ntxent":
-      terms[name] = losses.nt_xent_loss(heads[name], targets, kd.ntxent_temperature, mask)
+      terms[name] = grouped_nt_xent(
+          heads[name], targets, kd.ntxent_temperature, mask, kd.ntxent_group_size
+      )
     elif name == "mse":
       terms[name] = losses.hidden_mse_loss(heads[name], targets, mask)
     elif name == "cos":
