@@ -74,10 +74,14 @@ def get_config(arg=None):
       ntxent_group_size=32,
       soft_label_temperature=1.0,
       crd=dict(
-          # Rows of each memory (student and teacher), sharded over the data axes. An example's
-          # row is `example_id` when the data has one, else a hash of its tokens; a corpus larger
-          # than the memory shares rows. Memory: 2 x rows x teacher hidden x 4 bytes.
-          memory_size=1 << 20,
+          # Rows of each memory (student and teacher), sharded over the data axes: one per
+          # example, an example's row its `example_id` (tools/make_text_tfrecords.py writes
+          # them). 0: as many as the corpus has examples (its summary JSON); a smaller size is
+          # an error. Memory: 2 x rows x teacher hidden x 4 bytes.
+          memory_size=0,
+          # True: rows from a hash of the token ids instead, modulo memory_size (> 0); examples
+          # share rows and read each other's memory as positives (the expected rate is printed).
+          hash_rows=False,
           num_negatives=16_384,
           temperature=0.07,
           momentum=0.5,
@@ -111,7 +115,6 @@ def get_config(arg=None):
     common.shrink_to_tiny(config)
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 20
-    config.kd.crd.memory_size = 4096
     config.kd.crd.num_negatives = 256
     config.kd.ntxent_group_size = 8
     config.kd.voken.num_clips = 512

@@ -43,7 +43,7 @@ def test_parse_objectives():
       parse_objectives(bad)
 
 
-def test_memory_rows_follow_the_text_not_the_masking():
+def test_memory_rows_are_example_ids_or_hashes_of_the_text_not_the_masking():
   rng = np.random.default_rng(0)
   ids = rng.integers(5, 30000, (6, 32)).astype(np.int32)
   ids[1] = ids[0]
@@ -51,13 +51,73 @@ def test_memory_rows_follow_the_text_not_the_masking():
   ids[2, 5] += 1  # one token differs
   masked = ids.copy()
   masked[:, 3] = 103
-  rows = np.asarray(distill.memory_rows({"unmasked_ids": ids, "input_ids": masked}, 1 << 20))
+  batch = {"unmasked_ids": ids, "input_ids": masked, "example_id": np.arange(6) + 10}
+  np.testing.assert_array_equal(np.asarray(distill.memory_rows(batch, 16)), np.arange(6) + 10)
+  rows = np.asarray(distill.memory_rows(batch, 1 << 20, hash_rows=True))
   assert rows.min() >= 0 and rows.max() < (1 << 20)
   assert rows[0] == rows[1] and len(set(rows.tolist()) - {rows[0]}) == 4
-  remasked = np.asarray(distill.memory_rows({"unmasked_ids": ids, "input_ids": ids}, 1 << 20))
-  np.testing.assert_array_equal(rows, remasked)
-  given = distill.memory_rows({"unmasked_ids": ids, "example_id": np.arange(6) + 10}, 8)
-  np.testing.assert_array_equal(np.asarray(given), [2, 3, 4, 5, 6, 7])
+  remasked = {**batch, "input_ids": ids}
+  np.testing.assert_array_equal(
+      rows, np.asarray(distill.memory_rows(remasked, 1 << 20, hash_rows=True))
+  )
+  with pytest.raises(ValueError, match="lacks: write the text with tools/make_text_tfrecords"):
+    distill.memory_rows({"unmasked_ids": ids}, 16)
+
+
+def test_expected_row_sharing_matches_a_simulated_memory():
+  """The closed forms the hash fallback prints, against hashing 20,000 examples into 16,384
+  rows and replaying two epochs of shuffled batches of 64 (reads before each batch's writes)."""
+  n, m = 20_000, 1 << 14
+  rng = np.random.default_rng(5)
+  rows = rng.integers(0, m, n)
+  last_writer = np.full(m, -1)
+  wrong = {0: 0, 1: 0}
+  for epoch in (0, 1):
+    order = rng.permutation(n)
+    for start in range(0, n, 64):
+      chosen = order[start : start + 64]
+      writer = last_writer[rows[chosen]]
+      wrong[epoch] += int(np.sum((writer != chosen) & (writer >= 0)))
+      last_writer[rows[chosen]] = chosen
+  expected = distill.expected_row_sharing(n, m)
+  assert expected["shared"] == pytest.approx(np.mean(np.bincount(rows)[rows] > 1), abs=0.01)
+  assert expected["first_epoch"] == pytest.approx(wrong[0] / n, abs=0.01)
+  assert expected["later_epochs"] == pytest.approx(wrong[1] / n, abs=0.01)
+  # A WikiText-103-sized corpus in 2^20 rows: most examples share a row.
+  wiki103 = distill.expected_row_sharing(960_000, 1 << 20)
+  assert wiki103["shared"] == pytest.approx(0.60, abs=0.005)
+  assert wiki103["later_epochs"] == pytest.approx(0.486, abs=0.005)
+
+
+def write_text_summary(data_dir, blocks, example_ids="dense"):
+  from vidlankd_jax.data import tasks
+
+  path = tasks.text_summary_path(str(data_dir), "wiki103_mlm")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"blocks": blocks, "settings": {"example_ids": example_ids}}, f)
+
+
+def test_crd_memory_is_sized_from_the_corpus(tmp_path, capsys):
+  config = configlib.load("distill", "size=tiny,objectives=crd")
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match="memory_size is 0 .*wiki103-train-summary.json is missing"):
+    distill.crd_memory_size(config, 4)
+  write_text_summary(tmp_path, 1001)
+  assert distill.crd_memory_size(config, 4) == 1004  # one row per example, 4 shards
+  config.kd.crd.memory_size = 1000
+  with pytest.raises(ValueError, match="memory_size 1000 is smaller than the 1001 examples"):
+    distill.crd_memory_size(config, 4)
+  config.kd.crd.memory_size = 1 << 10
+  assert distill.crd_memory_size(config, 4) == 1 << 10
+  config.kd.crd.hash_rows = True
+  config.kd.crd.memory_size = 512
+  assert distill.crd_memory_size(config, 4) == 512
+  assert "1001 examples in 512 rows: 85.8% of examples share a row" in capsys.readouterr().out
+  config.kd.crd.hash_rows = False
+  write_text_summary(tmp_path, 1001, example_ids=None)
+  with pytest.raises(ValueError, match="carry no example_id"):
+    distill.crd_memory_size(config, 4)
 
 
 def test_voken_labels_are_the_nearest_bank_vector():
@@ -231,6 +291,7 @@ def random_batch(config, batch=8, seed=0):
       "mlm_positions": positions,
       "mlm_targets": np.take_along_axis(ids, positions, axis=1),
       "mlm_weights": np.ones((batch, p), np.float32),
+      "example_id": np.arange(batch, dtype=np.int32) + batch * seed,
   }
 
 
@@ -555,6 +616,38 @@ def test_voken_baseline_classifies_teacher_clip_vokens(corpus):
   assert 0.0 <= metrics["eval/voken_accuracy"] <= 1.0 and np.isfinite(metrics["eval/voken_loss"])
   first = next(m for m in read_metrics(workdir) if "train/voken_loss" in m)
   assert first["train/voken_loss"] < np.log(16) + 1.0  # starts near chance, log K
+
+
+def test_crd_rows_are_unique_per_example_of_the_text_corpus(corpus):
+  """The real text TFRecords: a memory smaller than the corpus is an error naming both sizes;
+  sized from the corpus, one epoch of training batches gives every example its own row."""
+  from vidlankd_jax.data import pipeline, tasks
+
+  config = loop_config(corpus, "crd", 1)
+  mesh = sharding.single_device_mesh()
+  blocks = tasks.read_text_summary(config.data.data_dir, config.data.task)["blocks"]
+  assert blocks > 16
+  config.kd.crd.memory_size = 16
+  with pytest.raises(ValueError, match=f"memory_size 16 is smaller than the {blocks} examples"):
+    distill.init_crd_memory(config, mesh, jax.random.key(0))
+  config.kd.crd.memory_size = 0
+  memory = distill.init_crd_memory(config, mesh, jax.random.key(0))
+  assert memory.student_memory.shape[0] == blocks
+  vocab_file = pipeline.resolve_vocab(config.data, config.model.vocab_size)
+  batches = pipeline.host_batches(
+      pipeline.input_spec(config.data, vocab_file),
+      mesh,
+      "train",
+      global_batch_size=16,
+      seed=0,
+      repeat=False,
+  )
+  rows = [
+      row
+      for batch in batches
+      for row in np.asarray(distill.memory_rows(batch, blocks))[batch["valid"] > 0].tolist()
+  ]
+  assert sorted(rows) == list(range(blocks))
 
 
 def test_teacher_size_mismatch_is_a_fingerprint_error(corpus):

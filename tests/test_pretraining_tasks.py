@@ -79,6 +79,8 @@ TEXT_SPEC = {
     "mlm_weights": (np.float32, 20),
     "valid": (np.int32, None),
 }
+VIDEO_TEXT_SPEC = dict(TEXT_SPEC)
+TEXT_SPEC = {**TEXT_SPEC, "example_id": (np.int32, None)}
 
 
 def test_text_batches_have_the_trainer_contract(data_dir):
@@ -87,6 +89,8 @@ def test_text_batches_have_the_trainer_contract(data_dir):
   )
   (batch,) = take(ds, 1)
   assert set(batch) == set(TEXT_SPEC)
+  summary = tasks.read_text_summary(data_dir, "wiki103_mlm")
+  assert np.all((batch["example_id"] >= 0) & (batch["example_id"] < summary["blocks"]))
   for k, (dtype, length) in TEXT_SPEC.items():
     assert batch[k].dtype == dtype and batch[k].shape == (8, length)[: 2 if length else 1], k
   assert np.all(batch["unmasked_ids"][:, 0] == 101) and np.all(batch["unmasked_ids"][:, 127] == 102)
@@ -99,7 +103,7 @@ def test_video_text_batches_carry_the_stored_features(data_dir, vocab):
       cfg, "train", batch_size=4, shard_index=0, num_shards=1, seed=0, shuffle=False, repeat=False
   )
   batches = take(ds, 100)
-  assert set(batches[0]) == set(TEXT_SPEC) | {"video_features", "video_mask"}
+  assert set(batches[0]) == set(VIDEO_TEXT_SPEC) | {"video_features", "video_mask"}
   b = batches[0]
   assert b["video_features"].shape == (4, 384, 4096) and b["video_features"].dtype == np.float32
   assert b["video_mask"].shape == (4, 384) and b["video_mask"].dtype == np.int32

@@ -12,6 +12,7 @@ Every example becomes fixed-shape features (L = seq_len, P = max_predictions, T 
   attention_mask int32 [L], token_type_ids int32 [L] (zeros), unmasked_ids int32 [L]
   mlm_positions int32 [P], mlm_targets int32 [P], mlm_weights float32 [P] (0 = unused slot)
   video_features float32 [T, D], video_mask int32 [T]   (video-text only)
+  example_id int32 []        the text block's dense id (text only; -1 for shards without one)
 and each batch an int32 `valid` [B]: 0 marks the all-zero rows that pad an evaluation pass.
 
 Masking (BERT): 15% of the real, non-special tokens (rounded, at least 1, at most P); of those
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Mapping, Sequence
 
@@ -63,11 +65,28 @@ TEXT_FEATURES = {
     "mlm_weights": tf.float32,
 }
 VIDEO_FEATURES = {"video_features": tf.float32, "video_mask": tf.int32}
+# Per example, not per position: rank 0.
+TEXT_ID_FEATURE = "example_id"
 
 
 def task_file_pattern(data_dir: str, task_name: str, split: str) -> str:
   folder, prefix = TASK_FILES[task_name]
   return os.path.join(data_dir, folder, shards_lib.shard_pattern(prefix, split))
+
+
+def text_summary_path(data_dir: str, task_name: str, split: str = "train") -> str:
+  """The summary JSON tools/make_text_tfrecords.py writes beside a text task's shards."""
+  folder, prefix = TASK_FILES[task_name]
+  return os.path.join(data_dir, folder, f"{prefix}-{split}-summary.json")
+
+
+def read_text_summary(data_dir: str, task_name: str, split: str = "train") -> dict | None:
+  """A text split's conversion summary (`blocks`: its examples), or None when there is none."""
+  path = text_summary_path(data_dir, task_name, split)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
 
 
 # ------------------------------------------------------------------------------------------
@@ -81,14 +100,23 @@ def _map(ds: tf.data.Dataset, fn) -> tf.data.Dataset:
 
 
 def text_block_to_tokens(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """{'ids': int64 [block]} -> {'tokens': int32 [block]}."""
-  return _map(
-      ds,
-      lambda ex: {
-          "tokens": tf.cast(ex["ids"], tf.int32),
-          **({"mask_seed": ex["mask_seed"]} if "mask_seed" in ex else {}),
-      },
-  )
+  """{'ids': int64 [block], 'example_id': int64} -> {'tokens': int32 [block], 'example_id':
+  int32} (ids past int32 are an error naming the id)."""
+
+  def fn(ex):
+    example_id = ex[TEXT_ID_FEATURE]
+    check = tf.debugging.assert_less_equal(
+        example_id,
+        tf.constant(np.iinfo(np.int32).max, tf.int64),
+        message="text block example_id does not fit int32",
+    )
+    with tf.control_dependencies([check]):
+      out = {"tokens": tf.cast(ex["ids"], tf.int32), TEXT_ID_FEATURE: tf.cast(example_id, tf.int32)}
+    if "mask_seed" in ex:
+      out["mask_seed"] = ex["mask_seed"]
+    return out
+
+  return _map(ds, fn)
 
 
 def decode_video_clip(
@@ -274,6 +302,19 @@ class MlmFeatureConverter(seqio.FeatureConverter):
     return dict(task_feature_lengths)
 
 
+class TextFeatureConverter(MlmFeatureConverter):
+  """MLM features plus the text block's example_id (a scalar)."""
+
+  TASK_FEATURES = {
+      **MlmFeatureConverter.TASK_FEATURES,
+      TEXT_ID_FEATURE: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0),
+  }
+  MODEL_FEATURES = TASK_FEATURES
+
+  def _shape(self, name, lengths):
+    return [] if name == TEXT_ID_FEATURE else [lengths[name]]
+
+
 class VideoTextFeatureConverter(MlmFeatureConverter):
   """MLM features plus video_features [T, D] and video_mask [T]."""
 
@@ -296,19 +337,21 @@ class VideoTextFeatureConverter(MlmFeatureConverter):
 
 def feature_lengths(
     task_name: str, seq_len: int = 128, max_predictions: int = 20, max_video_steps: int = 384
-) -> dict[str, int]:
+) -> dict[str, int | None]:
   """The seqio `sequence_length` mapping of a task."""
   lengths = {k: seq_len for k in ("input_ids", "attention_mask", "token_type_ids", "unmasked_ids")}
   lengths.update({k: max_predictions for k in ("mlm_positions", "mlm_targets", "mlm_weights")})
   if task_name == VIDEO_TEXT_TASK:
     lengths.update(video_features=max_video_steps, video_mask=max_video_steps)
+  else:
+    lengths[TEXT_ID_FEATURE] = None  # a scalar: seqio neither trims nor checks it
   return lengths
 
 
 def feature_converter(task_name: str, video_dim: int = video_text.DEFAULT_FEATURE_DIM):
   if task_name == VIDEO_TEXT_TASK:
     return VideoTextFeatureConverter(feature_dim=video_dim)
-  return MlmFeatureConverter()
+  return TextFeatureConverter()
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,6 +385,8 @@ def register_pretraining_tasks(
     if video:
       feats["video_features"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.float32, rank=2)
       feats["video_mask"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.int32)
+    else:
+      feats[TEXT_ID_FEATURE] = seqio.Feature(pass_through, add_eos=False, dtype=tf.int32, rank=0)
     return feats
 
   common = [

@@ -7,9 +7,10 @@ vocabulary head (the head runs only for soft-label KD, at the masked positions).
 its last-layer token states, L2-normalised. Each feature objective reads the student through
 its own head (see models/student.py) and compares with those targets; the memory-bank CRD
 compares sequence embeddings (the mean over real tokens of the head's output and of the
-targets, L2-normalised), one memory row per example: its `example_id` when the data has one,
-else a hash of its token ids. The CRD memory (and the voken bank of the vokenization baseline)
-lives in `TrainState.extra`, sharded and checkpointed.
+targets, L2-normalised), one memory row per example: its dense `example_id` (written by
+tools/make_text_tfrecords.py), the memory sized from the corpus; a hash of the token ids only
+behind `config.kd.crd.hash_rows`. The CRD memory (and the voken bank of the vokenization
+baseline) lives in `TrainState.extra`, sharded and checkpointed.
 
 The vokenization baseline: the voken of a token is its nearest vector (by dot product of unit
 vectors) in a finite bank of the teacher's clip vectors, namely those of the held-out
@@ -60,7 +61,7 @@ class KDSpec:
   ntxent_group_size: int
   soft_label_temperature: float
   teacher_input: str
-  crd_memory_size: int
+  crd_hash_rows: bool
   crd_num_negatives: int
   crd_temperature: float
   crd_momentum: float
@@ -115,7 +116,7 @@ class KDSpec:
         ntxent_group_size=int(kd.ntxent_group_size),
         soft_label_temperature=float(kd.soft_label_temperature),
         teacher_input=config.teacher.input,
-        crd_memory_size=int(kd.crd.memory_size),
+        crd_hash_rows=bool(kd.crd.hash_rows),
         crd_num_negatives=int(kd.crd.num_negatives),
         crd_temperature=float(kd.crd.temperature),
         crd_momentum=float(kd.crd.momentum),
@@ -146,11 +147,39 @@ def sequence_hash(ids):
   return h ^ (h >> 16)
 
 
-def memory_rows(batch, num_rows: int):
-  """The CRD memory row of each example: `example_id` if the data has it, else a token hash."""
-  if "example_id" in batch:
-    return (batch["example_id"] % num_rows).astype(jnp.int32)
-  return (sequence_hash(batch["unmasked_ids"]) % jnp.uint32(num_rows)).astype(jnp.int32)
+def memory_rows(batch, num_rows: int, hash_rows: bool = False):
+  """The CRD memory row of each example: its dense `example_id`, or with `hash_rows` a hash of
+  its token ids modulo `num_rows` (examples then share rows: `expected_row_sharing`)."""
+  if hash_rows:
+    return (sequence_hash(batch["unmasked_ids"]) % jnp.uint32(num_rows)).astype(jnp.int32)
+  if "example_id" not in batch:
+    raise ValueError(
+        "the CRD memory needs each text block's example_id, which this batch lacks: write the "
+        "text with tools/make_text_tfrecords.py, or set config.kd.crd.hash_rows=True"
+    )
+  return batch["example_id"].astype(jnp.int32)
+
+
+def expected_row_sharing(num_examples: int, num_rows: int) -> dict[str, float]:
+  """What hashing `num_examples` examples uniformly into `num_rows` memory rows costs.
+
+  With K ~ Poisson(lambda = (N - 1) / M) other examples on an example's row:
+  `shared`: the share of examples whose row holds another, 1 - (1 - 1/M)^(N-1);
+  `first_epoch`: the share of positives (read before the example's own update) last written
+  by another example in the first epoch, E[K / (K + 1)] = 1 - (1 - e^-lambda) / lambda;
+  `later_epochs`: the same once every example has written, with each epoch in a fresh random
+  order: the example's own write survives only if no other of its row came after it in the
+  last epoch and before it in this one, E[1 - 1/(K + 1)^2].
+  """
+  lam = (num_examples - 1) / num_rows
+  k = np.arange(int(lam + 12 * np.sqrt(lam) + 40))
+  log_poisson = -lam + k * np.log(max(lam, 1e-300)) - np.cumsum(np.log(np.maximum(k, 1)))
+  poisson = np.exp(log_poisson)
+  return {
+      "shared": float(-np.expm1((num_examples - 1) * np.log1p(-1.0 / num_rows))),
+      "first_epoch": float(1.0 - (-np.expm1(-lam)) / lam) if lam > 0 else 0.0,
+      "later_epochs": float(1.0 - np.sum(poisson / (k + 1.0) ** 2)),
+  }
 
 
 def nst_per_sequence(student, teacher):
@@ -212,16 +241,68 @@ def load_teacher(config, mesh) -> Teacher:
   )
 
 
-def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
-  """A fresh CRD memory, rows sharded over the data axes (logical axis "memory")."""
+def crd_memory_size(config, num_shards: int) -> int:
+  """Rows of the CRD memory: one per training example, from the corpus's conversion summary.
+
+  `config.kd.crd.memory_size` 0 sizes it to the corpus (rounded up to a multiple of the mesh's
+  data-parallel shards); a size smaller than the corpus is an error. With `hash_rows` the size
+  is taken as given and the expected sharing of rows is printed.
+  """
   crd = config.kd.crd
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if crd.memory_size % shards:
+  summary_path = tasks.text_summary_path(config.data.data_dir, config.data.task)
+  summary = tasks.read_text_summary(config.data.data_dir, config.data.task)
+  num_examples = None if summary is None else int(summary["blocks"])
+  size = int(crd.memory_size)
+  if crd.hash_rows:
+    if size <= 0:
+      raise ValueError("config.kd.crd.hash_rows needs config.kd.crd.memory_size > 0")
+    if num_examples is None:
+      print(
+          f"CRD memory rows are token hashes into {size} rows; corpus size unknown "
+          f"(no {summary_path}), so is the share of rows examples share",
+          flush=True,
+      )
+    else:
+      sharing = expected_row_sharing(num_examples, size)
+      print(
+          f"CRD memory rows are token hashes (config.kd.crd.hash_rows): {num_examples} examples "
+          f"in {size} rows: {sharing['shared']:.1%} of examples share a row; positives written "
+          f"by another example: {sharing['first_epoch']:.1%} in the first epoch, "
+          f"{sharing['later_epochs']:.1%} after it (expected)",
+          flush=True,
+      )
+  elif summary is not None and summary.get("settings", {}).get("example_ids") != "dense":
     raise ValueError(
-        f"config.kd.crd.memory_size {crd.memory_size} is not divisible by the "
-        f"{shards} data-parallel shards of the mesh"
+        f"{summary_path}: these text shards carry no example_id (written by an older "
+        "tools/make_text_tfrecords.py): convert the corpus again for the CRD memory, or set "
+        "config.kd.crd.hash_rows=True (rows shared, see its printed collision rate)"
     )
-  memory = losses.init_crd_memory(key, crd.memory_size, config.teacher.model.hidden_size)
+  elif size <= 0:
+    if num_examples is None:
+      raise ValueError(
+          f"config.kd.crd.memory_size is 0 (one row per example of the corpus) but {summary_path}"
+          " is missing: convert the corpus with tools/make_text_tfrecords.py, or set the size"
+      )
+    size = -(-num_examples // num_shards) * num_shards
+  elif num_examples is not None and size < num_examples:
+    raise ValueError(
+        f"config.kd.crd.memory_size {size} is smaller than the {num_examples} examples of "
+        f"{config.data.task} ({summary_path}): every example needs its own row; set it to 0 "
+        f"(sized to the corpus) or at least {num_examples}"
+    )
+  if size % num_shards:
+    raise ValueError(
+        f"config.kd.crd.memory_size {size} is not divisible by the "
+        f"{num_shards} data-parallel shards of the mesh"
+    )
+  return size
+
+
+def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
+  """A fresh CRD memory (`crd_memory_size` rows), sharded over the data axes (logical axis
+  "memory")."""
+  size = crd_memory_size(config, mesh.shape["data"] * mesh.shape["fsdp"])
+  memory = losses.init_crd_memory(key, size, config.teacher.model.hidden_size)
   rows = sharding.logical_to_sharding(("memory", None), mesh, config.sharding_rules)
   scalar = sharding.replicated(mesh)
   # A copy of every leaf: the two normalisers start as one array, and each buffer of the
@@ -324,7 +405,7 @@ def objective_terms(
       terms[name], updates["crd"] = losses.crd_loss(
           l2_normalize(masked_mean_pool(heads[name], mask)),
           l2_normalize(masked_mean_pool(targets, mask)),
-          memory_rows(batch, kd.crd_memory_size),
+          memory_rows(batch, extra["crd"].student_memory.shape[0], kd.crd_hash_rows),
           extra["crd"],
           key,
           num_negatives=kd.crd_num_negatives,
