@@ -48,7 +48,8 @@ def get_config(arg=None):
       size=teacher_size,
       step=-1,  # teacher checkpoint step to read; -1: the latest
       # What the teacher reads: "masked" (the student's input, as the released code) or
-      # "unmasked" (the clean text).
+      # "unmasked" (the clean text). The voken baseline's labels always come from the clean
+      # text, as vokenization's.
       input="masked",
   )
   # The teacher's architecture: must match its checkpoint (the fingerprint is checked). Set

@@ -129,6 +129,56 @@ def test_voken_labels_are_the_nearest_bank_vector():
   np.testing.assert_array_equal(np.asarray(distill.voken_labels(bank[None], bank))[0], np.arange(5))
 
 
+def test_voken_term_classifies_content_tokens_by_their_unmasked_labels():
+  """Voken labels come from the teacher's states on the unmasked text (`voken_targets`, not
+  the masked-input targets), and [CLS], [SEP] and padding are not classified."""
+  config = configlib.load("distill", "size=tiny,objectives=voken")
+  config.kd.voken.data_dir = "clips"
+  rng = np.random.default_rng(6)
+  unit = lambda *shape: np.asarray(losses.l2_normalize(rng.standard_normal(shape)), np.float32)
+  bank, masked_states, unmasked_states = unit(5, 16), unit(2, 6, 16), unit(2, 6, 16)
+  scores = rng.standard_normal((2, 6, 5)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int32)
+  content = np.array([[0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], np.float32)
+  np.testing.assert_array_equal(np.asarray(distill.content_token_mask(mask)), content)
+  terms, metrics, _ = distill.objective_terms(
+      distill.KDSpec.from_config(config),
+      {"voken": scores},
+      masked_states,
+      {"attention_mask": mask},
+      {"voken_bank": bank},
+      None,
+      voken_targets=unmasked_states,
+  )
+  labels = np.argmax(unmasked_states @ bank.T, axis=-1)
+  assert float(terms["voken"]) == pytest.approx(
+      float(losses.voken_classification_loss(scores, labels, content)), rel=1e-6
+  )
+  assert float(metrics["voken_accuracy"]) == pytest.approx(
+      float(losses.weighted_accuracy(scores, labels, content))
+  )
+
+
+def test_teacher_targets_read_the_unmasked_text_for_voken_labels():
+  config = step_config("nst+voken")
+  config.kd.voken.data_dir = "clips"
+  mesh = sharding.single_device_mesh()
+  teacher = sharding.create_sharded(
+      lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)), mesh, config.sharding_rules
+  )
+  batch = random_batch(config, batch=2)
+  masked = distill.teacher_states(teacher.language, batch["input_ids"], batch)[1]
+  unmasked = distill.teacher_states(teacher.language, batch["unmasked_ids"], batch)[1]
+  assert np.abs(np.asarray(masked) - np.asarray(unmasked)).max() > 1e-3
+  for objectives, expected_targets in (("nst+voken", masked), ("voken", unmasked)):
+    config.kd.objectives = objectives
+    _, targets, voken_targets = distill.teacher_targets(
+        teacher.language, batch, distill.KDSpec.from_config(config)
+    )
+    np.testing.assert_allclose(np.asarray(targets), np.asarray(expected_targets), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(voken_targets), np.asarray(unmasked), atol=1e-6)
+
+
 def test_linear_cka():
   rng = np.random.default_rng(2)
   x = rng.standard_normal((4, 50, 6)).astype(np.float32)

@@ -15,8 +15,10 @@ baseline) lives in `TrainState.extra`, sharded and checkpointed.
 The vokenization baseline: the voken of a token is its nearest vector (by dot product of unit
 vectors) in a finite bank of the teacher's clip vectors, namely those of the held-out
 (validation) clips of a HowTo100M-layout data dir (`config.kd.voken`), or spherical k-means
-centroids of them. Labels are computed inside the step from the frozen teacher's token states,
-so the teacher plays the token-to-image retrieval model of vokenization.
+centroids of them. Labels are computed inside the step from the frozen teacher's token states
+on the unmasked text (vokenization labels its corpus before any masking), so the teacher plays
+the token-to-image retrieval model of vokenization; as there, every real token but [CLS] and
+[SEP] is classified, through vokenization's head (Linear, GELU, LayerNorm, Linear).
 """
 
 from __future__ import annotations
@@ -206,6 +208,15 @@ def grouped_nt_xent(student, teacher, temperature, mask, group_size: int):
   return jnp.mean(per_group)
 
 
+def content_token_mask(attention_mask):
+  """[B, L] -> 1.0 on real tokens other than the first ([CLS]) and the last ([SEP]) of each
+  sequence: the tokens vokenization labels (it gives its special tokens the ignored label)."""
+  lengths = jnp.sum(attention_mask, axis=-1, keepdims=True)
+  positions = jnp.arange(attention_mask.shape[-1])
+  content = (attention_mask > 0) & (positions > 0) & (positions < lengths - 1)
+  return content.astype(jnp.float32)
+
+
 def voken_labels(token_states, bank):
   """[B, L, H] unit token states, [K, H] unit voken vectors -> [B, L] nearest voken ids."""
   scores = jnp.einsum("blh,kh->blk", token_states.astype(jnp.float32), bank.astype(jnp.float32))
@@ -372,7 +383,16 @@ def voken_bank(teacher: Teacher, config, mesh, vocab_file: str) -> jax.Array:
 
 
 def objective_terms(
-    kd: KDSpec, heads, targets, batch, extra, key, *, mlm_logits=None, teacher_logits=None
+    kd: KDSpec,
+    heads,
+    targets,
+    batch,
+    extra,
+    key,
+    *,
+    mlm_logits=None,
+    teacher_logits=None,
+    voken_targets=None,
 ):
   """Every active KD loss (unweighted, per example) from the heads' outputs and the teacher's
   token states.
@@ -383,7 +403,8 @@ def objective_terms(
 
   heads: objective -> student head output ([B, L, H_t] unit vectors; the voken scores
   [B, L, K]); targets: the teacher's unit token states [B, L, H_t]; `mlm_logits` and
-  `teacher_logits` ([B, P, V], at the masked positions) for soft-label KD. Returns
+  `teacher_logits` ([B, P, V], at the masked positions) for soft-label KD; `voken_targets` the
+  teacher's unit token states on the unmasked text, which the voken labels come from. Returns
   (terms, metrics, extra_updates), the updates holding the advanced CRD memory.
   """
   mask = batch["attention_mask"]
@@ -420,19 +441,38 @@ def objective_terms(
           batch["mlm_weights"],
       )
     elif name == VOKEN_OBJECTIVE:
-      labels = voken_labels(targets, extra["voken_bank"])
-      terms[name] = losses.voken_classification_loss(heads[name], labels, mask)
-      metrics["voken_accuracy"] = losses.weighted_accuracy(heads[name], labels, mask)
+      if voken_targets is None:
+        raise ValueError("voken labels need the teacher's token states on the unmasked text")
+      labels = voken_labels(voken_targets, extra["voken_bank"])
+      content = content_token_mask(mask)
+      terms[name] = losses.voken_classification_loss(heads[name], labels, content)
+      metrics["voken_accuracy"] = losses.weighted_accuracy(heads[name], labels, content)
   return terms, metrics, updates
 
 
-def teacher_targets(teacher, batch, kd: KDSpec):
-  """The frozen teacher's last hidden states (no vocabulary head) and their unit-norm targets."""
-  ids = batch["unmasked_ids"] if kd.teacher_input == "unmasked" else batch["input_ids"]
+def teacher_states(teacher, ids, batch):
+  """The frozen teacher's last hidden states on `ids` (no vocabulary head) and their unit-norm
+  versions."""
   hidden = jax.lax.stop_gradient(
       teacher.bert.encode(ids, batch["attention_mask"], batch["token_type_ids"])
   )
   return hidden, l2_normalize(hidden)
+
+
+def teacher_targets(teacher, batch, kd: KDSpec):
+  """(hidden, targets, voken targets): the teacher's states on the input `config.teacher.input`
+  names and, for the vokenization baseline, its unit states on the unmasked text (one forward
+  when they coincide, or when vokens are the only objective)."""
+  voken = VOKEN_OBJECTIVE in kd.objectives
+  unmasked = kd.teacher_input == "unmasked" or kd.objectives == (VOKEN_OBJECTIVE,)
+  hidden, targets = teacher_states(
+      teacher, batch["unmasked_ids"] if unmasked else batch["input_ids"], batch
+  )
+  if not voken:
+    return hidden, targets, None
+  if unmasked:
+    return hidden, targets, targets
+  return hidden, targets, teacher_states(teacher, batch["unmasked_ids"], batch)[1]
 
 
 def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None):
@@ -453,7 +493,7 @@ def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None)
   outputs = {"hidden": hidden, "heads": heads}
   if teacher is None:
     return {"mlm": mlm}, {"mlm_accuracy": accuracy}, {}, outputs
-  teacher_hidden, outputs["teacher"] = teacher_targets(teacher, batch, kd)
+  teacher_hidden, outputs["teacher"], voken_targets = teacher_targets(teacher, batch, kd)
   teacher_logits = None
   if "kd" in kd.objectives:
     teacher_logits = teacher.mlm(
@@ -468,6 +508,7 @@ def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None)
       key,
       mlm_logits=mlm_logits,
       teacher_logits=teacher_logits,
+      voken_targets=voken_targets,
   )
   return {"mlm": mlm, **terms}, {"mlm_accuracy": accuracy, **metrics}, updates, outputs
 
