@@ -39,6 +39,8 @@ def get_config(arg=None):
   )
 
   config.data.task = "howto100m_video_text"
+  # 126 tokens with [CLS] and [SEP], as the released loader (max_length=126 with specials).
+  config.data.seq_len = 126
   # data=synthetic: generate a small corpus in HowTo100M's layout (features carry the captions'
   # concepts) and convert it with the real converter before training: the embedded default.
   config.data.synthetic = arg.data == "synthetic"
