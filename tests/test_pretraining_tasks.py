@@ -188,6 +188,31 @@ def test_masking_statistics_and_never_mask_rules(data_dir):
   assert abs(kept / total - 0.1) < 0.02
 
 
+def test_bernoulli_masking_picks_each_token_with_probability_015(data_dir):
+  """The reference collator's scheme: a per-token coin, so the count per sequence varies as
+  Binomial(candidates, 0.15) (mean 18.9, sd 4.0 for 126), never a special token; stateless, so
+  the same seed gives the same masks."""
+  spec = data_config(data_dir, max_predictions=32, masking="bernoulli")
+  make = lambda: tasks.make_dataset(  # noqa: E731
+      spec, "train", batch_size=32, shard_index=0, num_shards=1, seed=4
+  )
+  batches = take(make(), 12)
+  counts, candidates = [], 0
+  for b in batches:
+    for i in range(32):
+      w, unmasked = b["mlm_weights"][i], b["unmasked_ids"][i]
+      pos = b["mlm_positions"][i][w > 0]
+      real = (b["attention_mask"][i] == 1) & ~np.isin(unmasked, SPECIALS)
+      assert np.all(real[pos]) and np.all(np.diff(pos) > 0)
+      counts.append(len(pos))
+      candidates += real.sum()
+  assert abs(sum(counts) / candidates - 0.15) < 0.01
+  assert 3.0 < np.std(counts) < 5.0 and max(counts) <= 32
+  with pytest.raises(ValueError, match="masking 'coin' is not one of"):
+    data_config(data_dir, masking="coin")
+  assert_batches_equal(batches[:2], take(make(), 2))
+
+
 def test_padding_is_never_masked_in_short_captions(data_dir):
   cfg = data_config(data_dir, "howto100m_video_text")
   (b,) = take(
