@@ -118,6 +118,9 @@ def get_config(arg=None):
     config.optimizer.warmup_steps = 20
     config.kd.crd.num_negatives = 256
     config.kd.ntxent_group_size = 8
+    # The released normalisations at these shapes: NST's 32 / L at L = 32, NT-Xent's 1 / (2 x 8).
+    config.kd.weights.nst = 1.0
+    config.kd.weights.ntxent = 1 / 16
     config.kd.voken.num_clips = 512
   config.lock()
   return config

@@ -269,8 +269,9 @@ def crd_memory_size(config, num_shards: int) -> int:
       raise ValueError("config.kd.crd.hash_rows needs config.kd.crd.memory_size > 0")
     if num_examples is None:
       print(
-          f"CRD memory rows are token hashes into {size} rows; corpus size unknown "
-          f"(no {summary_path}), so is the share of rows examples share",
+          f"CRD memory rows are token hashes into {size} rows (config.kd.crd.hash_rows); the "
+          f"corpus size is unknown (no {summary_path}), so is the share of examples that "
+          "share a row",
           flush=True,
       )
     else:
