@@ -345,14 +345,18 @@ def random_batch(config, batch=8, seed=0):
   }
 
 
-def compiled_step(config, mesh):
-  """A fresh run's state (from a fresh teacher) and its jitted train step."""
+def fresh_setup(config, mesh):
+  """A fresh run's pieces, from a fresh teacher."""
   teacher = sharding.create_sharded(
       lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)), mesh, config.sharding_rules
   )
-  setup = distill.init(config, mesh, teacher=teacher)
+  return distill.init(config, mesh, teacher=teacher)
+
+
+def jitted_step(setup, config, mesh):
+  """The loop's train step for `setup`, with the optimiser settings of `config`."""
   state_sh = sharding.state_shardings(setup.state)
-  step = jax.jit(
+  return jax.jit(
       functools.partial(
           distill.train_step,
           models=setup.models,
@@ -365,7 +369,12 @@ def compiled_step(config, mesh):
       out_shardings=(state_sh, None),
       donate_argnums=0,
   )
-  return setup.state, step
+
+
+def compiled_step(config, mesh):
+  """A fresh run's state (from a fresh teacher) and its jitted train step."""
+  setup = fresh_setup(config, mesh)
+  return setup.state, jitted_step(setup, config, mesh)
 
 
 def run_steps(config, mesh, num_steps=2, batches=None):
@@ -436,20 +445,26 @@ def test_logged_kd_losses_are_per_example_whatever_the_batch_and_accumulation():
   a, b = (random_batch(step_config(), batch=8, seed=s) for s in (10, 11))
   both = {k: np.concatenate([a[k], b[k]]) for k in a}
 
-  def logged(batches, accum):  # learning rate 0: every step sees the initial parameters
-    config = step_config("+".join(objectives))
-    config.model.hidden_dropout = config.model.attention_dropout = 0.0
-    config.optimizer.learning_rate = 0.0
-    config.kd.ntxent_group_size = 4
-    config.train.batch_size = len(batches[0]["input_ids"])
-    config.optimizer.grad_accum_steps = accum
-    _, _, metrics = run_steps(config, sharding.single_device_mesh(), batches=batches)
-    return [{name: float(m[f"{name}_loss"]) for name in objectives} for m in metrics]
+  config = step_config("+".join(objectives))
+  config.model.hidden_dropout = config.model.attention_dropout = 0.0
+  config.optimizer.learning_rate = 0.0  # every step sees the initial parameters
+  config.kd.ntxent_group_size = 4
+  mesh = sharding.single_device_mesh()
+  setup = fresh_setup(config, mesh)
+  state = setup.state
+  accumulating = config.copy_and_resolve_references()
+  accumulating.optimizer.grad_accum_steps = 2
+  steps = {1: jitted_step(setup, config, mesh), 2: jitted_step(setup, accumulating, mesh)}
 
-  small = logged([a, b], 1)
+  def logged(batch, accum):
+    nonlocal state
+    state, metrics = steps[accum](state, sharding.global_batch(batch, mesh))
+    return {name: float(metrics[f"{name}_loss"]) for name in objectives}
+
+  small = [logged(a, 1), logged(b, 1)]  # global batch 8
   mean_of_small = {k: (small[0][k] + small[1][k]) / 2 for k in objectives}
   for label, accum in (("batch 16", 1), ("batch 16, accumulation 2", 2)):
-    (values,) = logged([both], accum)
+    values = logged(both, accum)
     for name in ("nst", "mse"):
       assert values[name] == pytest.approx(mean_of_small[name], rel=1e-4), (label, name)
     assert values["ntxent"] == pytest.approx(mean_of_small["ntxent"], rel=0.02), label
