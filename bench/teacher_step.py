@@ -33,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from distill_step import (
     attention_flops,
+    compiled,
+    largest_batch_that_fits,
+    peak_memory_gib,
     encoder_flops,
     flop_figures,  # noqa: E402
     mlm_head_flops,
@@ -84,10 +87,11 @@ def build_config(args):
   config.data.max_predictions = args.max_predictions or config.data.max_predictions
   if args.video_steps:
     config.video.max_steps = args.video_steps
-  config.model.dtype = config.video.dtype = args.dtype
+  config.dtype = args.dtype
   if args.attention_impl:
     config.model.attention_impl = config.video.attention_impl = args.attention_impl
   config.model.remat = config.video.remat = args.remat
+  config.model.scan_layers = config.video.scan_layers = not args.unrolled
   config.video.frozen = args.frozen_video
   config.loss.contrastive = args.contrastive
   return config
@@ -105,7 +109,9 @@ def main(argv=None) -> dict:
   p.add_argument("--video_steps", type=int, default=0, help="default: the config's (384; tiny 16)")
   p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
   p.add_argument("--attention_impl", default="", help="e.g. cudnn (NVIDIA GPUs)")
-  p.add_argument("--remat", action="store_true")
+  p.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+  p.add_argument("--unrolled", action="store_true", help="a Python loop over layers, not a scan")
+  p.add_argument("--fit_batch", action="store_true", help="halve the batch until it fits")
   p.add_argument(
       "--frozen_video", action="store_true", help="the released code's frozen video tower"
   )
@@ -114,22 +120,30 @@ def main(argv=None) -> dict:
   p.add_argument("--warmup_steps", type=int, default=2)
   args = p.parse_args(argv)
 
+  return report(largest_batch_that_fits(lambda b: measure(args, b), args.batch, args.fit_batch))
+
+
+def measure(args, batch_size: int) -> dict:
+  """Times the teacher's step at `batch_size`; every figure of the result."""
+  args.batch = batch_size
   config = build_config(args)
   mesh = sharding.make_mesh(config.mesh)
-  program = teacher_train.build(config, mesh)
-  state = program.state
+  setup = teacher_train.init(config, mesh)
+  state = setup.state
   state_sh = sharding.state_shardings(state)
   batch_sh = sharding.batch_sharding(mesh)
   step = jax.jit(
-      program.train_step,
+      setup.train_step,
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, None),
       donate_argnums=0,
   )
   batch = sharding.global_batch(teacher_batch(config), mesh)
+  step, compile_seconds = compiled(step, state, batch)
   step_seconds, (state, metrics) = timed(
       step, state, batch, carry_first=True, steps=args.steps, warmup=args.warmup_steps
   )
+  peak_gib = peak_memory_gib()
 
   flops = step_flops(config)
   device = jax.devices()[0]
@@ -147,11 +161,16 @@ def main(argv=None) -> dict:
       "steps": args.steps,
       "step_seconds": step_seconds,
       "pairs_per_second": config.train.batch_size / step_seconds,
+      "tokens_per_second": config.train.batch_size
+      * (config.data.seq_len + config.video.max_steps)
+      / step_seconds,
       "video_flop_share": flops["video_train"] / flops["step"],
       **flop_figures(flops["step"], step_seconds),
+      "compile_seconds": compile_seconds,
+      "peak_memory_gib": peak_gib,
       "loss": float(metrics["loss"]),
   }
-  return report(result)
+  return result
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def get_config(arg=None):
       # text, as vokenization's.
       input="masked",
   )
-  # The teacher's architecture: must match its checkpoint (the fingerprint is checked). Set
-  # `teacher.model.dtype=bfloat16` for a bf16 teacher forward on accelerators.
+  # The teacher's architecture: must match its checkpoint (the fingerprint is checked). It
+  # computes in `config.dtype`, like the student.
   config.teacher.model = copy.deepcopy(teacher.model.to_dict())
   config.teacher.video = copy.deepcopy(teacher.video.to_dict())
 

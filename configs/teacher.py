@@ -41,6 +41,9 @@ def get_config(arg=None):
   config.data.task = "howto100m_video_text"
   # 126 tokens with [CLS] and [SEP], as the released loader (max_length=126 with specials).
   config.data.seq_len = 126
+  # Batches go to the device cut to their longest clip, rounded up to this many steps (0: padded
+  # to video.max_steps): HowTo100M's ~126-word clips last far less than 384 s.
+  config.data.video_bucket = 64
   # data=synthetic: generate a small corpus in HowTo100M's layout (features carry the captions'
   # concepts) and convert it with the real converter before training: the embedded default.
   config.data.synthetic = arg.data == "synthetic"
@@ -58,6 +61,7 @@ def get_config(arg=None):
   if arg.size == "tiny":
     common.shrink_to_tiny(config)
     config.video.max_steps = 16
+    config.data.video_bucket = 0  # one shape: one compilation in tests and demos
     config.video.projection_dim = 64
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 20

@@ -3,6 +3,8 @@
 import ast
 import glob
 import os
+import subprocess
+import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINERS = "vidlankd_jax.train"
@@ -58,3 +60,18 @@ def test_configs_are_files_not_an_imported_package():
   for path in python_files("vidlankd_jax/**/*.py", "tools/*.py", "bench/*.py", "configs/*.py"):
     modules = imported_modules(os.path.join(REPO_ROOT, path))
     assert not [m for m in modules if m == "configs" or m.startswith("configs.")], path
+
+
+def test_the_pretraining_steps_and_benchmarks_import_without_tensorflow():
+  """Accelerator images carry JAX, not TensorFlow: the steps the device benchmarks time must
+  import without it (TensorFlow is imported only where files are read)."""
+  script = (
+      "import sys; sys.path.insert(0, 'bench'); "
+      "import vidlankd_jax.train.distill, vidlankd_jax.train.teacher, distill_step, teacher_step; "
+      "loaded = [m for m in ('tensorflow', 'seqio', 'tensorflow_text') if m in sys.modules]; "
+      "assert not loaded, loaded"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert result.returncode == 0, result.stderr[-2000:]

@@ -20,6 +20,7 @@ from vidlankd_jax import configlib
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
 from vidlankd_jax import sharding
+from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.models.teacher import Teacher
 from vidlankd_jax.evaluation import representation
 from vidlankd_jax.models.student import parse_objectives
@@ -90,9 +91,7 @@ def test_expected_row_sharing_matches_a_simulated_memory():
 
 
 def write_text_summary(data_dir, blocks, example_ids="dense"):
-  from vidlankd_jax.data import tasks
-
-  path = tasks.text_summary_path(str(data_dir), "wiki103_mlm")
+  path = shards_lib.text_summary_path(str(data_dir), "wiki103_mlm")
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     json.dump({"blocks": blocks, "settings": {"example_ids": example_ids}}, f)
@@ -686,11 +685,11 @@ def test_voken_baseline_classifies_teacher_clip_vokens(corpus):
 def test_crd_rows_are_unique_per_example_of_the_text_corpus(corpus):
   """The real text TFRecords: a memory smaller than the corpus is an error naming both sizes;
   sized from the corpus, one epoch of training batches gives every example its own row."""
-  from vidlankd_jax.data import pipeline, tasks
+  from vidlankd_jax.data import pipeline
 
   config = loop_config(corpus, "crd", 1)
   mesh = sharding.single_device_mesh()
-  blocks = tasks.read_text_summary(config.data.data_dir, config.data.task)["blocks"]
+  blocks = shards_lib.read_text_summary(config.data.data_dir, config.data.task)["blocks"]
   assert blocks > 16
   config.kd.crd.memory_size = 16
   with pytest.raises(ValueError, match=f"memory_size 16 is smaller than the {blocks} examples"):

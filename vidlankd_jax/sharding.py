@@ -179,6 +179,26 @@ def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
     multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
+def agreed_maximum(key: str, value: int, *, forget: str | None = None, timeout_s: int = 600) -> int:
+  """The largest `value` over all processes, exchanged through the coordination service's
+  key-value store: host-side only (no device collective), so it is safe from any thread and
+  never queues behind a running step. `key` is unique per exchange; `forget` names an earlier
+  exchange whose entry of this process may go."""
+  if jax.process_count() == 1:
+    return int(value)
+  from jax._src import distributed  # the client Orbax's barriers use as well
+
+  client = distributed.global_state.client
+  client.key_value_set(f"{key}/{jax.process_index()}", str(int(value)))
+  values = [
+      int(client.blocking_key_value_get(f"{key}/{i}", timeout_s * 1000))
+      for i in range(jax.process_count())
+  ]
+  if forget is not None:
+    client.key_value_delete(f"{forget}/{jax.process_index()}")
+  return max(values)
+
+
 def describe_shardings(tree: Any) -> str:
   """One line per array: path, shape, dtype and partition spec (what a user checks on a pod)."""
   rows = []

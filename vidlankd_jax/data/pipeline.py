@@ -8,6 +8,9 @@ fine-tuning reads registered downstream benchmarks. TensorFlow is imported only 
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
 from typing import Iterator
 
 import jax
@@ -49,6 +52,7 @@ def input_spec(data_cfg, vocab_file: str, video_cfg=None, **overrides):
   )
   if video_cfg is not None:
     fields.update(video_steps=int(video_cfg.max_steps), video_dim=int(video_cfg.input_dim))
+    fields.update(video_bucket=int(data_cfg.get("video_bucket", 0)))
   fields.update(overrides)
   return tasks.InputSpec(**fields)
 
@@ -83,9 +87,43 @@ def host_batches(
       repeat=repeat,
       shuffle=shuffle,
   )
-  if repeat or jax.process_count() == 1:
-    return ds.as_numpy_iterator()
-  return in_lockstep(ds.as_numpy_iterator())
+  batches = ds.as_numpy_iterator()
+  if not (repeat or jax.process_count() == 1):
+    batches = in_lockstep(batches)
+  if spec.video_bucket:
+    # Every process opens its streams in the same order: the same name for the same stream.
+    name = f"{spec.task}/{split}/{next(_STREAMS)}"
+    batches = trim_video_padding(batches, spec.video_bucket, name=name)
+  return batches
+
+
+_STREAMS = itertools.count()
+
+
+def trim_video_padding(batches, bucket: int, *, name: str):
+  """Cuts each batch's video arrays to its longest clip rounded up to a multiple of `bucket`
+  steps (the same on every host): no padding beyond that is transferred or computed.
+
+  A step's shapes are one of at most max_steps / bucket, each compiled once. With several
+  processes the length is agreed through the coordination service (host-side, ahead of the
+  step, from the prefetch thread).
+  """
+  for index, batch in enumerate(batches):
+    if "video_mask" not in batch:
+      yield batch
+      continue
+    max_steps = batch["video_mask"].shape[1]
+    longest = int(batch["video_mask"].sum(axis=1).max(initial=0))
+    steps = sharding.agreed_maximum(
+        f"vidlankd/video_steps/{name}/{index}",
+        min(max_steps, max(bucket, -(-longest // bucket) * bucket)),
+        forget=f"vidlankd/video_steps/{name}/{index - 16}" if index >= 16 else None,
+    )
+    yield dict(
+        batch,
+        video_features=batch["video_features"][:, :steps],
+        video_mask=batch["video_mask"][:, :steps],
+    )
 
 
 def in_lockstep(batches):
@@ -158,3 +196,58 @@ def prepare_synthetic_video_text(data_cfg, video_cfg) -> None:
         data_cfg.data_dir, word_budget=data_cfg.seq_len // 2, max_steps=video_cfg.max_steps
     )
   sharding.wait_for_all_processes("synthetic video-text data")
+
+
+class DevicePrefetch:
+  """Global batches assembled and sent to the devices by a background thread, `size` ahead of
+  the step that reads them, so the host never makes a step wait for its input.
+
+  Errors of the host pipeline are raised by `next` in the caller's thread; `close` stops the
+  thread (it exits on its own too: it is a daemon and never holds the interpreter open).
+  """
+
+  _END = object()
+
+  def __init__(self, host_batches: Iterator[dict], mesh, size: int = 2):
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(
+        target=self._fill, args=(host_batches, mesh), name="device-prefetch", daemon=True
+    )
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.2)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _fill(self, host_batches, mesh) -> None:
+    try:
+      for batch in host_batches:
+        if not self._put(sharding.global_batch(batch, mesh)):
+          return
+    except BaseException as error:  # handed to the reader, raised in its thread
+      self._put(error)
+      return
+    self._put(self._END)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    item = self._queue.get()
+    if item is self._END:
+      self._put(self._END)  # every later call ends too
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+    while not self._queue.empty():
+      self._queue.get_nowait()

@@ -8,15 +8,39 @@ never see a partial shard because the glob pattern matches final names only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
-from typing import Callable, Iterable
+from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator
 
-import tensorflow as tf
+if TYPE_CHECKING:
+  import tensorflow as tf  # imported where records are written: the helpers below need no TF
 
 WORK_DIR = "_work"
+
+# Pretraining task -> (sub-folder of data_dir, shard file prefix): where the converters write it.
+PRETRAINING_TASK_FILES = {
+    "howto100m_video_text": ("howto100m", "howto100m"),
+    "wiki103_mlm": ("wiki103", "wiki103"),
+    "wikipedia_mlm": ("wikipedia", "wikipedia"),
+}
+
+
+def text_summary_path(data_dir: str, task_name: str, split: str = "train") -> str:
+  """The summary JSON tools/make_text_tfrecords.py writes beside a text task's shards."""
+  folder, prefix = PRETRAINING_TASK_FILES[task_name]
+  return os.path.join(data_dir, folder, f"{prefix}-{split}-summary.json")
+
+
+def read_text_summary(data_dir: str, task_name: str, split: str = "train") -> dict | None:
+  """A text split's conversion summary (`blocks`: its examples), or None when there is none.
+  Local paths and gs:// alike, without TensorFlow."""
+  from etils import epath
+
+  path = epath.Path(text_summary_path(data_dir, task_name, split))
+  return json.loads(path.read_text()) if path.exists() else None
 
 
 def shard_name(prefix: str, split: str, index: int, num_shards: int) -> str:
@@ -73,13 +97,26 @@ def check_settings(output_dir: str, name: str, settings: dict) -> None:
     write_json_atomic(path, settings)
 
 
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", tag: str | None = None) -> Iterator[IO]:
+  """Opens a temporary file beside `path` (`{path}.tmp{tag}`, tag: the process id by default)
+  for writing; when the block ends it is synced and renamed onto `path`, and when the block
+  raises it is deleted: `path` only ever holds a complete file."""
+  tmp = f"{path}.tmp{os.getpid() if tag is None else tag}"
+  try:
+    with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic_open(path) as f:
     json.dump(obj, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 class ShardWriter:
@@ -98,6 +135,8 @@ class ShardWriter:
     self.num_records = 0
 
   def __enter__(self) -> "ShardWriter":
+    import tensorflow as tf
+
     self._writer = tf.io.TFRecordWriter(self._tmp)
     return self
 

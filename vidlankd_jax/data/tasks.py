@@ -11,7 +11,7 @@ Every example becomes fixed-shape features (L = seq_len, P = max_predictions, T 
   input_ids int32 [L]        masked [CLS] tokens [SEP] then [PAD]=0
   attention_mask int32 [L], token_type_ids int32 [L] (zeros), unmasked_ids int32 [L]
   mlm_positions int32 [P], mlm_targets int32 [P], mlm_weights float32 [P] (0 = unused slot)
-  video_features float32 [T, D], video_mask int32 [T]   (video-text only)
+  video_features float16 [T, D], video_mask int32 [T]   (video-text; the stored precision)
   example_id int32 []        the text block's dense id (text only; -1 for shards without one)
 and each batch an int32 `valid` [B]: 0 marks the all-zero rows that pad an evaluation pass.
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Mapping, Sequence
 
@@ -53,11 +52,8 @@ SPLITS = ("train", "validation")
 MASKINGS = ("fixed", "bernoulli")
 
 # task name -> (sub-folder of data_dir, shard file prefix)
-TASK_FILES = {
-    VIDEO_TEXT_TASK: ("howto100m", "howto100m"),
-    WIKI103_TASK: ("wiki103", "wiki103"),
-    WIKIPEDIA_TASK: ("wikipedia", "wikipedia"),
-}
+TASK_FILES = shards_lib.PRETRAINING_TASK_FILES
+assert set(TASK_FILES) == {VIDEO_TEXT_TASK, WIKI103_TASK, WIKIPEDIA_TASK}
 
 TEXT_FEATURES = {
     "input_ids": tf.int32,
@@ -68,7 +64,7 @@ TEXT_FEATURES = {
     "mlm_targets": tf.int32,
     "mlm_weights": tf.float32,
 }
-VIDEO_FEATURES = {"video_features": tf.float32, "video_mask": tf.int32}
+VIDEO_FEATURES = {"video_features": tf.float16, "video_mask": tf.int32}
 # Per example, not per position: rank 0.
 TEXT_ID_FEATURE = "example_id"
 
@@ -76,21 +72,6 @@ TEXT_ID_FEATURE = "example_id"
 def task_file_pattern(data_dir: str, task_name: str, split: str) -> str:
   folder, prefix = TASK_FILES[task_name]
   return os.path.join(data_dir, folder, shards_lib.shard_pattern(prefix, split))
-
-
-def text_summary_path(data_dir: str, task_name: str, split: str = "train") -> str:
-  """The summary JSON tools/make_text_tfrecords.py writes beside a text task's shards."""
-  folder, prefix = TASK_FILES[task_name]
-  return os.path.join(data_dir, folder, f"{prefix}-{split}-summary.json")
-
-
-def read_text_summary(data_dir: str, task_name: str, split: str = "train") -> dict | None:
-  """A text split's conversion summary (`blocks`: its examples), or None when there is none."""
-  path = text_summary_path(data_dir, task_name, split)
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,7 +318,7 @@ class VideoTextFeatureConverter(MlmFeatureConverter):
 
   TASK_FEATURES = {
       **MlmFeatureConverter.TASK_FEATURES,
-      "video_features": seqio.FeatureConverter.FeatureSpec(dtype=tf.float32, rank=2),
+      "video_features": seqio.FeatureConverter.FeatureSpec(dtype=tf.float16, rank=2),
       "video_mask": seqio.FeatureConverter.FeatureSpec(dtype=tf.int32),
   }
   MODEL_FEATURES = TASK_FEATURES
@@ -401,7 +382,7 @@ def register_pretraining_tasks(
     feats["input_ids"] = seqio.Feature(vocab, add_eos=False, dtype=tf.int32)
     feats["unmasked_ids"] = seqio.Feature(vocab, add_eos=False, dtype=tf.int32)
     if video:
-      feats["video_features"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.float32, rank=2)
+      feats["video_features"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.float16, rank=2)
       feats["video_mask"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.int32)
     else:
       feats[TEXT_ID_FEATURE] = seqio.Feature(pass_through, add_eos=False, dtype=tf.int32, rank=0)
@@ -511,6 +492,8 @@ class InputSpec:
   shuffle_buffer: int = 10_000
   video_steps: int = 384  # video-text task only
   video_dim: int = video_text.DEFAULT_FEATURE_DIM
+  # > 0: batches leave the host cut to their longest clip, rounded up to this many steps.
+  video_bucket: int = 0
 
   def __post_init__(self):
     if self.task not in TASK_FILES:

@@ -1,9 +1,15 @@
 """BERT in flax.nnx: embeddings, post-LN transformer, pooler and a tied MLM head.
 
 Every weight carries logical axis names (`nnx.with_partitioning`); the mesh rules in the config
-map them to mesh axes. Parameters are float32; `dtype` sets the compute dtype (bf16 on
-accelerators). The numerics follow Hugging Face's `BertModel` (exact-erf GELU, LayerNorm eps
-1e-12) so that real checkpoints import exactly (see `vidlankd_jax.interop.hf_bert`).
+map them to mesh axes. Parameters are float32; `dtype` sets the compute dtype ("auto": bfloat16
+on GPUs and TPUs, float32 on CPUs, where bf16 matmuls are slow). The numerics follow Hugging
+Face's `BertModel` (exact-erf GELU, LayerNorm eps 1e-12) so that real checkpoints import exactly
+(see `vidlankd_jax.interop.hf_bert`).
+
+The layers run under one `jax.lax.scan` (`scan_layers`): the program holds one layer whatever
+the depth, so compile time does not grow with it. Parameters stay one module per layer
+(`encoder/layers/<i>/...`), the layout of every checkpoint and of the weight import and export;
+the scan stacks them inside the step. `remat` chooses what the backward pass recomputes.
 """
 
 from __future__ import annotations
@@ -16,6 +22,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 Array = jax.Array
+
+# What a layer's backward pass may keep from its forward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,  # keep everything: fastest, most memory
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+}
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(name: str) -> str:
+  """The compute dtype a config's `dtype` names: "auto" is bfloat16 on accelerators, float32 on
+  CPU."""
+  if name not in DTYPES:
+    raise ValueError(f"config dtype {name!r} is not one of {DTYPES}")
+  if name == "auto":
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+  return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,15 +58,24 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   dtype: str = "float32"
+  # None: the fused dot_product_attention picks its kernel; "cudnn" / "xla" force one.
   attention_impl: str | None = None
-  remat: bool = False
+  scan_layers: bool = True
+  remat: str = "none"
+
+  def __post_init__(self):
+    if isinstance(self.remat, bool):  # configs written before the policies existed
+      object.__setattr__(self, "remat", "full" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+    object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
 
   @classmethod
   def from_config(cls, cfg: Any, **overrides) -> "BertConfig":
     """Builds from an ml_collections model config (extra keys such as `size` are ignored)."""
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in dict(cfg).items() if k in names}
-    values.update(overrides)
+    values.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**values)
 
   @property
@@ -150,17 +183,19 @@ class BertSelfAttention(nnx.Module):
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
     key_mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, L] broadcast over heads and queries
     if rngs is None or self.attention_dropout == 0.0:
+      # The fused kernel (cuDNN flash attention on NVIDIA GPUs, XLA's elsewhere).
       context = jax.nn.dot_product_attention(q, k, v, mask=key_mask, implementation=self.impl)
     else:
-      # Attention-probability dropout needs the probabilities: the plain XLA formulation.
-      scores = jnp.einsum("bqnd,bknd->bnqk", q, k).astype(jnp.float32) / jnp.sqrt(
-          h // self.num_heads
-      )
+      # Dropout on the attention probabilities (BERT's recipe) needs the probabilities: no fused
+      # kernel offers it with a per-step seed, so this path is the plain XLA formulation.
+      # `attention_dropout=0` trades the recipe for the fused kernel.
+      scale = 1.0 / jnp.sqrt(jnp.float32(h // self.num_heads))
+      scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * scale
       scores = jnp.where(key_mask, scores, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1)
       keep = jax.random.bernoulli(rngs.dropout(), 1.0 - self.attention_dropout, probs.shape)
-      probs = jnp.where(keep, probs / (1.0 - self.attention_dropout), 0.0).astype(v.dtype)
-      context = jnp.einsum("bnqk,bknd->bqnd", probs, v)
+      probs = jnp.where(keep, probs * (1.0 / (1.0 - self.attention_dropout)), 0.0)
+      context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v)
     out = self.output(context.reshape(b, l, h))
     out = self.dropout(out, deterministic=rngs is None, rngs=rngs)
     return self.layer_norm(out + x)
@@ -186,18 +221,41 @@ class BertLayer(nnx.Module):
 
 
 class TransformerStack(nnx.Module):
-  """`num_layers` BertLayers, optionally rematerialised; returns the last hidden states."""
+  """`num_layers` BertLayers; returns the last hidden states.
+
+  Each layer's dropout key is the layer's slot of one split of the caller's key, in the scanned
+  and the unrolled forms alike, so the two compute the same function.
+  """
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     self.layers = nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.scan_layers = cfg.scan_layers
     self.remat = cfg.remat
 
   def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-    for layer in self.layers:
-      if self.remat:
-        x = nnx.remat(lambda lyr, h, m, r: lyr(h, m, rngs=r))(layer, x, mask, rngs)
-      else:
-        x = layer(x, mask, rngs=rngs)
+    num_layers = len(self.layers)
+    keys = None if rngs is None else jax.random.split(rngs.dropout(), num_layers)
+    graphdef, first = nnx.split(self.layers[0])
+
+    def apply(state, h, key):
+      layer = nnx.merge(graphdef, state)
+      return layer(h, mask, rngs=None if key is None else nnx.Rngs(dropout=key))
+
+    policy = REMAT_POLICIES[self.remat]
+    if self.remat != "none":
+      apply = jax.checkpoint(apply, policy=policy)
+    states = [first] + [nnx.state(layer) for layer in list(self.layers)[1:]]
+    if not self.scan_layers:
+      for i, state in enumerate(states):
+        x = apply(state, x, None if keys is None else keys[i])
+      return x
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(h, layer_inputs):
+      state, key = layer_inputs
+      return apply(state, h, key), None
+
+    x, _ = jax.lax.scan(body, x, (stacked, keys))
     return x
 
 

@@ -39,11 +39,13 @@ class Teacher(nnx.Module):
     )
 
   @classmethod
-  def from_config(cls, config, *, rngs: nnx.Rngs) -> "Teacher":
-    """Builds from a teacher config (`config.model`, `config.video`)."""
+  def from_config(cls, config, *, dtype: str | None = None, rngs: nnx.Rngs) -> "Teacher":
+    """Builds from a teacher config (`config.model`, `config.video`); both towers compute in
+    `dtype`, else in the config's own `dtype`."""
+    dtype = dtype or config.get("dtype")
     return cls(
-        BertConfig.from_config(config.model),
-        BertConfig.from_config(config.video),
+        BertConfig.from_config(config.model, dtype=dtype),
+        BertConfig.from_config(config.video, dtype=dtype),
         video_input_dim=config.video.input_dim,
         video_projection_dim=config.video.projection_dim,
         video_max_steps=config.video.max_steps,

@@ -40,7 +40,7 @@ from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as ts
 from vidlankd_jax.data import pipeline
-from vidlankd_jax.data import tasks
+from vidlankd_jax.data import shards
 from vidlankd_jax.evaluation import representation
 from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
 from vidlankd_jax.models.teacher import Teacher
@@ -249,6 +249,7 @@ def load_teacher(config, mesh) -> Teacher:
       mesh,
       config.sharding_rules,
       step=runs.step_or_latest(config.teacher.step),
+      dtype=config.dtype,
   )
 
 
@@ -260,8 +261,8 @@ def crd_memory_size(config, num_shards: int) -> int:
   is taken as given and the expected sharing of rows is printed.
   """
   crd = config.kd.crd
-  summary_path = tasks.text_summary_path(config.data.data_dir, config.data.task)
-  summary = tasks.read_text_summary(config.data.data_dir, config.data.task)
+  summary_path = shards.text_summary_path(config.data.data_dir, config.data.task)
+  summary = shards.read_text_summary(config.data.data_dir, config.data.task)
   num_examples = None if summary is None else int(summary["blocks"])
   size = int(crd.memory_size)
   if crd.hash_rows:
@@ -326,6 +327,8 @@ def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
 
 def clip_vectors(teacher: Teacher, config, mesh, vocab_file: str) -> np.ndarray:
   """The teacher's clip vectors [N, H] of the held-out clips of `config.kd.voken.data_dir`."""
+  from vidlankd_jax.data import tasks  # deferred: TensorFlow only where data is read
+
   voken = config.kd.voken
   spec = pipeline.input_spec(
       config.data,

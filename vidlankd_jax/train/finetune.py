@@ -239,7 +239,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   init = runs.read_initial_encoder(
       config.init.source, runs.step_or_latest(config.init.step), config.model.num_heads
   )
-  bert_cfg = runs.encoder_config(config.model, init)
+  bert_cfg = runs.encoder_config(config.model, init, config.dtype)
   vocab_file = config.data.vocab_file or vocab_lib.default_vocab_file()
   vocab_size = len(vocab_lib.read_vocab_file(vocab_file))
   if vocab_size > bert_cfg.vocab_size:

@@ -183,6 +183,23 @@ def checkpoint_manager(config, workdir: str, fingerprint: dict) -> ckpt_lib.Chec
   )
 
 
+class ShapeCompiled:
+  """A jitted step compiled ahead once per batch shape (video batches come in a few lengths)."""
+
+  def __init__(self, jitted):
+    self.jitted = jitted
+    self.programs = {}
+
+  def compile(self, state, batch):
+    key = tuple(sorted((name, value.shape) for name, value in batch.items()))
+    if key not in self.programs:
+      self.programs[key] = self.jitted.lower(state, batch).compile()
+    return self.programs[key]
+
+  def __call__(self, state, batch):
+    return self.compile(state, batch)(state, batch)
+
+
 def is_due(step: int, every: int, total: int) -> bool:
   """Whether a periodic event (log, evaluation) falls on `step`; `every` <= 0: only at the end."""
   return step == total or (every > 0 and step % every == 0)
@@ -198,6 +215,11 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
   reports `finite`) stops the run (`config.train.on_nonfinite="stop"`, the last checkpoint is
   kept) or is skipped ("skip"). SIGTERM, or a pod's preemption notice, saves a checkpoint at the
   next step boundary and raises `Preempted`. A run that finished earlier is evaluated again.
+
+  The host never waits for a step it does not need: the next batches are prepared and sent to
+  the devices while a step runs (`DevicePrefetch`), and a step's finite flag is read after the
+  next step has been dispatched. Only logging, evaluation and checkpoints read a step's values
+  at once, and no checkpoint is written before its step's flag has been read.
   """
   policy = config.train.on_nonfinite
   if policy not in NONFINITE_POLICIES:
@@ -206,8 +228,10 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
   state = program.state
   ckpt = checkpoint_manager(config, workdir, program.fingerprint)
   writer = MetricsWriter(workdir)
-  watcher = ckpt_lib.PreemptionWatcher()  # from here on, SIGTERM waits for a step boundary
+  # From here on, SIGTERM waits for a step boundary.
+  watcher = ckpt_lib.PreemptionWatcher(config.checkpoint.preemption_check_every)
   eval_metrics: dict[str, float] = {}
+  batches = None
   try:
     if ckpt.latest_step() is not None:
       state, _ = ckpt.restore(state)
@@ -218,49 +242,75 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
 
     state_sh = sharding.state_shardings(state)
     batch_sh = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        program.train_step,
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
+    step_fn = ShapeCompiled(
+        jax.jit(
+            program.train_step,
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
     )
     eval_fn = jax.jit(program.eval_step, in_shardings=(state_sh, batch_sh))
     meter = ProgressMeter(total, program.batch_size, start_step)
-    batches = (sharding.global_batch(b, mesh) for b in program.train_batches(start_step=start_step))
-    batch = next(batches, None) if start_step < total else None
-    if batch is not None:  # compiled before the hosts line up for the first step
-      step_fn = step_fn.lower(state, batch).compile()
+    if start_step < total:
+      batches = pipeline.DevicePrefetch(program.train_batches(start_step=start_step), mesh)
+      batch = next(batches)  # compiled before the hosts line up for the first step
+      step_fn.compile(state, batch)
       sharding.wait_for_all_processes(f"train step compiled, step {start_step}")
+    pending = None  # (step, metrics) of a dispatched step whose finite flag is not read yet
+
+    def settle():
+      """Reads the pending step's metrics (waiting for it) and applies the non-finite policy."""
+      nonlocal pending
+      done, values = pending[0], jax.device_get(pending[1])
+      pending = None
+      check_finite(done, values, policy)
+      return values
+
     for step in range(start_step, total):
       batch = batch if step == start_step else next(batches)
       state, metrics = step_fn(state, batch)
       done = step + 1
+      if pending is not None:
+        settle()  # the previous step, finished or nearly: this one is already queued behind it
+      pending = (done, metrics)
+      if step == start_step:
+        settle()  # the clock starts once the first (compiling) step is done
+        meter.update(done)
+        pending = None
       log = is_due(done, config.train.log_every, total)
-      if policy == "stop" or log:  # "stop" reads every step's flag: no bad step goes unseen
-        metrics = jax.device_get(metrics)
-        check_finite(done, metrics, policy)
+      evaluate = is_due(done, config.eval.every_steps, total)
+      values = None
+      if pending is not None and (log or evaluate or ckpt.should_save(done)):
+        values = settle()
       if log:
+        values = jax.device_get(metrics) if values is None else values
         writer.write(
             done,
-            {f"train/{k}": v for k, v in metrics.items()}
+            {f"train/{k}": v for k, v in values.items()}
             | {f"train/{k}": v for k, v in meter.update(done).items()},
         )
-      elif step == start_step:
-        meter.update(done)
       stop = watcher.should_stop(done) and done < total
-      evaluate = is_due(done, config.eval.every_steps, total)
+      if stop and pending is not None:
+        settle()  # a checkpoint follows: its step must be known to be finite
+      save = evaluate or stop or ckpt.should_save(done)
       if evaluate:
         sharding.wait_for_all_processes(f"evaluation at step {done}")
         eval_metrics = program.evaluate(state, eval_fn)
         writer.write(done, eval_metrics)
-      ckpt.save(done, state, metrics=eval_metrics if evaluate else None, force=evaluate or stop)
+      if save:
+        ckpt.save(done, state, metrics=eval_metrics if evaluate else None, force=True)
       if stop:
         print(f"stopped at step {done} on request; checkpoint saved, rerun to resume", flush=True)
         raise Preempted(f"stopped at step {done}")
+    if pending is not None:
+      settle()
     if start_step >= total:  # finished earlier: its final metrics, not logged a second time
       print(f"run already finished at step {start_step} in {ckpt.directory}", flush=True)
       eval_metrics = program.evaluate(state, eval_fn)
   finally:
+    if batches is not None:
+      batches.close()
     ckpt.close()
     writer.close()
     watcher.close()
