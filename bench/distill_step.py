@@ -122,6 +122,7 @@ def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
       "mlm_positions": positions.astype(np.int32),
       "mlm_targets": np.take_along_axis(ids, positions, axis=1),
       "mlm_weights": np.ones((b, p), np.float32),
+      "example_id": np.arange(b, dtype=np.int32),  # the CRD memory's rows
   }
 
 
@@ -199,8 +200,7 @@ def build_config(args):
     config.model.attention_impl = config.teacher.model.attention_impl = args.attention_impl
   config.model.remat = args.remat
   config.model.scan_layers = config.teacher.model.scan_layers = not args.unrolled
-  if args.crd_memory_size:
-    config.kd.crd.memory_size = args.crd_memory_size
+  config.kd.crd.memory_size = args.crd_memory_size  # no corpus to size it from
   return config
 
 
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
   p.add_argument("--remat", default="none", choices=("none", "dots", "full"))
   p.add_argument("--unrolled", action="store_true", help="a Python loop over layers, not a scan")
   p.add_argument("--fit_batch", action="store_true", help="halve the batch until it fits")
-  p.add_argument("--crd_memory_size", type=int, default=0, help="default: the config's")
+  p.add_argument("--crd_memory_size", type=int, default=1 << 20, help="rows of the CRD memory")
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup_steps", type=int, default=2)
   args = p.parse_args(argv)

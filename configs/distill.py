@@ -48,7 +48,8 @@ def get_config(arg=None):
       size=teacher_size,
       step=-1,  # teacher checkpoint step to read; -1: the latest
       # What the teacher reads: "masked" (the student's input, as the released code) or
-      # "unmasked" (the clean text).
+      # "unmasked" (the clean text). The voken baseline's labels always come from the clean
+      # text, as vokenization's.
       input="masked",
   )
   # The teacher's architecture: must match its checkpoint (the fingerprint is checked). It
@@ -59,19 +60,29 @@ def get_config(arg=None):
   config.kd = dict(
       objectives=arg.objectives,
       mlm_weight=1.0,
-      # The released NT-Xent ("CRD") divides each position's loss by 2B (B the per-GPU batch):
-      # weights.ntxent = 1 / (2B) reproduces it.
-      weights=dict(nst=1.0, ntxent=1.0, crd=1.0, kd=1.0, mse=1.0, cos=1.0, voken=1.0),
+      # Each KD term is a per-example mean (independent of the batch size, the devices and
+      # gradient accumulation); the weights give the released effective strength
+      # (docs/recipe.md derives them): NST 32 / 128 (the released per-GPU batch over L, its
+      # sum over a call's sequences divided by L); NT-Xent 1 / (2 x 32) (the released call
+      # divides its mean again by 2B).
+      weights=dict(nst=0.25, ntxent=1 / 64, crd=1.0, kd=1.0, mse=1.0, cos=1.0, voken=1.0),
       # "released": sum over sequences / L, padding included, teacher-teacher term dropped;
       # "mmd": the masked squared MMD, mean over sequences (>= 0).
       nst_variant="released",
       ntxent_temperature=1.0,
+      # NT-Xent draws its negatives within groups of this many sequences: 32, the released
+      # per-GPU batch (2 x 32 - 2 = 62 negatives per anchor); 0: the whole (micro-)batch.
+      ntxent_group_size=32,
       soft_label_temperature=1.0,
       crd=dict(
-          # Rows of each memory (student and teacher), sharded over the data axes. An example's
-          # row is `example_id` when the data has one, else a hash of its tokens; a corpus larger
-          # than the memory shares rows. Memory: 2 x rows x teacher hidden x 4 bytes.
-          memory_size=1 << 20,
+          # Rows of each memory (student and teacher), sharded over the data axes: one per
+          # example, an example's row its `example_id` (tools/make_text_tfrecords.py writes
+          # them). 0: as many as the corpus has examples (its summary JSON); a smaller size is
+          # an error. Memory: 2 x rows x teacher hidden x 4 bytes.
+          memory_size=0,
+          # True: rows from a hash of the token ids instead, modulo memory_size (> 0); examples
+          # share rows and read each other's memory as positives (the expected rate is printed).
+          hash_rows=False,
           num_negatives=16_384,
           temperature=0.07,
           momentum=0.5,
@@ -105,8 +116,11 @@ def get_config(arg=None):
     common.shrink_to_tiny(config)
     config.optimizer.learning_rate = 1e-3
     config.optimizer.warmup_steps = 20
-    config.kd.crd.memory_size = 4096
     config.kd.crd.num_negatives = 256
+    config.kd.ntxent_group_size = 8
+    # The released normalisations at these shapes: NST's 32 / L at L = 32, NT-Xent's 1 / (2 x 8).
+    config.kd.weights.nst = 1.0
+    config.kd.weights.ntxent = 1 / 16
     config.kd.voken.num_clips = 512
   config.lock()
   return config

@@ -39,6 +39,8 @@ def get_config(arg=None):
   )
 
   config.data.task = "howto100m_video_text"
+  # 126 tokens with [CLS] and [SEP], as the released loader (max_length=126 with specials).
+  config.data.seq_len = 126
   # Batches go to the device cut to their longest clip, rounded up to this many steps (0: padded
   # to video.max_steps): HowTo100M's ~126-word clips last far less than 384 s.
   config.data.video_bucket = 64

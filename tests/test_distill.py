@@ -20,6 +20,7 @@ from vidlankd_jax import configlib
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
 from vidlankd_jax import sharding
+from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.models.teacher import Teacher
 from vidlankd_jax.evaluation import representation
 from vidlankd_jax.models.student import parse_objectives
@@ -43,7 +44,7 @@ def test_parse_objectives():
       parse_objectives(bad)
 
 
-def test_memory_rows_follow_the_text_not_the_masking():
+def test_memory_rows_are_example_ids_or_hashes_of_the_text_not_the_masking():
   rng = np.random.default_rng(0)
   ids = rng.integers(5, 30000, (6, 32)).astype(np.int32)
   ids[1] = ids[0]
@@ -51,13 +52,71 @@ def test_memory_rows_follow_the_text_not_the_masking():
   ids[2, 5] += 1  # one token differs
   masked = ids.copy()
   masked[:, 3] = 103
-  rows = np.asarray(distill.memory_rows({"unmasked_ids": ids, "input_ids": masked}, 1 << 20))
+  batch = {"unmasked_ids": ids, "input_ids": masked, "example_id": np.arange(6) + 10}
+  np.testing.assert_array_equal(np.asarray(distill.memory_rows(batch, 16)), np.arange(6) + 10)
+  rows = np.asarray(distill.memory_rows(batch, 1 << 20, hash_rows=True))
   assert rows.min() >= 0 and rows.max() < (1 << 20)
   assert rows[0] == rows[1] and len(set(rows.tolist()) - {rows[0]}) == 4
-  remasked = np.asarray(distill.memory_rows({"unmasked_ids": ids, "input_ids": ids}, 1 << 20))
-  np.testing.assert_array_equal(rows, remasked)
-  given = distill.memory_rows({"unmasked_ids": ids, "example_id": np.arange(6) + 10}, 8)
-  np.testing.assert_array_equal(np.asarray(given), [2, 3, 4, 5, 6, 7])
+  remasked = {**batch, "input_ids": ids}
+  np.testing.assert_array_equal(
+      rows, np.asarray(distill.memory_rows(remasked, 1 << 20, hash_rows=True))
+  )
+  with pytest.raises(ValueError, match="lacks: write the text with tools/make_text_tfrecords"):
+    distill.memory_rows({"unmasked_ids": ids}, 16)
+
+
+def test_expected_row_sharing_matches_a_simulated_memory():
+  """The closed forms the hash fallback prints, against hashing 20,000 examples into 16,384
+  rows and replaying two epochs of shuffled batches of 64 (reads before each batch's writes)."""
+  n, m = 20_000, 1 << 14
+  rng = np.random.default_rng(5)
+  rows = rng.integers(0, m, n)
+  last_writer = np.full(m, -1)
+  wrong = {0: 0, 1: 0}
+  for epoch in (0, 1):
+    order = rng.permutation(n)
+    for start in range(0, n, 64):
+      chosen = order[start : start + 64]
+      writer = last_writer[rows[chosen]]
+      wrong[epoch] += int(np.sum((writer != chosen) & (writer >= 0)))
+      last_writer[rows[chosen]] = chosen
+  expected = distill.expected_row_sharing(n, m)
+  assert expected["shared"] == pytest.approx(np.mean(np.bincount(rows)[rows] > 1), abs=0.01)
+  assert expected["first_epoch"] == pytest.approx(wrong[0] / n, abs=0.01)
+  assert expected["later_epochs"] == pytest.approx(wrong[1] / n, abs=0.01)
+  # A WikiText-103-sized corpus in 2^20 rows: most examples share a row.
+  wiki103 = distill.expected_row_sharing(960_000, 1 << 20)
+  assert wiki103["shared"] == pytest.approx(0.60, abs=0.005)
+  assert wiki103["later_epochs"] == pytest.approx(0.486, abs=0.005)
+
+
+def write_text_summary(data_dir, blocks, example_ids="dense"):
+  path = shards_lib.text_summary_path(str(data_dir), "wiki103_mlm")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"blocks": blocks, "settings": {"example_ids": example_ids}}, f)
+
+
+def test_crd_memory_is_sized_from_the_corpus(tmp_path, capsys):
+  config = configlib.load("distill", "size=tiny,objectives=crd")
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(ValueError, match="memory_size is 0 .*wiki103-train-summary.json is missing"):
+    distill.crd_memory_size(config, 4)
+  write_text_summary(tmp_path, 1001)
+  assert distill.crd_memory_size(config, 4) == 1004  # one row per example, 4 shards
+  config.kd.crd.memory_size = 1000
+  with pytest.raises(ValueError, match="memory_size 1000 is smaller than the 1001 examples"):
+    distill.crd_memory_size(config, 4)
+  config.kd.crd.memory_size = 1 << 10
+  assert distill.crd_memory_size(config, 4) == 1 << 10
+  config.kd.crd.hash_rows = True
+  config.kd.crd.memory_size = 512
+  assert distill.crd_memory_size(config, 4) == 512
+  assert "1001 examples in 512 rows: 85.8% of examples share a row" in capsys.readouterr().out
+  config.kd.crd.hash_rows = False
+  write_text_summary(tmp_path, 1001, example_ids=None)
+  with pytest.raises(ValueError, match="carry no example_id"):
+    distill.crd_memory_size(config, 4)
 
 
 def test_voken_labels_are_the_nearest_bank_vector():
@@ -67,6 +126,56 @@ def test_voken_labels_are_the_nearest_bank_vector():
   expected = np.argmax(states @ bank.T, axis=-1)
   np.testing.assert_array_equal(np.asarray(distill.voken_labels(states, bank)), expected)
   np.testing.assert_array_equal(np.asarray(distill.voken_labels(bank[None], bank))[0], np.arange(5))
+
+
+def test_voken_term_classifies_content_tokens_by_their_unmasked_labels():
+  """Voken labels come from the teacher's states on the unmasked text (`voken_targets`, not
+  the masked-input targets), and [CLS], [SEP] and padding are not classified."""
+  config = configlib.load("distill", "size=tiny,objectives=voken")
+  config.kd.voken.data_dir = "clips"
+  rng = np.random.default_rng(6)
+  unit = lambda *shape: np.asarray(losses.l2_normalize(rng.standard_normal(shape)), np.float32)
+  bank, masked_states, unmasked_states = unit(5, 16), unit(2, 6, 16), unit(2, 6, 16)
+  scores = rng.standard_normal((2, 6, 5)).astype(np.float32)
+  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int32)
+  content = np.array([[0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], np.float32)
+  np.testing.assert_array_equal(np.asarray(distill.content_token_mask(mask)), content)
+  terms, metrics, _ = distill.objective_terms(
+      distill.KDSpec.from_config(config),
+      {"voken": scores},
+      masked_states,
+      {"attention_mask": mask},
+      {"voken_bank": bank},
+      None,
+      voken_targets=unmasked_states,
+  )
+  labels = np.argmax(unmasked_states @ bank.T, axis=-1)
+  assert float(terms["voken"]) == pytest.approx(
+      float(losses.voken_classification_loss(scores, labels, content)), rel=1e-6
+  )
+  assert float(metrics["voken_accuracy"]) == pytest.approx(
+      float(losses.weighted_accuracy(scores, labels, content))
+  )
+
+
+def test_teacher_targets_read_the_unmasked_text_for_voken_labels():
+  config = step_config("nst+voken")
+  config.kd.voken.data_dir = "clips"
+  mesh = sharding.single_device_mesh()
+  teacher = sharding.create_sharded(
+      lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)), mesh, config.sharding_rules
+  )
+  batch = random_batch(config, batch=2)
+  masked = distill.teacher_states(teacher.language, batch["input_ids"], batch)[1]
+  unmasked = distill.teacher_states(teacher.language, batch["unmasked_ids"], batch)[1]
+  assert np.abs(np.asarray(masked) - np.asarray(unmasked)).max() > 1e-3
+  for objectives, expected_targets in (("nst+voken", masked), ("voken", unmasked)):
+    config.kd.objectives = objectives
+    _, targets, voken_targets = distill.teacher_targets(
+        teacher.language, batch, distill.KDSpec.from_config(config)
+    )
+    np.testing.assert_allclose(np.asarray(targets), np.asarray(expected_targets), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(voken_targets), np.asarray(unmasked), atol=1e-6)
 
 
 def test_linear_cka():
@@ -109,12 +218,13 @@ def test_total_loss_weights_each_term():
   config.kd.mlm_weight = 2.0
   terms = {"mlm": jnp.float32(3.0), "nst": jnp.float32(-0.5), "crd": jnp.float32(4.0)}
   assert float(distill.total_loss(terms, distill.KDSpec.from_config(config))) == pytest.approx(
-      6.0 - 0.5 + 1.0
+      6.0 - 0.5 * 1.0 + 1.0  # the tiny size's NST weight: the released 32 / L at L = 32
   )
 
 
 def test_objective_terms_dispatch_to_the_losses():
   config = configlib.load("distill", "size=tiny,objectives=nst+ntxent+mse+cos+kd")
+  config.kd.ntxent_group_size = 2
   rng = np.random.default_rng(4)
   unit = lambda *shape: np.asarray(
       losses.l2_normalize(rng.standard_normal(shape).astype(np.float32))
@@ -135,9 +245,13 @@ def test_objective_terms_dispatch_to_the_losses():
       mlm_logits=student_logits,
       teacher_logits=teacher_logits,
   )
+  halves = [
+      losses.nt_xent_loss(heads["ntxent"][i : i + 2], targets[i : i + 2], 1.0, mask[i : i + 2])
+      for i in (0, 2)
+  ]
   expected = {
-      "nst": losses.nst_loss(heads["nst"], targets),
-      "ntxent": losses.nt_xent_loss(heads["ntxent"], targets, 1.0, mask),
+      "nst": losses.nst_loss(heads["nst"], targets) * 8 / 4,  # per sequence: x L / B
+      "ntxent": (halves[0] + halves[1]) / 2,  # groups of 2 sequences
       "mse": losses.hidden_mse_loss(heads["mse"], targets, mask),
       "cos": losses.hidden_cosine_loss(heads["cos"], targets, mask),
       "kd": losses.soft_label_kd_loss(student_logits, teacher_logits, 1.0, batch["mlm_weights"]),
@@ -146,6 +260,7 @@ def test_objective_terms_dispatch_to_the_losses():
   for name, value in expected.items():
     assert float(terms[name]) == pytest.approx(float(value), rel=1e-6), name
   config.kd.nst_variant = "mmd"
+  config.kd.ntxent_group_size = 0  # the whole batch
   terms, _, _ = distill.objective_terms(
       distill.KDSpec.from_config(config),
       heads,
@@ -158,6 +273,9 @@ def test_objective_terms_dispatch_to_the_losses():
   )
   assert float(terms["nst"]) == pytest.approx(
       float(losses.nst_mmd_loss(heads["nst"], targets, mask))
+  )
+  assert float(terms["ntxent"]) == pytest.approx(
+      float(losses.nt_xent_loss(heads["ntxent"], targets, 1.0, mask)), rel=1e-6
   )
 
 
@@ -222,20 +340,22 @@ def random_batch(config, batch=8, seed=0):
       "mlm_positions": positions,
       "mlm_targets": np.take_along_axis(ids, positions, axis=1),
       "mlm_weights": np.ones((batch, p), np.float32),
+      "example_id": np.arange(batch, dtype=np.int32) + batch * seed,
   }
 
 
-def run_steps(config, mesh, num_steps=2):
+def fresh_setup(config, mesh):
+  """A fresh run's pieces, from a fresh teacher."""
   teacher = sharding.create_sharded(
       lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)), mesh, config.sharding_rules
   )
-  setup = distill.init(config, mesh, teacher=teacher)
-  state = setup.state
-  before = jax.tree.map(
-      np.asarray, {"params": state.params, "frozen": state.frozen, "extra": state.extra}
-  )
-  state_sh = sharding.state_shardings(state)
-  step = jax.jit(
+  return distill.init(config, mesh, teacher=teacher)
+
+
+def jitted_step(setup, config, mesh):
+  """The loop's train step for `setup`, with the optimiser settings of `config`."""
+  state_sh = sharding.state_shardings(setup.state)
+  return jax.jit(
       functools.partial(
           distill.train_step,
           models=setup.models,
@@ -248,14 +368,32 @@ def run_steps(config, mesh, num_steps=2):
       out_shardings=(state_sh, None),
       donate_argnums=0,
   )
-  for i in range(num_steps):
-    state, metrics = step(state, sharding.global_batch(random_batch(config, seed=i), mesh))
-  return before, state, jax.device_get(metrics)
+
+
+def compiled_step(config, mesh):
+  """A fresh run's state (from a fresh teacher) and its jitted train step."""
+  setup = fresh_setup(config, mesh)
+  return setup.state, jitted_step(setup, config, mesh)
+
+
+def run_steps(config, mesh, num_steps=2, batches=None):
+  """Train steps on random batches (or on `batches`): (state before, state after, the metrics of
+  every step)."""
+  state, step = compiled_step(config, mesh)
+  before = jax.tree.map(
+      np.asarray, {"params": state.params, "frozen": state.frozen, "extra": state.extra}
+  )
+  metrics = []
+  for batch in batches or [random_batch(config, seed=i) for i in range(num_steps)]:
+    state, step_metrics = step(state, sharding.global_batch(batch, mesh))
+    metrics.append(jax.device_get(step_metrics))
+  return before, state, metrics
 
 
 @pytest.fixture(scope="module")
 def single_device_steps():
-  return run_steps(step_config(), sharding.single_device_mesh())
+  before, state, metrics = run_steps(step_config(), sharding.single_device_mesh())
+  return before, state, metrics[-1]
 
 
 def test_step_trains_the_student_advances_the_memory_and_keeps_the_teacher(single_device_steps):
@@ -286,6 +424,7 @@ def test_sharded_step_with_a_sharded_memory_equals_single_device(single_device_s
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
   mesh = sharding.make_mesh(config.mesh)
   _, out, metrics = run_steps(config, mesh)
+  metrics = metrics[-1]
   assert out.extra["crd"].student_memory.sharding.spec == jax.sharding.PartitionSpec(
       ("data", "fsdp"), None
   )
@@ -294,6 +433,40 @@ def test_sharded_step_with_a_sharded_memory_equals_single_device(single_device_s
       jax.tree.leaves((ref.params, ref.extra)), jax.tree.leaves((out.params, out.extra))
   ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-5)
+
+
+def test_logged_kd_losses_are_per_example_whatever_the_batch_and_accumulation():
+  """The logged (unweighted) KD terms of one step are per-example means: the same at global
+  batch 8 and 16 and with grad_accum_steps 1 and 2. Batch 16 is two batches of 8 and dropout
+  is off, so NST and MSE agree exactly; NT-Xent's groups of 4 are regrouped by the strided
+  micro-batches, so it agrees within sampling noise."""
+  objectives = ("nst", "ntxent", "mse")
+  a, b = (random_batch(step_config(), batch=8, seed=s) for s in (10, 11))
+  both = {k: np.concatenate([a[k], b[k]]) for k in a}
+
+  config = step_config("+".join(objectives))
+  config.model.hidden_dropout = config.model.attention_dropout = 0.0
+  config.optimizer.learning_rate = 0.0  # every step sees the initial parameters
+  config.kd.ntxent_group_size = 4
+  mesh = sharding.single_device_mesh()
+  setup = fresh_setup(config, mesh)
+  state = setup.state
+  accumulating = config.copy_and_resolve_references()
+  accumulating.optimizer.grad_accum_steps = 2
+  steps = {1: jitted_step(setup, config, mesh), 2: jitted_step(setup, accumulating, mesh)}
+
+  def logged(batch, accum):
+    nonlocal state
+    state, metrics = steps[accum](state, sharding.global_batch(batch, mesh))
+    return {name: float(metrics[f"{name}_loss"]) for name in objectives}
+
+  small = [logged(a, 1), logged(b, 1)]  # global batch 8
+  mean_of_small = {k: (small[0][k] + small[1][k]) / 2 for k in objectives}
+  for label, accum in (("batch 16", 1), ("batch 16, accumulation 2", 2)):
+    values = logged(both, accum)
+    for name in ("nst", "mse"):
+      assert values[name] == pytest.approx(mean_of_small[name], rel=1e-4), (label, name)
+    assert values["ntxent"] == pytest.approx(mean_of_small["ntxent"], rel=0.02), label
 
 
 def test_text_only_baseline_needs_no_teacher():
@@ -507,6 +680,38 @@ def test_voken_baseline_classifies_teacher_clip_vokens(corpus):
   assert 0.0 <= metrics["eval/voken_accuracy"] <= 1.0 and np.isfinite(metrics["eval/voken_loss"])
   first = next(m for m in read_metrics(workdir) if "train/voken_loss" in m)
   assert first["train/voken_loss"] < np.log(16) + 1.0  # starts near chance, log K
+
+
+def test_crd_rows_are_unique_per_example_of_the_text_corpus(corpus):
+  """The real text TFRecords: a memory smaller than the corpus is an error naming both sizes;
+  sized from the corpus, one epoch of training batches gives every example its own row."""
+  from vidlankd_jax.data import pipeline
+
+  config = loop_config(corpus, "crd", 1)
+  mesh = sharding.single_device_mesh()
+  blocks = shards_lib.read_text_summary(config.data.data_dir, config.data.task)["blocks"]
+  assert blocks > 16
+  config.kd.crd.memory_size = 16
+  with pytest.raises(ValueError, match=f"memory_size 16 is smaller than the {blocks} examples"):
+    distill.init_crd_memory(config, mesh, jax.random.key(0))
+  config.kd.crd.memory_size = 0
+  memory = distill.init_crd_memory(config, mesh, jax.random.key(0))
+  assert memory.student_memory.shape[0] == blocks
+  vocab_file = pipeline.resolve_vocab(config.data, config.model.vocab_size)
+  batches = pipeline.host_batches(
+      pipeline.input_spec(config.data, vocab_file),
+      mesh,
+      "train",
+      global_batch_size=16,
+      seed=0,
+      repeat=False,
+  )
+  rows = [
+      row
+      for batch in batches
+      for row in np.asarray(distill.memory_rows(batch, blocks))[batch["valid"] > 0].tolist()
+  ]
+  assert sorted(rows) == list(range(blocks))
 
 
 def test_teacher_size_mismatch_is_a_fingerprint_error(corpus):

@@ -326,7 +326,7 @@ def test_tracie_real_files(specs, vocab):
     assert out["input_ids"][i].tolist() == ids and out["token_type_ids"][i].tolist() == types
     assert out["attention_mask"][i].tolist() == mask
     assert out["label"][i] == (lines[i][1] == "answer: positive")
-    official_start = "starts before" in event or "starts after" in event
+    official_start = "starts before" in lines[i][0] or "starts after" in lines[i][0]
     assert out["hypothesis_type"][i] == (
         metrics.TRACIE_START if official_start else metrics.TRACIE_END
     )

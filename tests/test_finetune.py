@@ -387,8 +387,8 @@ def test_config_defaults_follow_the_protocol():
       glue.train.epochs,
       glue.train.batch_size,
       glue.data.seq_len,
-  ) == (1e-4, 3, 32, 128)
-  assert glue.optimizer.warmup_fraction == 0.1
+  ) == (1e-4, 3, 32, 126)
+  assert (glue.optimizer.warmup_fraction, glue.optimizer.weight_decay) == (0.1, 0.0)
   v1, v2 = configlib.load("finetune", "task=squad_v1"), configlib.load("finetune", "task=squad_v2")
   assert (v1.optimizer.learning_rate, v2.optimizer.learning_rate) == (3e-5, 5e-5)
   assert (v1.train.epochs, v1.data.seq_len, v1.data.doc_stride, v1.eval.primary_metric) == (
@@ -397,8 +397,11 @@ def test_config_defaults_follow_the_protocol():
       128,
       "f1",
   )
+  assert (v2.train.batch_size, v2.optimizer.warmup_fraction, v2.optimizer.eps) == (12, 0.0, 1e-8)
   swag = configlib.load("finetune", "task=swag,size=small")
   assert (swag.optimizer.learning_rate, swag.train.epochs, swag.data.seq_len) == (5e-5, 3, 80)
+  piqa = configlib.load("finetune", "task=piqa")
+  assert (piqa.optimizer.learning_rate, piqa.train.batch_size, piqa.data.seq_len) == (1e-4, 32, 126)
   assert swag.model.hidden_size == 512
   assert configlib.load("finetune", "task=cola").eval.primary_metric == "matthews_corr"
 

@@ -70,6 +70,8 @@ def config(root, out, **kw):
       "validation_shards": 1,
       "num_validation_videos": 2,
       "progress_interval": 0.0,
+      # The fixtures' features hold their step index, which the alignment tests read back.
+      "l2_normalize": False,
       **kw,
   }
   return h.ConvertConfig(caption, d2, d3, out, **kw)
@@ -156,6 +158,41 @@ def test_features_are_2d_next_to_3d_resampled_to_one_hz(converted):
       np.testing.assert_array_equal(
           steps, np.arange(int(np.floor(clip["start"])), min(int(np.ceil(clip["end"])), seconds))
       )
+
+
+def test_each_stream_is_l2_normalised_per_step_by_default(tmp_path, load_tool):
+  """Features that are not unit-norm (random scales, one all-zero step): by default every
+  step's first and last 2048 values each have unit norm (zero stays zero); the CLI's
+  --no_l2_normalize keeps the stored values."""
+  root = str(tmp_path)
+  make_layout(root, {"scaled": (12, regular_captions(12))})
+  rng = np.random.default_rng(0)
+  stored = {}
+  for folder, steps in (("f2d", 12), ("f3d", 18)):
+    values = rng.standard_normal((steps, 2048)) * rng.uniform(0.1, 40.0, (steps, 1))
+    values[3] = 0.0
+    stored[folder] = values.astype(np.float16)
+    np.save(os.path.join(root, folder, "scaled.npy"), stored[folder])
+  tool = load_tool("convert_howto100m")
+  for flags, out in (([], "normalised"), (["--no_l2_normalize"], "raw")):
+    cfg = tool.parse_args(
+        ["--caption_json", os.path.join(root, "caption.json"), "--features_2d_dir"]
+        + [os.path.join(root, "f2d"), "--features_3d_dir", os.path.join(root, "f3d")]
+        + ["--output_dir", os.path.join(root, out), "--num_validation_videos", "0"]
+        + flags
+    )
+    assert cfg.l2_normalize == (out == "normalised")
+    h.convert(cfg, log=lambda *_: None)
+    (clip,) = read_clips(tf.io.gfile.glob(os.path.join(root, out, "howto100m-train*")))
+    halves = (clip["features"][:, :2048], clip["features"][:, 2048:])
+    if out == "raw":
+      np.testing.assert_array_equal(halves[0], stored["f2d"].astype(np.float32))
+      continue
+    zero_steps = (np.arange(12) == 3, h.resample_indices(18, 12) == 3)  # the stored zero rows
+    for half, zero in zip(halves, zero_steps):
+      norms = np.linalg.norm(half, axis=1)
+      np.testing.assert_allclose(norms[~zero], 1.0, atol=2e-3)
+      assert zero.sum() == 1 and np.all(norms[zero] == 0.0)
 
 
 def test_long_spans_are_subsampled_to_384_steps(converted):
@@ -363,6 +400,7 @@ def test_default_stops_at_bad_video_keeps_finished_shards_and_resumes(tmp_path):
       "1",
       "--num_validation_videos",
       "0",
+      "--no_l2_normalize",  # as `config` converted the finished shards
   ]
   assert tool.main(args) == 1
   assert tool.main(args + ["--skip_bad"]) == 0

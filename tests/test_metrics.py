@@ -98,47 +98,56 @@ def test_multiple_choice_accuracy():
 # ---------------------------------------------------------------------------------- TRACIE
 
 
-def _official_tracie(glines, plines):
-  """The leaderboard evaluator's logic (allenai/aristo-leaderboard tracie/evaluator)."""
+def _official_tracie(lines, predictions):
+  """The TRACIE evaluator's rules (allenai/tracie code/models/ptntime/evaluator.py) on the
+  release's lines: a line is a start hypothesis when "starts before" or "starts after" occurs
+  anywhere in it (the story included); its story is the text after "story:"."""
   total = correct = total_start = correct_start = total_end = correct_end = 0
   story_prediction_map = {}
-  for (hypothesis, story, label), prediction in zip(glines, plines):
-    story_prediction_map.setdefault(story, [])
+  for line, prediction in zip(lines, predictions):
+    source, answer = line.split("\t")
+    story = source.split("story:")[1] if "story:" in source else "no story"
+    right = (answer.split()[1] == "positive") == (prediction == 1)
+    story_prediction_map.setdefault(story, []).append(right)
     total += 1
-    story_prediction_map[story].append(label == prediction)
-    correct += label == prediction
-    if "starts before" in hypothesis or "starts after" in hypothesis:
+    correct += right
+    if "starts before" in line or "starts after" in line:
       total_start += 1
-      correct_start += label == prediction
+      correct_start += right
     else:
       total_end += 1
-      correct_end += label == prediction
+      correct_end += right
   story_em = sum(all(v) for v in story_prediction_map.values()) / len(story_prediction_map)
   return correct / total, correct_start / total_start, correct_end / total_end, story_em
 
 
-def test_tracie_metrics_equal_official_evaluator():
+def test_tracie_metrics_equal_official_evaluator(tmp_path):
+  from vidlankd_jax.data.downstream import sources
+
+  s1 = "Tom ate. Then he left."
+  s3 = "Bob ran at dawn. The race starts after the bell."  # 'starts after' in the story only
   gold = [
-      ("Tom left starts after he ate", "s1", 1),
-      ("Tom left starts before he ate", "s1", 0),
-      ("Tom ate ends after he left", "s1", 1),
-      ("Ann sang ends before the show", "s2", 0),
-      ("Ann sang starts after the show", "s2", 1),
-      ("Bob ran ends after dawn", "s3", 1),
-      (
-          "the party starts later ends before noon",
-          "s3",
-          0,
-      ),  # 'starts' but not 'starts before/after'
+      ("Tom left starts after he ate", s1, "positive"),
+      ("Tom left starts before he ate", s1, "negative"),
+      ("Tom ate ends after he left", s1, "positive"),
+      ("Ann sang ends before the show", "Ann sang. The show began.", "negative"),
+      ("Ann sang starts after the show", "Ann sang. The show began.", "positive"),
+      ("Bob ran ends after dawn", s3, "positive"),
+      ("the party starts later ends before noon", s3, "negative"),  # no 'starts before/after'
   ]
+  lines = [f"event: {h} story: {story}\tanswer: {label}" for h, story, label in gold]
+  path = tmp_path / "tracie_test.txt"
+  path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  read = sources.read_tracie(str(path))
+  # The evaluator reads the whole line: the end hypotheses of story s3 count as start ones.
+  assert read["hypothesis_type"].tolist() == [0, 0, 1, 1, 0, 0, 0]
   predictions = [1, 0, 0, 0, 1, 1, 1]
-  acc, start, end, story_em = _official_tracie(gold, predictions)
-  stories = {s: i for i, s in enumerate(dict.fromkeys(g[1] for g in gold))}
+  acc, start, end, story_em = _official_tracie(lines, predictions)
   out = metrics.tracie_metrics(
-      [g[2] for g in gold],
+      read["label"],
       predictions,
-      hypothesis_type=[metrics.tracie_hypothesis_type(g[0]) for g in gold],
-      story_id=[stories[g[1]] for g in gold],
+      hypothesis_type=read["hypothesis_type"],
+      story_id=read["story_id"],
   )
   assert out["accuracy"] == pytest.approx(100 * acc)
   assert out["start_accuracy"] == pytest.approx(100 * start)

@@ -12,6 +12,7 @@ seqio = pytest.importorskip("seqio")
 gensim_test = pytest.importorskip("gensim.test.utils")
 
 from vidlankd_jax.data import howto100m  # noqa: E402
+from vidlankd_jax.data import shards as shards_lib  # noqa: E402
 from vidlankd_jax.data import tasks  # noqa: E402
 from vidlankd_jax.data import text as text_lib  # noqa: E402
 from vidlankd_jax.data import vocab as vocab_lib  # noqa: E402
@@ -79,6 +80,8 @@ TEXT_SPEC = {
     "mlm_weights": (np.float32, 20),
     "valid": (np.int32, None),
 }
+VIDEO_TEXT_SPEC = dict(TEXT_SPEC)
+TEXT_SPEC = {**TEXT_SPEC, "example_id": (np.int32, None)}
 
 
 def test_text_batches_have_the_trainer_contract(data_dir):
@@ -87,6 +90,8 @@ def test_text_batches_have_the_trainer_contract(data_dir):
   )
   (batch,) = take(ds, 1)
   assert set(batch) == set(TEXT_SPEC)
+  summary = shards_lib.read_text_summary(data_dir, "wiki103_mlm")
+  assert np.all((batch["example_id"] >= 0) & (batch["example_id"] < summary["blocks"]))
   for k, (dtype, length) in TEXT_SPEC.items():
     assert batch[k].dtype == dtype and batch[k].shape == (8, length)[: 2 if length else 1], k
   assert np.all(batch["unmasked_ids"][:, 0] == 101) and np.all(batch["unmasked_ids"][:, 127] == 102)
@@ -99,7 +104,7 @@ def test_video_text_batches_carry_the_stored_features(data_dir, vocab):
       cfg, "train", batch_size=4, shard_index=0, num_shards=1, seed=0, shuffle=False, repeat=False
   )
   batches = take(ds, 100)
-  assert set(batches[0]) == set(TEXT_SPEC) | {"video_features", "video_mask"}
+  assert set(batches[0]) == set(VIDEO_TEXT_SPEC) | {"video_features", "video_mask"}
   b = batches[0]
   assert b["video_features"].shape == (4, 384, 4096) and b["video_features"].dtype == np.float16
   assert b["video_mask"].shape == (4, 384) and b["video_mask"].dtype == np.int32
@@ -182,6 +187,31 @@ def test_masking_statistics_and_never_mask_rules(data_dir):
   assert abs(masked / total - 0.8) < 0.025
   assert abs(randomized / total - 0.1) < 0.02
   assert abs(kept / total - 0.1) < 0.02
+
+
+def test_bernoulli_masking_picks_each_token_with_probability_015(data_dir):
+  """The reference collator's scheme: a per-token coin, so the count per sequence varies as
+  Binomial(candidates, 0.15) (mean 18.9, sd 4.0 for 126), never a special token; stateless, so
+  the same seed gives the same masks."""
+  spec = data_config(data_dir, max_predictions=32, masking="bernoulli")
+  make = lambda: tasks.make_dataset(  # noqa: E731
+      spec, "train", batch_size=32, shard_index=0, num_shards=1, seed=4
+  )
+  batches = take(make(), 12)
+  counts, candidates = [], 0
+  for b in batches:
+    for i in range(32):
+      w, unmasked = b["mlm_weights"][i], b["unmasked_ids"][i]
+      pos = b["mlm_positions"][i][w > 0]
+      real = (b["attention_mask"][i] == 1) & ~np.isin(unmasked, SPECIALS)
+      assert np.all(real[pos]) and np.all(np.diff(pos) > 0)
+      counts.append(len(pos))
+      candidates += real.sum()
+  assert abs(sum(counts) / candidates - 0.15) < 0.01
+  assert 3.0 < np.std(counts) < 5.0 and max(counts) <= 32
+  with pytest.raises(ValueError, match="masking 'coin' is not one of"):
+    data_config(data_dir, masking="coin")
+  assert_batches_equal(batches[:2], take(make(), 2))
 
 
 def test_padding_is_never_masked_in_short_captions(data_dir):

@@ -44,17 +44,17 @@ def news_corpus(tmp_path_factory):
   return str(path)
 
 
-def read_blocks(output_dir, prefix, split, num_shards):
-  """Blocks in stream order: block k is record k // n of shard k % n."""
+def read_blocks(output_dir, prefix, split, num_shards, with_ids=False):
+  """Blocks in stream order (block k is record k // n of shard k % n), and their example ids."""
   per_shard = []
   for i in range(num_shards):
     path = os.path.join(output_dir, f"{prefix}-{split}.tfrecord-{i:05d}-of-{num_shards:05d}")
     ds = tf.data.TFRecordDataset(path).map(text_lib.parse_block)
-    per_shard.append([ex["ids"].numpy() for ex in ds])
+    per_shard.append([(ex["ids"].numpy(), int(ex["example_id"])) for ex in ds])
   blocks = []
   for k in range(sum(len(s) for s in per_shard)):
     blocks.append(per_shard[k % num_shards][k // num_shards])
-  return blocks
+  return blocks if with_ids else [ids for ids, _ in blocks]
 
 
 def test_blocks_are_the_contiguous_token_stream(tmp_path, vocab, news_corpus):
@@ -71,8 +71,10 @@ def test_blocks_are_the_contiguous_token_stream(tmp_path, vocab, news_corpus):
   with open(news_corpus, encoding="utf-8") as f:
     lines = [line.strip() for line in f if line.strip()]
   expected = np.concatenate([vocab.encode(line) for line in lines])
-  blocks = read_blocks(out, "news", "train", 3)
+  blocks, example_ids = zip(*read_blocks(out, "news", "train", 3, with_ids=True))
   assert all(b.shape == (126,) and b.dtype == np.int32 for b in blocks)
+  # example_id: dense and unique over the three shards, the block's index in the stream.
+  assert list(example_ids) == list(range(summary["blocks"]))
   n = len(expected) // 126
   assert len(blocks) == n == summary["blocks"]
   np.testing.assert_array_equal(np.concatenate(blocks), expected[: n * 126])

@@ -63,6 +63,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ConvertConfig:
       help="changes the (deterministic) validation choice and shard assignment",
   )
   p.add_argument(
+      "--no_l2_normalize",
+      dest="l2_normalize",
+      action="store_false",
+      help="keep the stored feature values (default: each stream's step divided by its L2 norm)",
+  )
+  p.add_argument(
       "--skip_bad",
       action="store_true",
       help="skip and count bad videos instead of stopping at the first one",

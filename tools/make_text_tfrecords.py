@@ -6,7 +6,10 @@
       --prefix wiki103 --split validation --num_shards 1
 
 Inputs: WikiText-103 `wiki.*.raw`, one-document-per-line text, or a MediaWiki XML dump (.bz2
-and .gz are read directly). The logic is `vidlankd_jax.data.text.convert_text`.
+and .gz are read directly). Each block carries a dense `example_id` (its index in write order,
+0..N-1 over all shards of the split; the memory-bank CRD keeps one row per id) and the summary
+JSON `<prefix>-<split>-summary.json` records N as `blocks`. The logic is
+`vidlankd_jax.data.text.convert_text`.
 """
 
 from __future__ import annotations

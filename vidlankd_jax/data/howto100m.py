@@ -5,8 +5,10 @@ Input (the HowTo100M release layout):
   features_2d/     VID.npy  [T, 2048]            ResNet-152, one step per second
   features_3d/     VID.npy  [~ceil(1.5 T), 2048] ResNeXt-101, 16 frames at 24 fps (1.5 per s)
 
-Per video, the 3D sequence is resampled to T steps with uniform linspace indices (as the
-reference code does) and concatenated to the 2D one: [T, 4096] at 1 step per second. Captions
+Per video, each stream is L2-normalised per time step (as the reference loader does before it
+concatenates; an all-zero step stays zero; `l2_normalize=False` keeps the stored values), the 3D
+sequence is resampled to T steps with uniform linspace indices (as the reference code does)
+and concatenated to the 2D one: [T, 4096] at 1 step per second. Captions
 are cut into clips by joining consecutive ASR segments until the word budget is reached, dropping
 the words that the next segment repeats from the end of the previous one (ASR windows overlap).
 A clip covers the seconds [floor(start), ceil(end)) of its segments; spans longer than
@@ -95,6 +97,10 @@ class ConvertConfig:
   # Allowed |len(3D) - 1.5 T| as a fraction of 1.5 T (plus 2 steps) before 3D is misaligned.
   max_3d_length_mismatch: float = 0.1
   hash_salt: str = "howto100m"
+  # Divide each stream's step by its L2 norm before concatenating (the reference loader's rule;
+  # the HowTo100M extractor's own default output is already unit-norm, so this changes nothing
+  # there but makes other extractors' features comparable).
+  l2_normalize: bool = True
   skip_bad: bool = False
   workers: int = 1
   progress_interval: float = 30.0
@@ -136,6 +142,7 @@ class ConvertConfig:
         "time_tolerance",
         "max_3d_length_mismatch",
         "hash_salt",
+        "l2_normalize",
     )
     d = {k: getattr(self, k) for k in keep}
     for k in ("caption_json", "features_2d_dir", "features_3d_dir"):
@@ -348,8 +355,16 @@ def resample_indices(num_source: int, num_target: int) -> np.ndarray:
   return np.linspace(0, num_source - 1, num_target).astype(np.int64)
 
 
+def l2_normalize_steps(features: np.ndarray) -> np.ndarray:
+  """Each row (time step) divided by its L2 norm, in float32; all-zero rows stay zero."""
+  features = np.asarray(features, np.float32)
+  norms = np.linalg.norm(features, axis=-1, keepdims=True)
+  return features / np.where(norms > 0, norms, 1.0)
+
+
 def load_video_features(cfg: ConvertConfig, video_id: str) -> np.ndarray:
-  """[T, dim_2d + dim_3d] float16 at one step per second: 2D next to resampled 3D."""
+  """[T, dim_2d + dim_3d] float16 at one step per second: 2D next to resampled 3D, each stream
+  L2-normalised per step unless `cfg.l2_normalize` is off."""
   path_2d, path_3d = feature_paths(cfg, video_id)
   f2d = load_feature_file(video_id, path_2d, cfg.dim_2d)
   f3d = load_feature_file(video_id, path_3d, cfg.dim_3d)
@@ -361,6 +376,8 @@ def load_video_features(cfg: ConvertConfig, video_id: str) -> np.ndarray:
         path_3d,
         f"{len(f3d)} 3D steps for {len(f2d)} 2D steps (expected about {expected:.0f})",
     )
+  if cfg.l2_normalize:
+    f2d, f3d = l2_normalize_steps(f2d), l2_normalize_steps(f3d)
   combined = np.concatenate([f2d, f3d[resample_indices(len(f3d), len(f2d))]], axis=-1)
   combined = combined.astype(np.float16)
   if not np.isfinite(combined).all():

@@ -47,6 +47,7 @@ def input_spec(data_cfg, vocab_file: str, video_cfg=None, **overrides):
       seq_len=int(data_cfg.seq_len),
       max_predictions=int(data_cfg.max_predictions),
       mask_prob=float(data_cfg.mask_prob),
+      masking=str(data_cfg.masking),
       shuffle_buffer=int(data_cfg.shuffle_buffer),
   )
   if video_cfg is not None:

@@ -20,6 +20,28 @@ if TYPE_CHECKING:
 
 WORK_DIR = "_work"
 
+# Pretraining task -> (sub-folder of data_dir, shard file prefix): where the converters write it.
+PRETRAINING_TASK_FILES = {
+    "howto100m_video_text": ("howto100m", "howto100m"),
+    "wiki103_mlm": ("wiki103", "wiki103"),
+    "wikipedia_mlm": ("wikipedia", "wikipedia"),
+}
+
+
+def text_summary_path(data_dir: str, task_name: str, split: str = "train") -> str:
+  """The summary JSON tools/make_text_tfrecords.py writes beside a text task's shards."""
+  folder, prefix = PRETRAINING_TASK_FILES[task_name]
+  return os.path.join(data_dir, folder, f"{prefix}-{split}-summary.json")
+
+
+def read_text_summary(data_dir: str, task_name: str, split: str = "train") -> dict | None:
+  """A text split's conversion summary (`blocks`: its examples), or None when there is none.
+  Local paths and gs:// alike, without TensorFlow."""
+  from etils import epath
+
+  path = epath.Path(text_summary_path(data_dir, task_name, split))
+  return json.loads(path.read_text()) if path.exists() else None
+
 
 def shard_name(prefix: str, split: str, index: int, num_shards: int) -> str:
   """`{prefix}-{split}.tfrecord-00003-of-00064`."""

@@ -12,12 +12,16 @@ Every example becomes fixed-shape features (L = seq_len, P = max_predictions, T 
   attention_mask int32 [L], token_type_ids int32 [L] (zeros), unmasked_ids int32 [L]
   mlm_positions int32 [P], mlm_targets int32 [P], mlm_weights float32 [P] (0 = unused slot)
   video_features float16 [T, D], video_mask int32 [T]   (video-text; the stored precision)
+  example_id int32 []        the text block's dense id (text only; -1 for shards without one)
 and each batch an int32 `valid` [B]: 0 marks the all-zero rows that pad an evaluation pass.
 
-Masking (BERT): 15% of the real, non-special tokens (rounded, at least 1, at most P); of those
-80% become [MASK], 10% a random non-special token, 10% stay. Its randomness is stateless, seeded
-by (seed, index of the example in the stream), so a given seed and step always give the same
-batch, and every epoch sees fresh masks.
+Masking (BERT), `masking` of the InputSpec: "fixed" picks 15% of the real, non-special tokens
+(rounded, at least 1, at most P); "bernoulli" (the reference's collator) picks each of them with
+probability 0.15 (at most P: the MLM head reads P gathered positions, so a P that the count
+rarely exceeds is needed, e.g. 32 for 126 candidates); of those 80% become [MASK], 10% a random
+non-special token, 10% stay. Its randomness is stateless, seeded by (seed, index of the example
+in the stream), so a given seed and step always give the same batch, and every epoch sees
+fresh masks.
 
 `make_dataset` orders the stream as a function of (seed, epoch): epoch e shuffles this host's
 files and records with seeds derived from (seed, e); batches are cut from the concatenated
@@ -45,13 +49,11 @@ VIDEO_TEXT_TASK = "howto100m_video_text"
 WIKI103_TASK = "wiki103_mlm"
 WIKIPEDIA_TASK = "wikipedia_mlm"
 SPLITS = ("train", "validation")
+MASKINGS = ("fixed", "bernoulli")
 
 # task name -> (sub-folder of data_dir, shard file prefix)
-TASK_FILES = {
-    VIDEO_TEXT_TASK: ("howto100m", "howto100m"),
-    WIKI103_TASK: ("wiki103", "wiki103"),
-    WIKIPEDIA_TASK: ("wikipedia", "wikipedia"),
-}
+TASK_FILES = shards_lib.PRETRAINING_TASK_FILES
+assert set(TASK_FILES) == {VIDEO_TEXT_TASK, WIKI103_TASK, WIKIPEDIA_TASK}
 
 TEXT_FEATURES = {
     "input_ids": tf.int32,
@@ -63,6 +65,8 @@ TEXT_FEATURES = {
     "mlm_weights": tf.float32,
 }
 VIDEO_FEATURES = {"video_features": tf.float16, "video_mask": tf.int32}
+# Per example, not per position: rank 0.
+TEXT_ID_FEATURE = "example_id"
 
 
 def task_file_pattern(data_dir: str, task_name: str, split: str) -> str:
@@ -81,14 +85,23 @@ def _map(ds: tf.data.Dataset, fn) -> tf.data.Dataset:
 
 
 def text_block_to_tokens(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """{'ids': int64 [block]} -> {'tokens': int32 [block]}."""
-  return _map(
-      ds,
-      lambda ex: {
-          "tokens": tf.cast(ex["ids"], tf.int32),
-          **({"mask_seed": ex["mask_seed"]} if "mask_seed" in ex else {}),
-      },
-  )
+  """{'ids': int64 [block], 'example_id': int64} -> {'tokens': int32 [block], 'example_id':
+  int32} (ids past int32 are an error naming the id)."""
+
+  def fn(ex):
+    example_id = ex[TEXT_ID_FEATURE]
+    check = tf.debugging.assert_less_equal(
+        example_id,
+        tf.constant(np.iinfo(np.int32).max, tf.int64),
+        message="text block example_id does not fit int32",
+    )
+    with tf.control_dependencies([check]):
+      out = {"tokens": tf.cast(ex["ids"], tf.int32), TEXT_ID_FEATURE: tf.cast(example_id, tf.int32)}
+    if "mask_seed" in ex:
+      out["mask_seed"] = ex["mask_seed"]
+    return out
+
+  return _map(ds, fn)
 
 
 def decode_video_clip(
@@ -166,12 +179,15 @@ def mask_tokens(
     mask_id: int,
     vocab_size: int,
     special_ids: Sequence[int],
+    masking: str = "fixed",
 ) -> dict[str, tf.Tensor]:
   """BERT masking of one sequence with stateless randomness from `seed` (int [2]).
 
-  Picks round(mask_prob * candidates) positions (at least 1 when there are candidates, at most
-  `max_predictions`) among real, non-special tokens; 80% -> [MASK], 10% -> a uniformly random
-  non-special token, 10% unchanged. Returns input_ids and the mlm_* features.
+  Among real, non-special tokens, `masking` "fixed" picks round(mask_prob * candidates)
+  positions (at least 1 when there are candidates), "bernoulli" each one with probability
+  `mask_prob`; at most `max_predictions` either way (a uniformly random subset of the chosen).
+  Of those, 80% -> [MASK], 10% -> a uniformly random non-special token, 10% unchanged. Returns
+  input_ids and the mlm_* features.
   """
   length = unmasked_ids.shape[0]
   seed = tf.cast(seed, tf.int64)
@@ -180,10 +196,18 @@ def mask_tokens(
       unmasked_ids[:, None] == tf.constant(special_ids, tf.int32)[None], axis=-1
   )
   candidate = tf.logical_and(tf.cast(attention_mask, tf.bool), tf.logical_not(special))
-  num_candidates = tf.reduce_sum(tf.cast(candidate, tf.int32))
-  num_predict = tf.cast(tf.round(tf.cast(num_candidates, tf.float32) * mask_prob), tf.int32)
-  num_predict = tf.minimum(tf.maximum(num_predict, tf.minimum(num_candidates, 1)), max_predictions)
-  scores = tf.where(candidate, tf.random.stateless_uniform([length], pick_seed), -1.0)
+  draw = tf.random.stateless_uniform([length], pick_seed)
+  if masking == "bernoulli":
+    candidate = tf.logical_and(candidate, draw < mask_prob)
+    num_predict = tf.reduce_sum(tf.cast(candidate, tf.int32))
+  elif masking == "fixed":
+    num_candidates = tf.reduce_sum(tf.cast(candidate, tf.int32))
+    num_predict = tf.cast(tf.round(tf.cast(num_candidates, tf.float32) * mask_prob), tf.int32)
+    num_predict = tf.maximum(num_predict, tf.minimum(num_candidates, 1))
+  else:
+    raise ValueError(f"masking {masking!r} is not one of {MASKINGS}")
+  num_predict = tf.minimum(num_predict, max_predictions)
+  scores = tf.where(candidate, draw, -1.0)
   _, top = tf.math.top_k(scores, k=max_predictions)
   slot_used = tf.range(max_predictions) < num_predict
   # Unused slots sort last; used ones in ascending position order.
@@ -223,12 +247,14 @@ def mask_tokens_preprocessor(
     sequence_length: Mapping[str, int],
     vocab: vocab_lib.WordPieceVocabulary,
     mask_prob: float,
+    masking: str = "fixed",
 ) -> tf.data.Dataset:
   """Applies `mask_tokens` to each example, P = sequence_length['mlm_positions']."""
   masker = functools.partial(
       mask_tokens,
       max_predictions=sequence_length["mlm_positions"],
       mask_prob=mask_prob,
+      masking=masking,
       mask_id=vocab.mask_id,
       vocab_size=vocab.vocab_size,
       special_ids=vocab.special_ids,
@@ -274,6 +300,19 @@ class MlmFeatureConverter(seqio.FeatureConverter):
     return dict(task_feature_lengths)
 
 
+class TextFeatureConverter(MlmFeatureConverter):
+  """MLM features plus the text block's example_id (a scalar)."""
+
+  TASK_FEATURES = {
+      **MlmFeatureConverter.TASK_FEATURES,
+      TEXT_ID_FEATURE: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32, rank=0),
+  }
+  MODEL_FEATURES = TASK_FEATURES
+
+  def _shape(self, name, lengths):
+    return [] if name == TEXT_ID_FEATURE else [lengths[name]]
+
+
 class VideoTextFeatureConverter(MlmFeatureConverter):
   """MLM features plus video_features [T, D] and video_mask [T]."""
 
@@ -296,19 +335,21 @@ class VideoTextFeatureConverter(MlmFeatureConverter):
 
 def feature_lengths(
     task_name: str, seq_len: int = 128, max_predictions: int = 20, max_video_steps: int = 384
-) -> dict[str, int]:
+) -> dict[str, int | None]:
   """The seqio `sequence_length` mapping of a task."""
   lengths = {k: seq_len for k in ("input_ids", "attention_mask", "token_type_ids", "unmasked_ids")}
   lengths.update({k: max_predictions for k in ("mlm_positions", "mlm_targets", "mlm_weights")})
   if task_name == VIDEO_TEXT_TASK:
     lengths.update(video_features=max_video_steps, video_mask=max_video_steps)
+  else:
+    lengths[TEXT_ID_FEATURE] = None  # a scalar: seqio neither trims nor checks it
   return lengths
 
 
 def feature_converter(task_name: str, video_dim: int = video_text.DEFAULT_FEATURE_DIM):
   if task_name == VIDEO_TEXT_TASK:
     return VideoTextFeatureConverter(feature_dim=video_dim)
-  return MlmFeatureConverter()
+  return TextFeatureConverter()
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,6 +369,7 @@ def register_pretraining_tasks(
     mask_prob: float = 0.15,
     video_dim: int = video_text.DEFAULT_FEATURE_DIM,
     text_block_len: int = text_lib.BLOCK_LEN,
+    masking: str = "fixed",
 ) -> list[str]:
   """(Re-)registers the pretraining tasks over the shards under `data_dir`."""
   vocab = _vocabulary(vocab_file or vocab_lib.default_vocab_file(), lower_case)
@@ -342,12 +384,16 @@ def register_pretraining_tasks(
     if video:
       feats["video_features"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.float16, rank=2)
       feats["video_mask"] = seqio.Feature(pass_through, add_eos=False, dtype=tf.int32)
+    else:
+      feats[TEXT_ID_FEATURE] = seqio.Feature(pass_through, add_eos=False, dtype=tf.int32, rank=0)
     return feats
 
   common = [
       functools.partial(wrap_with_specials, vocab=vocab),
       add_mask_seeds,
-      functools.partial(mask_tokens_preprocessor, vocab=vocab, mask_prob=mask_prob),
+      functools.partial(
+          mask_tokens_preprocessor, vocab=vocab, mask_prob=mask_prob, masking=masking
+      ),
   ]
   names = []
   for name in TASK_FILES:
@@ -442,6 +488,7 @@ class InputSpec:
   seq_len: int = 128
   max_predictions: int = 20
   mask_prob: float = 0.15
+  masking: str = "fixed"  # or "bernoulli" (the reference's); see the module docstring
   shuffle_buffer: int = 10_000
   video_steps: int = 384  # video-text task only
   video_dim: int = video_text.DEFAULT_FEATURE_DIM
@@ -453,6 +500,8 @@ class InputSpec:
       raise ValueError(
           f"unknown pretraining task {self.task!r}; expected one of {sorted(TASK_FILES)}"
       )
+    if self.masking not in MASKINGS:
+      raise ValueError(f"masking {self.masking!r} is not one of {MASKINGS} (config.data.masking)")
     if not 0 < self.max_predictions <= self.seq_len - 2:
       raise ValueError(
           f"max_predictions {self.max_predictions} must be in [1, seq_len - 2 = {self.seq_len - 2}]"
@@ -486,6 +535,7 @@ def make_dataset(
       lower_case=spec.lower_case,
       mask_prob=spec.mask_prob,
       video_dim=spec.video_dim,
+      masking=spec.masking,
   )
   task = seqio.get_mixture_or_task(name)
   files = sorted(task.source.list_shards(split))

@@ -1,9 +1,14 @@
 """Text corpora for the student: reading raw corpora and the TFRecord schema of token blocks.
 
 TFRecord schema (one `tf.train.Example` per block):
-  ids     int64 list [BLOCK_LEN]  contiguous word-piece ids (no specials). Blocks run across
-                                  paragraph and document boundaries, as in the reference
-                                  pipeline; [CLS]/[SEP] are added later, giving 128 tokens.
+  ids         int64 list [BLOCK_LEN]  contiguous word-piece ids (no specials). Blocks run
+                                      across paragraph and document boundaries, as in the
+                                      reference pipeline; [CLS]/[SEP] are added later, giving
+                                      128 tokens.
+  example_id  int64                   the block's index in write order: dense and unique,
+                                      0..N-1 over all shards of a split (N is the summary's
+                                      `blocks`). The memory-bank CRD keeps one row per id.
+                                      Shards written before it existed read as -1.
 
 Raw corpus formats (`iter_paragraphs`):
   wikitext   WikiText-103 `wiki.*.raw`: ` = Title = ` lines start an article (` = = Section = = `
@@ -145,21 +150,31 @@ class BlockPacker:
     return len(self._buffer)
 
 
-def block_to_example(ids) -> bytes:
-  """Serializes one block of ids as a tf.train.Example."""
+# The example_id of blocks from shards written without one.
+MISSING_EXAMPLE_ID = -1
+
+
+def block_to_example(ids, example_id: int | None = None) -> bytes:
+  """Serializes one block of ids (and its example id; None writes none, as older shards) as a
+  tf.train.Example."""
   ids = np.asarray(ids, np.int64).reshape(-1)
   feature = {"ids": tf.train.Feature(int64_list=tf.train.Int64List(value=ids))}
+  if example_id is not None:
+    feature["example_id"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(example_id)]))
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 def block_feature_spec(block_len: int = BLOCK_LEN) -> dict[str, tf.io.FixedLenFeature]:
-  return {"ids": tf.io.FixedLenFeature([block_len], tf.int64)}
+  return {
+      "ids": tf.io.FixedLenFeature([block_len], tf.int64),
+      "example_id": tf.io.FixedLenFeature([], tf.int64, default_value=MISSING_EXAMPLE_ID),
+  }
 
 
 def parse_block(serialized: tf.Tensor, block_len: int = BLOCK_LEN) -> dict[str, tf.Tensor]:
-  """Parses one serialized block into {'ids': int32 [block_len]}."""
+  """Parses one serialized block into {'ids': int32 [block_len], 'example_id': int64 []}."""
   parsed = tf.io.parse_single_example(serialized, block_feature_spec(block_len))
-  return {"ids": tf.cast(parsed["ids"], tf.int32)}
+  return {"ids": tf.cast(parsed["ids"], tf.int32), "example_id": parsed["example_id"]}
 
 
 def convert_text(
@@ -178,9 +193,10 @@ def convert_text(
 ) -> dict:
   """Tokenizes raw corpora into contiguous blocks, dealt round-robin into `num_shards` shards.
 
-  Streaming: memory holds one batch of paragraphs. Each shard appears only when complete
-  (a temporary file, then a rename); a finished conversion is not redone. Returns the summary,
-  also written to `{prefix}-{split}-summary.json`.
+  Each block's `example_id` is its index in write order (dense over all shards). Streaming:
+  memory holds one batch of paragraphs. Each shard appears only when complete (a temporary
+  file, then a rename); a finished conversion is not redone. Returns the summary, also written
+  to `{prefix}-{split}-summary.json` (`blocks` is the number of examples).
   """
   if num_shards <= 0:
     raise ValueError(f"num_shards must be positive, got {num_shards}.")
@@ -194,6 +210,7 @@ def convert_text(
       "num_shards": num_shards,
       "vocab_file": os.path.abspath(vocab.vocab_file),
       "lower_case": vocab.lower_case,
+      "example_ids": "dense",  # blocks carry example_id 0..N-1 in write order
   }
   shards_lib.check_settings(output_dir, f"{prefix}-{split}-conversion", settings)
   summary_path = os.path.join(output_dir, f"{prefix}-{split}-summary.json")
@@ -225,7 +242,7 @@ def convert_text(
       stats["unk_tokens"] += int(np.sum(ids == vocab.unk_id))
       for block in packer.add(ids):
         shard = stats["blocks"] % num_shards
-        writers[shard].write(block_to_example(block))
+        writers[shard].write(block_to_example(block, stats["blocks"]))
         per_shard[shard] += 1
         stats["blocks"] += 1
 

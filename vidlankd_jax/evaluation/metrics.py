@@ -182,13 +182,11 @@ def multiple_choice_accuracy(
 TRACIE_START, TRACIE_END = 0, 1
 
 
-def tracie_hypothesis_type(hypothesis: str) -> int:
-  """TRACIE_START for 'starts before/after' hypotheses, else TRACIE_END (the official rule)."""
-  return (
-      TRACIE_START
-      if ("starts before" in hypothesis or "starts after" in hypothesis)
-      else TRACIE_END
-  )
+def tracie_hypothesis_type(line: str) -> int:
+  """TRACIE_START when 'starts before' or 'starts after' occurs in a TRACIE file's line, else
+  TRACIE_END: the official evaluator's rule, which reads the whole line (story included), not
+  the hypothesis alone."""
+  return TRACIE_START if ("starts before" in line or "starts after" in line) else TRACIE_END
 
 
 def tracie_metrics(

@@ -7,8 +7,8 @@ and `kd_heads` (an `nnx.Dict`, objective name -> head):
   through its own `DistillationHead`: Linear H->H, GELU, LayerNorm, Linear H->H_teacher, then L2
   normalisation per token. The last layer maps to the teacher's width, so a teacher larger (or
   smaller) than the student can be distilled;
-* the vokenization baseline (`voken`) has a `VokenClassifier`: Linear H->K scores over a finite
-  set of K vokens.
+* the vokenization baseline (`voken`) has a `VokenClassifier`: vokenization's head (Linear
+  H->H, GELU, LayerNorm, Linear H->K), scores over a finite set of K vokens.
 
 Objectives without parameters of their own (soft-label KD on the MLM logits, the text-only
 baseline) add no head.
@@ -48,26 +48,37 @@ def parse_objectives(spec: str) -> tuple[str, ...]:
   return names
 
 
-class DistillationHead(nnx.Module):
-  """Linear H->H, GELU, LayerNorm, Linear H->`out_features`, L2-normalised per token (float32)."""
+class TransformHead(nnx.Module):
+  """Linear H->H, GELU, LayerNorm, Linear H->`out_features`: the released heads' shape."""
 
-  def __init__(self, cfg: BertConfig, out_features: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: BertConfig, out_features: int, output_axes: tuple, *, rngs: nnx.Rngs):
     self.transform = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs)
     self.layer_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
-    self.output = dense(cfg, cfg.hidden_size, out_features, (None, "embed"), rngs=rngs)
+    self.output = dense(cfg, cfg.hidden_size, out_features, output_axes, rngs=rngs)
 
   def __call__(self, hidden: Array) -> Array:
-    return l2_normalize(self.output(self.layer_norm(gelu(self.transform(hidden)))))
+    return self.output(self.layer_norm(gelu(self.transform(hidden))))
 
 
-class VokenClassifier(nnx.Module):
-  """Scores [..., K] (float32) of each token over the K vokens."""
+class DistillationHead(TransformHead):
+  """The transform head to `out_features`, L2-normalised per token."""
+
+  def __init__(self, cfg: BertConfig, out_features: int, *, rngs: nnx.Rngs):
+    super().__init__(cfg, out_features, (None, "embed"), rngs=rngs)
+
+  def __call__(self, hidden: Array) -> Array:
+    return l2_normalize(super().__call__(hidden))
+
+
+class VokenClassifier(TransformHead):
+  """Scores [..., K] (float32) of each token over the K vokens, through vokenization's
+  classification head (its `BertVLMClassificationHead`)."""
 
   def __init__(self, cfg: BertConfig, num_vokens: int, *, rngs: nnx.Rngs):
-    self.output = dense(cfg, cfg.hidden_size, num_vokens, ("embed", None), rngs=rngs)
+    super().__init__(cfg, num_vokens, (None, None), rngs=rngs)
 
   def __call__(self, hidden: Array) -> Array:
-    return self.output(hidden).astype(jnp.float32)
+    return super().__call__(hidden).astype(jnp.float32)
 
 
 class Student(nnx.Module):

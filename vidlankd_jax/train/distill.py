@@ -7,15 +7,18 @@ vocabulary head (the head runs only for soft-label KD, at the masked positions).
 its last-layer token states, L2-normalised. Each feature objective reads the student through
 its own head (see models/student.py) and compares with those targets; the memory-bank CRD
 compares sequence embeddings (the mean over real tokens of the head's output and of the
-targets, L2-normalised), one memory row per example: its `example_id` when the data has one,
-else a hash of its token ids. The CRD memory (and the voken bank of the vokenization baseline)
-lives in `TrainState.extra`, sharded and checkpointed.
+targets, L2-normalised), one memory row per example: its dense `example_id` (written by
+tools/make_text_tfrecords.py), the memory sized from the corpus; a hash of the token ids only
+behind `config.kd.crd.hash_rows`. The CRD memory (and the voken bank of the vokenization
+baseline) lives in `TrainState.extra`, sharded and checkpointed.
 
 The vokenization baseline: the voken of a token is its nearest vector (by dot product of unit
 vectors) in a finite bank of the teacher's clip vectors, namely those of the held-out
 (validation) clips of a HowTo100M-layout data dir (`config.kd.voken`), or spherical k-means
-centroids of them. Labels are computed inside the step from the frozen teacher's token states,
-so the teacher plays the token-to-image retrieval model of vokenization.
+centroids of them. Labels are computed inside the step from the frozen teacher's token states
+on the unmasked text (vokenization labels its corpus before any masking), so the teacher plays
+the token-to-image retrieval model of vokenization; as there, every real token but [CLS] and
+[SEP] is classified, through vokenization's head (Linear, GELU, LayerNorm, Linear).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as ts
 from vidlankd_jax.data import pipeline
+from vidlankd_jax.data import shards
 from vidlankd_jax.evaluation import representation
 from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
 from vidlankd_jax.models.teacher import Teacher
@@ -56,9 +60,10 @@ class KDSpec:
   mlm_weight: float
   nst_variant: str
   ntxent_temperature: float
+  ntxent_group_size: int
   soft_label_temperature: float
   teacher_input: str
-  crd_memory_size: int
+  crd_hash_rows: bool
   crd_num_negatives: int
   crd_temperature: float
   crd_momentum: float
@@ -87,6 +92,18 @@ class KDSpec:
           "config.optimizer.grad_accum_steps must be 1 with the crd objective: the "
           "memory update needs every example's embeddings of the step at once"
       )
+    group = int(kd.ntxent_group_size)
+    if "ntxent" in objectives and group:
+      micro = config.train.batch_size // config.optimizer.grad_accum_steps
+      for key, size in (
+          ("the micro-batch", micro),
+          ("config.eval.batch_size", config.eval.batch_size),
+      ):
+        if group < 0 or size % group:
+          raise ValueError(
+              f"config.kd.ntxent_group_size {group} does not divide {key} ({size}): NT-Xent's "
+              "negatives are drawn within groups of that many sequences"
+          )
     if VOKEN_OBJECTIVE in objectives and not kd.voken.data_dir:
       raise ValueError(
           "config.kd.voken.data_dir is empty: the voken bank is made of the "
@@ -98,9 +115,10 @@ class KDSpec:
         mlm_weight=float(kd.mlm_weight),
         nst_variant=kd.nst_variant,
         ntxent_temperature=float(kd.ntxent_temperature),
+        ntxent_group_size=int(kd.ntxent_group_size),
         soft_label_temperature=float(kd.soft_label_temperature),
         teacher_input=config.teacher.input,
-        crd_memory_size=int(kd.crd.memory_size),
+        crd_hash_rows=bool(kd.crd.hash_rows),
         crd_num_negatives=int(kd.crd.num_negatives),
         crd_temperature=float(kd.crd.temperature),
         crd_momentum=float(kd.crd.momentum),
@@ -131,11 +149,72 @@ def sequence_hash(ids):
   return h ^ (h >> 16)
 
 
-def memory_rows(batch, num_rows: int):
-  """The CRD memory row of each example: `example_id` if the data has it, else a token hash."""
-  if "example_id" in batch:
-    return (batch["example_id"] % num_rows).astype(jnp.int32)
-  return (sequence_hash(batch["unmasked_ids"]) % jnp.uint32(num_rows)).astype(jnp.int32)
+def memory_rows(batch, num_rows: int, hash_rows: bool = False):
+  """The CRD memory row of each example: its dense `example_id`, or with `hash_rows` a hash of
+  its token ids modulo `num_rows` (examples then share rows: `expected_row_sharing`)."""
+  if hash_rows:
+    return (sequence_hash(batch["unmasked_ids"]) % jnp.uint32(num_rows)).astype(jnp.int32)
+  if "example_id" not in batch:
+    raise ValueError(
+        "the CRD memory needs each text block's example_id, which this batch lacks: write the "
+        "text with tools/make_text_tfrecords.py, or set config.kd.crd.hash_rows=True"
+    )
+  return batch["example_id"].astype(jnp.int32)
+
+
+def expected_row_sharing(num_examples: int, num_rows: int) -> dict[str, float]:
+  """What hashing `num_examples` examples uniformly into `num_rows` memory rows costs.
+
+  With K ~ Poisson(lambda = (N - 1) / M) other examples on an example's row:
+  `shared`: the share of examples whose row holds another, 1 - (1 - 1/M)^(N-1);
+  `first_epoch`: the share of positives (read before the example's own update) last written
+  by another example in the first epoch, E[K / (K + 1)] = 1 - (1 - e^-lambda) / lambda;
+  `later_epochs`: the same once every example has written, with each epoch in a fresh random
+  order: the example's own write survives only if no other of its row came after it in the
+  last epoch and before it in this one, E[1 - 1/(K + 1)^2].
+  """
+  lam = (num_examples - 1) / num_rows
+  k = np.arange(int(lam + 12 * np.sqrt(lam) + 40))
+  log_poisson = -lam + k * np.log(max(lam, 1e-300)) - np.cumsum(np.log(np.maximum(k, 1)))
+  poisson = np.exp(log_poisson)
+  return {
+      "shared": float(-np.expm1((num_examples - 1) * np.log1p(-1.0 / num_rows))),
+      "first_epoch": float(1.0 - (-np.expm1(-lam)) / lam) if lam > 0 else 0.0,
+      "later_epochs": float(1.0 - np.sum(poisson / (k + 1.0) ** 2)),
+  }
+
+
+def nst_per_sequence(student, teacher):
+  """Released NST as a mean over sequences: `losses.nst_loss` (sum over the call's sequences,
+  divided by L) times L / B, so the term does not grow with the batch it is computed on."""
+  batch, seq_len = student.shape[0], student.shape[1]
+  return losses.nst_loss(student, teacher) * (seq_len / batch)
+
+
+def grouped_nt_xent(student, teacher, temperature, mask, group_size: int):
+  """NT-Xent within consecutive groups of `group_size` sequences, averaged over the groups.
+
+  Each group is one released per-GPU call: its anchors' negatives are the 2G - 2 other vectors
+  of the group at that position, so the value does not depend on the global batch size, the
+  devices or gradient accumulation. `group_size` 0 takes the whole batch as one group.
+  """
+  batch = student.shape[0]
+  if not group_size or group_size == batch:
+    return losses.nt_xent_loss(student, teacher, temperature, mask)
+  regroup = lambda x: x.reshape((batch // group_size, group_size) + x.shape[1:])
+  per_group = jax.vmap(losses.nt_xent_loss, in_axes=(0, 0, None, 0))(
+      regroup(student), regroup(teacher), temperature, regroup(mask)
+  )
+  return jnp.mean(per_group)
+
+
+def content_token_mask(attention_mask):
+  """[B, L] -> 1.0 on real tokens other than the first ([CLS]) and the last ([SEP]) of each
+  sequence: the tokens vokenization labels (it gives its special tokens the ignored label)."""
+  lengths = jnp.sum(attention_mask, axis=-1, keepdims=True)
+  positions = jnp.arange(attention_mask.shape[-1])
+  content = (attention_mask > 0) & (positions > 0) & (positions < lengths - 1)
+  return content.astype(jnp.float32)
 
 
 def voken_labels(token_states, bank):
@@ -174,16 +253,69 @@ def load_teacher(config, mesh) -> Teacher:
   )
 
 
-def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
-  """A fresh CRD memory, rows sharded over the data axes (logical axis "memory")."""
+def crd_memory_size(config, num_shards: int) -> int:
+  """Rows of the CRD memory: one per training example, from the corpus's conversion summary.
+
+  `config.kd.crd.memory_size` 0 sizes it to the corpus (rounded up to a multiple of the mesh's
+  data-parallel shards); a size smaller than the corpus is an error. With `hash_rows` the size
+  is taken as given and the expected sharing of rows is printed.
+  """
   crd = config.kd.crd
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if crd.memory_size % shards:
+  summary_path = shards.text_summary_path(config.data.data_dir, config.data.task)
+  summary = shards.read_text_summary(config.data.data_dir, config.data.task)
+  num_examples = None if summary is None else int(summary["blocks"])
+  size = int(crd.memory_size)
+  if crd.hash_rows:
+    if size <= 0:
+      raise ValueError("config.kd.crd.hash_rows needs config.kd.crd.memory_size > 0")
+    if num_examples is None:
+      print(
+          f"CRD memory rows are token hashes into {size} rows (config.kd.crd.hash_rows); the "
+          f"corpus size is unknown (no {summary_path}), so is the share of examples that "
+          "share a row",
+          flush=True,
+      )
+    else:
+      sharing = expected_row_sharing(num_examples, size)
+      print(
+          f"CRD memory rows are token hashes (config.kd.crd.hash_rows): {num_examples} examples "
+          f"in {size} rows: {sharing['shared']:.1%} of examples share a row; positives written "
+          f"by another example: {sharing['first_epoch']:.1%} in the first epoch, "
+          f"{sharing['later_epochs']:.1%} after it (expected)",
+          flush=True,
+      )
+  elif summary is not None and summary.get("settings", {}).get("example_ids") != "dense":
     raise ValueError(
-        f"config.kd.crd.memory_size {crd.memory_size} is not divisible by the "
-        f"{shards} data-parallel shards of the mesh"
+        f"{summary_path}: these text shards carry no example_id (written by an older "
+        "tools/make_text_tfrecords.py): convert the corpus again for the CRD memory, or set "
+        "config.kd.crd.hash_rows=True (rows shared, see its printed collision rate)"
     )
-  memory = losses.init_crd_memory(key, crd.memory_size, config.teacher.model.hidden_size)
+  elif size <= 0:
+    if num_examples is None:
+      raise ValueError(
+          f"config.kd.crd.memory_size is 0 (one row per example of the corpus) but {summary_path}"
+          " is missing: convert the corpus with tools/make_text_tfrecords.py, or set the size"
+      )
+    size = -(-num_examples // num_shards) * num_shards
+  elif num_examples is not None and size < num_examples:
+    raise ValueError(
+        f"config.kd.crd.memory_size {size} is smaller than the {num_examples} examples of "
+        f"{config.data.task} ({summary_path}): every example needs its own row; set it to 0 "
+        f"(sized to the corpus) or at least {num_examples}"
+    )
+  if size % num_shards:
+    raise ValueError(
+        f"config.kd.crd.memory_size {size} is not divisible by the "
+        f"{num_shards} data-parallel shards of the mesh"
+    )
+  return size
+
+
+def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
+  """A fresh CRD memory (`crd_memory_size` rows), sharded over the data axes (logical axis
+  "memory")."""
+  size = crd_memory_size(config, mesh.shape["data"] * mesh.shape["fsdp"])
+  memory = losses.init_crd_memory(key, size, config.teacher.model.hidden_size)
   rows = sharding.logical_to_sharding(("memory", None), mesh, config.sharding_rules)
   scalar = sharding.replicated(mesh)
   # A copy of every leaf: the two normalisers start as one array, and each buffer of the
@@ -255,24 +387,41 @@ def voken_bank(teacher: Teacher, config, mesh, vocab_file: str) -> jax.Array:
 
 
 def objective_terms(
-    kd: KDSpec, heads, targets, batch, extra, key, *, mlm_logits=None, teacher_logits=None
+    kd: KDSpec,
+    heads,
+    targets,
+    batch,
+    extra,
+    key,
+    *,
+    mlm_logits=None,
+    teacher_logits=None,
+    voken_targets=None,
 ):
-  """Every active KD loss (unweighted) from the heads' outputs and the teacher's token states.
+  """Every active KD loss (unweighted, per example) from the heads' outputs and the teacher's
+  token states.
+
+  Each term is a mean over the batch's examples (tokens, positions), so its value and its
+  gradient do not change with the global batch size, the devices or gradient accumulation;
+  `config.kd.weights` carries the released scale (docs/recipe.md derives it).
 
   heads: objective -> student head output ([B, L, H_t] unit vectors; the voken scores
   [B, L, K]); targets: the teacher's unit token states [B, L, H_t]; `mlm_logits` and
-  `teacher_logits` ([B, P, V], at the masked positions) for soft-label KD. Returns
+  `teacher_logits` ([B, P, V], at the masked positions) for soft-label KD; `voken_targets` the
+  teacher's unit token states on the unmasked text, which the voken labels come from. Returns
   (terms, metrics, extra_updates), the updates holding the advanced CRD memory.
   """
   mask = batch["attention_mask"]
   terms, metrics, updates = {}, {}, {}
   for name in kd.objectives:
     if name == "nst" and kd.nst_variant == "released":
-      terms[name] = losses.nst_loss(heads[name], targets)
+      terms[name] = nst_per_sequence(heads[name], targets)
     elif name == "nst":
       terms[name] = losses.nst_mmd_loss(heads[name], targets, mask)
     elif name == "ntxent":
-      terms[name] = losses.nt_xent_loss(heads[name], targets, kd.ntxent_temperature, mask)
+      terms[name] = grouped_nt_xent(
+          heads[name], targets, kd.ntxent_temperature, mask, kd.ntxent_group_size
+      )
     elif name == "mse":
       terms[name] = losses.hidden_mse_loss(heads[name], targets, mask)
     elif name == "cos":
@@ -281,7 +430,7 @@ def objective_terms(
       terms[name], updates["crd"] = losses.crd_loss(
           l2_normalize(masked_mean_pool(heads[name], mask)),
           l2_normalize(masked_mean_pool(targets, mask)),
-          memory_rows(batch, kd.crd_memory_size),
+          memory_rows(batch, extra["crd"].student_memory.shape[0], kd.crd_hash_rows),
           extra["crd"],
           key,
           num_negatives=kd.crd_num_negatives,
@@ -296,19 +445,38 @@ def objective_terms(
           batch["mlm_weights"],
       )
     elif name == VOKEN_OBJECTIVE:
-      labels = voken_labels(targets, extra["voken_bank"])
-      terms[name] = losses.voken_classification_loss(heads[name], labels, mask)
-      metrics["voken_accuracy"] = losses.weighted_accuracy(heads[name], labels, mask)
+      if voken_targets is None:
+        raise ValueError("voken labels need the teacher's token states on the unmasked text")
+      labels = voken_labels(voken_targets, extra["voken_bank"])
+      content = content_token_mask(mask)
+      terms[name] = losses.voken_classification_loss(heads[name], labels, content)
+      metrics["voken_accuracy"] = losses.weighted_accuracy(heads[name], labels, content)
   return terms, metrics, updates
 
 
-def teacher_targets(teacher, batch, kd: KDSpec):
-  """The frozen teacher's last hidden states (no vocabulary head) and their unit-norm targets."""
-  ids = batch["unmasked_ids"] if kd.teacher_input == "unmasked" else batch["input_ids"]
+def teacher_states(teacher, ids, batch):
+  """The frozen teacher's last hidden states on `ids` (no vocabulary head) and their unit-norm
+  versions."""
   hidden = jax.lax.stop_gradient(
       teacher.bert.encode(ids, batch["attention_mask"], batch["token_type_ids"])
   )
   return hidden, l2_normalize(hidden)
+
+
+def teacher_targets(teacher, batch, kd: KDSpec):
+  """(hidden, targets, voken targets): the teacher's states on the input `config.teacher.input`
+  names and, for the vokenization baseline, its unit states on the unmasked text (one forward
+  when they coincide, or when vokens are the only objective)."""
+  voken = VOKEN_OBJECTIVE in kd.objectives
+  unmasked = kd.teacher_input == "unmasked" or kd.objectives == (VOKEN_OBJECTIVE,)
+  hidden, targets = teacher_states(
+      teacher, batch["unmasked_ids"] if unmasked else batch["input_ids"], batch
+  )
+  if not voken:
+    return hidden, targets, None
+  if unmasked:
+    return hidden, targets, targets
+  return hidden, targets, teacher_states(teacher, batch["unmasked_ids"], batch)[1]
 
 
 def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None):
@@ -329,7 +497,7 @@ def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None)
   outputs = {"hidden": hidden, "heads": heads}
   if teacher is None:
     return {"mlm": mlm}, {"mlm_accuracy": accuracy}, {}, outputs
-  teacher_hidden, outputs["teacher"] = teacher_targets(teacher, batch, kd)
+  teacher_hidden, outputs["teacher"], voken_targets = teacher_targets(teacher, batch, kd)
   teacher_logits = None
   if "kd" in kd.objectives:
     teacher_logits = teacher.mlm(
@@ -344,6 +512,7 @@ def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None)
       key,
       mlm_logits=mlm_logits,
       teacher_logits=teacher_logits,
+      voken_targets=voken_targets,
   )
   return {"mlm": mlm, **terms}, {"mlm_accuracy": accuracy, **metrics}, updates, outputs
 

@@ -251,7 +251,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   batch_size = config.train.batch_size
   steps = config.train.steps or math.ceil(config.train.epochs * num_train / batch_size)
   opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
-  opt_cfg.warmup_steps = int(round(config.optimizer.warmup_fraction * steps))
+  opt_cfg.warmup_steps = int(config.optimizer.warmup_fraction * steps)  # floor, as the reference
   tx = ts.make_optimizer(opt_cfg, steps)
   schedule = ts.learning_rate_schedule(opt_cfg, steps)
   print(

@@ -165,7 +165,8 @@ def read_tracie(path: str) -> dict[str, np.ndarray]:
   """TRACIE's released text file -> hypothesis, story, label, hypothesis_type, story_id [N].
 
   Lines are `event: <hypothesis> story: <story>\\tanswer: positive|negative`. story_id numbers
-  the distinct stories of the file in order of appearance.
+  the distinct stories of the file in order of appearance; hypothesis_type reads the whole line,
+  as the official evaluator does.
   """
   hypotheses, stories, labels, kinds, story_ids = [], [], [], [], []
   story_index: dict[str, int] = {}
@@ -188,7 +189,7 @@ def read_tracie(path: str) -> dict[str, np.ndarray]:
       hypotheses.append(hypothesis.strip())
       stories.append(story.strip())
       labels.append(TRACIE_LABELS.index(answer[len("answer: ") :]))
-      kinds.append(metrics.tracie_hypothesis_type(hypothesis))
+      kinds.append(metrics.tracie_hypothesis_type(line))
       story_ids.append(story_index.setdefault(story.strip(), len(story_index)))
   if not labels:
     raise ValueError(f"{path}: the TRACIE file has no examples.")

@@ -39,8 +39,9 @@ GLUE_TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]] = {
     "ax": (("premise", "hypothesis"), metrics.MNLI_LABELS),
 }
 
-# Default max tokens per row (the paper's settings where it gives them).
-DEFAULT_SEQ_LEN = {"glue": 126, "squad": 384, "swag": 80, "piqa": 128, "tracie": 128}
+# Default max tokens per row, [CLS]/[SEP] included: the released scripts' (configs/finetune.py
+# sets the same; docs/recipe.md).
+DEFAULT_SEQ_LEN = {"glue": 126, "squad": 384, "swag": 80, "piqa": 126, "tracie": 126}
 
 
 def glue_formatter(text_fields: tuple[str, ...]):
