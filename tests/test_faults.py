@@ -118,7 +118,7 @@ def test_damaged_checkpoint_is_an_error_naming_the_item(stopped_run, data_dir, t
   with pytest.raises(
       ckpt_lib.CorruptCheckpointError,
       match=r"checkpoints/2/params is damaged or incomplete: .*"
-      r"delete .*checkpoints/2 to resume from step 1",
+      r"delete .*checkpoints/2 .*to resume from step 1",
   ):
     loop.fit(program, config, workdir, mesh)
 

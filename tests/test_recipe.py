@@ -42,6 +42,8 @@ NOT_RECIPE_PREFIXES = (
     "data.benchmarks_module",
     "train.log_every",
     "train.on_nonfinite",
+    "train.max_skips_in_a_row",
+    "train.input_timeout_s",
     "eval.every_steps",
     "eval.batches",
     "eval.batch_size",

@@ -8,8 +8,10 @@ wanted shardings, so a run resumes on another mesh or device count.
 
 from __future__ import annotations
 
+import os
 import os.path as os_path
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -21,6 +23,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidlankd_jax import sharding
 from vidlankd_jax.models import layout
 from vidlankd_jax.train_state import TrainState
 
@@ -41,16 +44,21 @@ class CorruptCheckpointError(ValueError):
   """A finished checkpoint whose files were removed or damaged since it was written."""
 
 
-# What TensorStore/Orbax say when a file of a checkpoint is missing or cut short.
-_DAMAGE_MARKERS = (
-    "NOT_FOUND",
-    "OUT_OF_RANGE",
-    "DATA_LOSS",
-    "was not found in the checkpoint",
-    "No such file",
-    "Error reading",
-    "does not exist",
-)
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (a full, read-only or unreachable disk)."""
+
+
+def writable_problem(directory) -> str:
+  """ "" if a file can be created in `directory` (created if missing), else why not (one line)."""
+  path = epath.Path(directory)
+  probe = path / f".write-probe-{jax.process_index()}"
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    return f"{type(e).__name__}: {e.strerror or e}"
+  return ""
 
 
 def _short(error: Exception) -> str:
@@ -134,6 +142,150 @@ def from_disk(target: PyTree, restored: PyTree, what: str) -> PyTree:
   return from_pure(target, merged, what)
 
 
+# Content digests. Orbax 0.12 verifies no array data on restore (zarr3 checksums only a shard's
+# index; the default zarr2+zstd nothing): a flipped bit restores silently. Each save therefore
+# records, in its `meta` item (committed atomically with the arrays), a 32-bit digest of every
+# array's bits; a restore recomputes them and compares before the state is used.
+_DIGEST_MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (odd)
+
+
+def _path_name(path) -> str:
+  """A tree path as `a/b/0/c`, equal for the int and str layer keys Orbax may hand back."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _as_uint32(x, xp):
+  """An array's bits as uint32 (float16/bfloat16 and 8/16-bit ints widened, bools as 0/1)."""
+  width = x.dtype.itemsize
+  if x.dtype == bool:
+    return x.astype(xp.uint32)
+  unsigned = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32}[width]
+  bits = x.view(unsigned) if xp is np else jax.lax.bitcast_convert_type(x, unsigned)
+  return bits.astype(xp.uint32)
+
+
+def _digest_jax(x):
+  bits = _as_uint32(x, jax.numpy).reshape(-1)
+  weights = jax.numpy.arange(bits.size, dtype=jax.numpy.uint32) * np.uint32(_DIGEST_MULTIPLIER)
+  return jax.numpy.sum(bits * (weights | np.uint32(1)), dtype=jax.numpy.uint32)
+
+
+def _digest_numpy(x: np.ndarray) -> int:
+  bits = _as_uint32(np.asarray(x), np).reshape(-1).astype(np.uint64)
+  weights = (np.arange(bits.size, dtype=np.uint64) * _DIGEST_MULTIPLIER) % 2**32 | 1
+  return int(np.sum(bits * weights, dtype=np.uint64) % 2**32)
+
+
+@jax.jit
+def _digests_and_finite(tree):
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  digests = {_path_name(path): _digest_jax(x) for path, x in leaves}
+  finite = {
+      _path_name(path): jax.numpy.all(jax.numpy.isfinite(x))
+      for path, x in leaves
+      if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)
+  }
+  return digests, finite
+
+
+def content_digests(disk_tree: PyTree) -> tuple[dict[str, int], list[str]]:
+  """({array path: uint32 digest of its bits}, [paths of arrays holding NaN or inf]) of a tree
+  in the on-disk layout (every process gets the same answer: the digests are global sums)."""
+  digests, finite = jax.device_get(_digests_and_finite(disk_tree))
+  return {k: int(v) for k, v in digests.items()}, sorted(k for k, ok in finite.items() if not ok)
+
+
+def content_digests_numpy(tree: PyTree) -> tuple[dict[str, int], list[str]]:
+  """`content_digests` of host numpy arrays (tools reading a checkpoint without devices)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  digests = {_path_name(path): _digest_numpy(x) for path, x in leaves}
+  nonfinite = [
+      _path_name(path)
+      for path, x in leaves
+      if np.issubdtype(np.asarray(x).dtype, np.inexact) and not np.all(np.isfinite(x))
+  ]
+  return digests, sorted(nonfinite)
+
+
+def verify_content(where: str, saved: dict | None, found: tuple[dict, list], *, hint: str = ""):
+  """CorruptCheckpointError unless the restored arrays hold what was saved, all finite."""
+  digests, nonfinite = found
+  if saved:  # checkpoints written before digests existed are not verified
+    changed = sorted(k for k, v in digests.items() if saved.get(k) != v)
+    if changed:
+      more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+      raise CorruptCheckpointError(
+          f"checkpoint {where} is damaged: array {changed[0]}{more} differs from the digest "
+          f"recorded when it was saved{hint}"
+      )
+  if nonfinite:
+    more = f" and {len(nonfinite) - 1} more" if len(nonfinite) > 1 else ""
+    raise CorruptCheckpointError(
+        f"checkpoint {where} holds NaN or inf values in {nonfinite[0]}{more}{hint}"
+    )
+
+
+def check_item_shapes(where: str, metadata: PyTree, target: PyTree) -> None:
+  """IncompatibleCheckpointError unless the saved item has the target's arrays and shapes: the
+  check that tells a checkpoint of another model from a damaged one, before anything is read."""
+  saved = {
+      _path_name(p): tuple(m.shape)
+      for p, m in jax.tree_util.tree_flatten_with_path(metadata)[0]
+      if hasattr(m, "shape")
+  }
+  wanted = {
+      _path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]
+  }
+  diffs = [f"{k}: missing in the checkpoint" for k in sorted(set(wanted) - set(saved))]
+  diffs += [f"{k}: not in this run's state" for k in sorted(set(saved) - set(wanted))]
+  diffs += [
+      f"{k}: checkpoint {saved[k]} vs this run {wanted[k]}"
+      for k in sorted(set(saved) & set(wanted))
+      if saved[k] != wanted[k]
+  ]
+  if diffs:
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise IncompatibleCheckpointError(
+        f"{where} cannot be restored into this run's state: " + "; ".join(diffs[:3]) + more
+    )
+
+
+def _drop_closed_loop_noise() -> None:
+  """Orbax reading a damaged item leaves TensorStore callbacks aimed at an asyncio loop it has
+  closed: each prints an 'Event loop is closed' traceback (80 of them per item) that buries the
+  real error. Only those are dropped; every other unraisable exception is shown as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_noise", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_loop_noise = True
+  sys.unraisablehook = hook
+
+
+def item_metadata(path: epath.Path, hint: str = "") -> PyTree:
+  """The saved arrays' shapes and dtypes of one item folder; CorruptCheckpointError if unreadable."""
+  _drop_closed_loop_noise()
+  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())  # synchronous: no threads
+  try:
+    metadata = checkpointer.metadata(path).item_metadata
+  except Exception as e:  # a missing or garbled _METADATA: whatever Orbax raises, it is damage
+    raise CorruptCheckpointError(
+        f"checkpoint {path} is damaged or incomplete: its metadata cannot be read ({_short(e)}){hint}"
+    ) from e
+  finally:
+    checkpointer.close()
+  if not jax.tree.leaves(metadata):  # Orbax logs and returns nothing when its files are gone
+    raise CorruptCheckpointError(
+        f"checkpoint {path} is damaged or incomplete: its array metadata or data files are missing{hint}"
+    )
+  return metadata
+
+
 class CheckpointManager:
   """Saves and restores `TrainState`s under `<workdir>/checkpoints`.
 
@@ -188,6 +340,7 @@ class CheckpointManager:
         cleanup_tmp_directories=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unconfirmed: int | None = None  # the newest save not yet seen committed
 
   def should_save(self, step: int) -> bool:
     """Whether `step` is on the save interval (preemption saves are forced by the loop)."""
@@ -208,24 +361,47 @@ class CheckpointManager:
       data_position: dict | None = None,
       force: bool = False,
   ) -> bool:
-    """Saves if the policy says so at `step` (interval or preemption) or if `force`."""
-    items = {
-        "params": ocp.args.StandardSave(to_disk(state.params)),
-        "opt_state": ocp.args.StandardSave(to_disk(state.opt_state)),
-        "meta": ocp.args.JsonSave(
-            {
-                "step": int(step),
-                "fingerprint": self.fingerprint,
-                "data_position": data_position or {},
-            }
-        ),
-    }
+    """Saves if the policy says so at `step` (interval or preemption) or if `force`.
+
+    The `meta` item records a digest of every array saved (`content_digests`), checked on
+    restore. A save that failed in the background is raised here or by `check_saves`.
+    """
+    self.check_saves()
+    disk = {"params": to_disk(state.params), "opt_state": to_disk(state.opt_state)}
     if state.extra is not None:
-      items["extra"] = ocp.args.StandardSave(to_disk(state.extra))
+      disk["extra"] = to_disk(state.extra)
+    digests = {name: content_digests(tree)[0] for name, tree in disk.items()}
+    items = {name: ocp.args.StandardSave(tree) for name, tree in disk.items()}
+    items["meta"] = ocp.args.JsonSave(
+        {
+            "step": int(step),
+            "fingerprint": self.fingerprint,
+            "data_position": data_position or {},
+            "digests": digests,
+        }
+    )
     if metrics is not None and self.best_metric and self.best_metric not in metrics:
       metrics = None
     metrics = {k: float(v) for k, v in metrics.items()} if metrics else None
-    return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    if saved:
+      self._unconfirmed = int(step)
+    return saved
+
+  def check_saves(self) -> None:
+    """Raises CheckpointSaveError once the newest background save has ended without its step
+    being committed (a full or read-only disk): cheap enough to call every step."""
+    step = self._unconfirmed
+    if step is None or self._manager.is_saving_in_progress():
+      return
+    self._unconfirmed = None
+    if (self.directory / str(step)).exists():
+      return
+    raise CheckpointSaveError(
+        f"saving checkpoint step {step} to {self.directory} failed in the background "
+        f"({writable_problem(self.directory) or 'see the log above'}): free space or fix the "
+        f"folder's permissions and rerun; the last checkpoint is {self.latest_step()}"
+    )
 
   def read_meta(self, step: int) -> dict:
     return self._restore_item(step, "meta", ocp.args.JsonRestore())
@@ -234,26 +410,40 @@ class CheckpointManager:
     """Restores onto `target`'s shardings (a live or abstract state); returns (state, meta).
 
     Uses the newest finished checkpoint unless `step` is given. A checkpoint from an
-    incompatible config raises IncompatibleCheckpointError naming what differs; one with
-    missing or damaged files CorruptCheckpointError naming the item and the file. Nothing is
-    ever partly restored.
+    incompatible config raises IncompatibleCheckpointError naming what differs (its fingerprint,
+    then its arrays' names and shapes); one with missing, damaged or non-finite contents
+    CorruptCheckpointError naming the item and the array or file. Nothing is ever partly
+    restored.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    meta = self.read_meta(step)
+    older = [s for s in self.all_steps() if s < step]
+    hint = (
+        f"; delete {self.directory}/{step} (or set config.checkpoint.on_corrupt='previous') to "
+        f"resume from step {max(older)}"
+        if older
+        else ""
+    )
+    try:
+      meta = self.read_meta(step)
+    except Exception as e:  # unreadable JSON or a missing file: damage, whatever Orbax raised
+      raise CorruptCheckpointError(
+          f"checkpoint {self.directory}/{step}/meta is damaged or incomplete: {_short(e)}{hint}"
+      ) from e
     check_fingerprint(meta.get("fingerprint", {}), self.fingerprint, str(self.directory))
     names = ["params", "opt_state"] + (["extra"] if target.extra is not None else [])
-    restored = {
-        name: from_disk(
-            getattr(target, name),
-            self._restore_item(
-                step, name, ocp.args.StandardRestore(disk_target(getattr(target, name)))
-            ),
-            f"{self.directory}/{step}/{name}",
-        )
-        for name in names
-    }
+    restored = {}
+    for name in names:
+      where = f"{self.directory}/{step}/{name}"
+      wanted = disk_target(getattr(target, name))
+      check_item_shapes(where, item_metadata(self.directory / str(step) / name, hint), wanted)
+      disk = self._restore_item(step, name, ocp.args.StandardRestore(wanted), hint)
+      found = content_digests(disk)
+      if name != "params":  # optimiser moments of a skipped step may be anything finite or not
+        found = (found[0], [])
+      verify_content(where, meta.get("digests", {}).get(name), found, hint=hint)
+      restored[name] = from_disk(getattr(target, name), disk, where)
     state = target.replace(
         step=jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32), target.step.sharding),
         **restored,
@@ -261,20 +451,30 @@ class CheckpointManager:
     logging.info("restored checkpoint step %d from %s", step, self.directory)
     return state, meta
 
-  def _restore_item(self, step: int, name: str, args) -> PyTree:
-    """One item of a step; damaged files and trees of another shape are clear errors."""
-    where = f"{self.directory}/{step}/{name}"
+  def restore_newest_good(self, target: TrainState, *, fall_back: bool) -> tuple[TrainState, dict]:
+    """`restore` of the newest step; with `fall_back`, a damaged step is moved aside to
+    `corrupt-<step>` (kept for inspection, never read again) and the next older one tried."""
+    while True:
+      step = self.latest_step()
+      try:
+        return self.restore(target, step)
+      except CorruptCheckpointError as error:
+        if not fall_back or not [s for s in self.all_steps() if s < step]:
+          raise
+        aside = self.directory / f"corrupt-{step}"
+        print(f"{error}; moved aside to {aside}, trying the previous step", flush=True)
+        if jax.process_index() == 0:
+          (self.directory / str(step)).rename(aside)
+        sharding.wait_for_all_processes(f"vidlankd/corrupt_checkpoint/{step}")
+        self._manager.reload()
+
+  def _restore_item(self, step: int, name: str, args, hint: str = "") -> PyTree:
+    """One item of a step whose metadata matched the target: a failure to read it is damage."""
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
     except Exception as e:  # Orbax and TensorStore raise many types; name the item at fault
-      if not any(marker in str(e) for marker in _DAMAGE_MARKERS):
-        raise IncompatibleCheckpointError(
-            f"{where} cannot be restored into this run's state: {_short(e)}"
-        ) from e
-      older = [s for s in self.all_steps() if s < step]
-      hint = f"; delete {self.directory}/{step} to resume from step {max(older)}" if older else ""
       raise CorruptCheckpointError(
-          f"checkpoint {where} is damaged or incomplete: {_short(e)}{hint}"
+          f"checkpoint {self.directory}/{step}/{name} is damaged or incomplete: {_short(e)}{hint}"
       ) from e
 
   def wait(self) -> None:
@@ -304,18 +504,27 @@ def restore_params(
     check_fingerprint(
         {k: saved.get(k) for k in expected_fingerprint}, expected_fingerprint, directory
     )
-  restored = manager.restore(
-      step,
-      args=ocp.args.Composite(params=ocp.args.StandardRestore(disk_target(abstract_params))),
-  )
-  manager.close()
-  return from_disk(abstract_params, restored["params"], f"{directory}/{step}/params")
+  where = checkpoint_path(directory) / str(step) / "params"
+  wanted = disk_target(abstract_params)
+  check_item_shapes(str(where), item_metadata(where), wanted)
+  try:
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    restored = manager.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(wanted))
+    )["params"]
+  except Exception as e:  # shapes matched: a failure to read is damage
+    raise CorruptCheckpointError(f"checkpoint {where} is damaged or incomplete: {_short(e)}") from e
+  finally:
+    manager.close()
+  verify_content(str(where), meta.get("digests", {}).get("params"), content_digests(restored))
+  return from_disk(abstract_params, restored, str(where))
 
 
 class PreemptionWatcher:
   """Tells the loop when to checkpoint and stop: SIGTERM (a Spot/preemptible VM's notice).
 
-  Alone, a SIGTERM sets a flag that the loop reads at the next step boundary. With several
+  Alone, a SIGTERM sets a flag that the loop reads at the next step boundary (or while it waits
+  for input); a second SIGTERM exits at once (status 143), leaving the last checkpoint. With several
   processes (a pod slice, where preemption may reach one host first) every `check_every` steps
   the processes share their flags (a tiny all-gather) and all stop at that same step if any was
   signalled: one agreed step without a coordination call at every step.
@@ -331,7 +540,15 @@ class PreemptionWatcher:
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame):
-    logging.warning("SIGTERM received: will checkpoint and stop at the next step boundary")
+    if self._signalled.is_set():  # a second notice: the operator will not wait for a boundary
+      print("second SIGTERM: exiting at once without a checkpoint", file=sys.stderr, flush=True)
+      os._exit(128 + signal.SIGTERM)
+    print(
+        "SIGTERM received: will checkpoint and stop at the next step boundary "
+        "(send it again to exit at once)",
+        file=sys.stderr,
+        flush=True,
+    )
     self._signalled.set()
 
   @property
@@ -362,13 +579,21 @@ def restore_params_numpy(directory: str, step: int | None = None) -> dict:
       checkpoint_path(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
   )
   step = manager.latest_step() if step is None else step
-  manager.close()
   if step is None:
+    manager.close()
     raise FileNotFoundError(f"no checkpoint in {directory}")
   path = checkpoint_path(directory) / str(step) / "params"
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(path).item_metadata
+  checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())  # synchronous: no threads
+  metadata = item_metadata(path)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), metadata)
-  restored = checkpointer.restore(path, target)
-  return jax.tree.map(np.asarray, restored)
+  try:
+    restored = jax.tree.map(np.asarray, checkpointer.restore(path, target))
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # the metadata was read: a failure to read the arrays is damage
+    raise CorruptCheckpointError(f"checkpoint {path} is damaged or incomplete: {_short(e)}") from e
+  finally:
+    checkpointer.close()
+    manager.close()
+  verify_content(str(path), meta.get("digests", {}).get("params"), content_digests_numpy(restored))
+  return restored

@@ -141,6 +141,10 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       log_every=50,
       # Non-finite loss or gradient: "stop" (keep the last good checkpoint) or "skip" the step.
       on_nonfinite="stop",
+      # With "skip": this many skipped steps in a row end the run (it diverged); 0: no limit.
+      max_skips_in_a_row=5,
+      # Seconds the loop waits for a training batch before giving up with an error; 0: forever.
+      input_timeout_s=1800,
   )
   config.eval = dict(every_steps=1000, batches=20, batch_size=64)
   config.checkpoint = dict(
@@ -151,6 +155,9 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       async_save=True,
       # Several processes agree on a preemption (SIGTERM) every this many steps.
       preemption_check_every=10,
+      # A damaged newest checkpoint: "stop" with an error naming it, or "previous": move it
+      # aside (checkpoints/corrupt-<step>) and resume from the newest good one.
+      on_corrupt="stop",
   )
   config.mesh = mesh_config()
   config.sharding_rules = logical_axis_rules()
@@ -206,3 +213,67 @@ def load_module(name: str):
 def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of a config file, as `--config=<file>:<arg>` reads it."""
   return load_module(name).get_config(arg)
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+CORRUPT_POLICIES = ("stop", "previous")
+
+
+def _config_error(what: str, key: str, todo: str):
+  from vidlankd_jax import errors
+
+  return errors.ConfigError(what, key, todo)
+
+
+def _check_choice(config, key: str, choices: tuple) -> None:
+  section, name = key.split(".")
+  if section in config and name in config[section] and config[section][name] not in choices:
+    raise _config_error(
+        f"{config[section][name]!r} is not a valid value", f"config.{key}", f"use one of {choices}"
+    )
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks, before anything is built, what would otherwise fail late or deep inside JAX: the
+  mesh against the devices, batch sizes against the data-parallel size and the accumulation,
+  the objectives and the fault policies. Raises `errors.ConfigError` naming the key."""
+  try:
+    data, fsdp, tensor = sharding.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise _config_error(
+        str(e), "config.mesh", f"make data x fsdp x tensor equal {num_devices} (or one of them -1)"
+    ) from None
+  parallel = data * fsdp  # the batch axes (sharding.BATCH_AXES)
+  accum = int(config.get("optimizer", {}).get("grad_accum_steps", 1))
+  if accum < 1:
+    raise _config_error(f"{accum} is not positive", "config.optimizer.grad_accum_steps", "use 1+")
+  for key, batch in (
+      ("train.batch_size", config.train.batch_size),
+      ("eval.batch_size", config.get("eval", {}).get("batch_size")),
+  ):
+    if batch is not None and (int(batch) <= 0 or int(batch) % parallel):
+      raise _config_error(
+          f"global batch {batch} is not divisible by the data-parallel size {parallel} "
+          f"(mesh data {data} x fsdp {fsdp} on {num_devices} devices)",
+          f"config.{key}",
+          f"use a multiple of {parallel}",
+      )
+  if int(config.train.batch_size) % accum:
+    raise _config_error(
+        f"global batch {config.train.batch_size} is not divisible by {accum} micro-batches",
+        "config.optimizer.grad_accum_steps",
+        "use a divisor of config.train.batch_size",
+    )
+  if "kd" in config:
+    from vidlankd_jax.models import student
+
+    try:
+      student.parse_objectives(config.kd.objectives)
+    except ValueError as e:
+      raise _config_error(str(e), "config.kd.objectives", "e.g. nst, nst+crd or none") from None
+  _check_choice(config, "train.on_nonfinite", NONFINITE_POLICIES)
+  _check_choice(config, "checkpoint.on_corrupt", CORRUPT_POLICIES)
+  for key in ("train.max_skips_in_a_row", "train.input_timeout_s"):
+    section, name = key.split(".")
+    if float(config[section].get(name, 0)) < 0:
+      raise _config_error("must not be negative", f"config.{key}", "use 0 (no limit) or more")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from typing import Iterator
 
 import jax
@@ -198,19 +199,36 @@ def prepare_synthetic_video_text(data_cfg, video_cfg) -> None:
   sharding.wait_for_all_processes("synthetic video-text data")
 
 
+class InputWaitInterrupted(Exception):
+  """The wait for the next batch ended early on request (SIGTERM): no step is running."""
+
+
 class DevicePrefetch:
   """Global batches assembled and sent to the devices by a background thread, `size` ahead of
   the step that reads them, so the host never makes a step wait for its input.
 
   Errors of the host pipeline are raised by `next` in the caller's thread; `close` stops the
-  thread (it exits on its own too: it is a daemon and never holds the interpreter open).
+  thread (it exits on its own too: it is a daemon and never holds the interpreter open). Every
+  wait for a batch is bounded: `interrupted()` (e.g. a SIGTERM flag) is polled while waiting
+  and ends it with `InputWaitInterrupted`; no batch within `timeout_s` is a `TimeoutError`.
   """
 
   _END = object()
+  _POLL_S = 0.2
 
-  def __init__(self, host_batches: Iterator[dict], mesh, size: int = 2):
+  def __init__(
+      self,
+      host_batches: Iterator[dict],
+      mesh,
+      size: int = 2,
+      *,
+      timeout_s: float = 0.0,
+      interrupted=None,
+  ):
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
+    self._timeout_s = float(timeout_s)
+    self._interrupted = interrupted or (lambda: False)
     self._thread = threading.Thread(
         target=self._fill, args=(host_batches, mesh), name="device-prefetch", daemon=True
     )
@@ -219,7 +237,7 @@ class DevicePrefetch:
   def _put(self, item) -> bool:
     while not self._stop.is_set():
       try:
-        self._queue.put(item, timeout=0.2)
+        self._queue.put(item, timeout=self._POLL_S)
         return True
       except queue.Full:
         continue
@@ -238,8 +256,23 @@ class DevicePrefetch:
   def __iter__(self):
     return self
 
+  def _get(self):
+    started = time.monotonic()
+    while True:
+      try:
+        return self._queue.get(timeout=self._POLL_S)
+      except queue.Empty:
+        if self._interrupted():
+          raise InputWaitInterrupted("stopped on request while waiting for the next batch")
+        waited = time.monotonic() - started
+        if self._timeout_s > 0 and waited > self._timeout_s:
+          raise TimeoutError(
+              f"no training batch within {waited:.0f} s (config.train.input_timeout_s="
+              f"{self._timeout_s:g}): the input pipeline is stuck or its storage is unreachable"
+          )
+
   def __next__(self) -> dict:
-    item = self._queue.get()
+    item = self._get()
     if item is self._END:
       self._put(self._END)  # every later call ends too
       raise StopIteration

@@ -432,6 +432,24 @@ def count_records(files: Sequence[str]) -> list[int]:
   return counts
 
 
+def has_records(path: str) -> bool:
+  """Whether a shard holds a record: its converter's marker says so, else its first record."""
+  marker = shards_lib.read_marker(os.path.dirname(path), os.path.basename(path))
+  if marker is not None and "records" in marker:
+    return int(marker["records"]) > 0
+  return any(True for _ in tf.data.TFRecordDataset(path).take(1))
+
+
+def check_not_empty(name: str, split: str, files: Sequence[str]) -> None:
+  """An endless stream over files without a record would spin forever: a start-up error."""
+  if not any(has_records(path) for path in files):
+    shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    raise ValueError(
+        f"Task {name}: the {split} split has no records ({shown}); its input was empty: "
+        "convert non-empty data with tools/convert_howto100m.py or tools/make_text_tfrecords.py"
+    )
+
+
 def _host_files(files: Sequence[str], shard_index: int, num_shards: int):
   """File-level host sharding when there are enough files, else record-level."""
   if not 0 <= shard_index < num_shards:
@@ -545,6 +563,8 @@ def make_dataset(
         f" (convert the data with tools/convert_howto100m.py or tools/make_text_tfrecords.py)."
     )
   host_files, record_level = _host_files(files, shard_index, num_shards)
+  if repeat:
+    check_not_empty(name, split, host_files)
   record_sharding = (num_shards, shard_index) if record_level else None
   epoch_fn = functools.partial(
       _epoch_records,

@@ -22,12 +22,13 @@ import numpy as np
 from etils import epath
 
 from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import configlib
 from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax.data import pipeline
 from vidlankd_jax.train_state import TrainState
 
-NONFINITE_POLICIES = ("stop", "skip")
+NONFINITE_POLICIES = configlib.NONFINITE_POLICIES
 
 
 @dataclasses.dataclass
@@ -97,6 +98,40 @@ def check_finite(step: int, metrics: dict, policy: str) -> bool:
   return False
 
 
+class SkipCounter:
+  """Counts skipped (non-finite) steps; too many in a row means the run diverged: an error."""
+
+  def __init__(self, limit: int):
+    self.limit = int(limit)
+    self.in_a_row = 0
+    self.total = 0
+
+  def record(self, step: int, finite: bool) -> None:
+    if finite:
+      self.in_a_row = 0
+      return
+    self.in_a_row += 1
+    self.total += 1
+    print(f"[step {step}] {self.in_a_row} skipped in a row, {self.total} in this run", flush=True)
+    if self.limit > 0 and self.in_a_row >= self.limit:
+      raise NonFiniteError(
+          f"{self.in_a_row} non-finite steps in a row (steps {step - self.in_a_row + 1}-{step}, "
+          f"config.train.max_skips_in_a_row={self.limit}): the run diverged; the last good "
+          "checkpoint is kept (lower the learning rate or check the data, then rerun)"
+      )
+
+
+def _json_line(line: str) -> dict | None:
+  """A whole JSON line of metrics.jsonl, or None (cut short by a crash, or garbled)."""
+  if not line.endswith("\n"):
+    return None
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 class MetricsWriter:
   """Writes scalar metrics to `<workdir>/metrics.jsonl` and TensorBoard, and prints a line.
 
@@ -131,14 +166,25 @@ class MetricsWriter:
       print(f"[step {int(step)}] {shown}", flush=True)
 
   def rewind(self, step: int) -> None:
-    """Drops the JSON lines logged after `step`, and a last line cut short by a crash: a run
-    killed between logging a step and checkpointing it would otherwise log that step twice."""
+    """Drops the JSON lines logged after `step`, lines cut short or garbled by a crash, and
+    repeated lines: a run killed between logging a step and checkpointing it (or before its
+    first checkpoint) would otherwise log that step twice. The file is replaced atomically."""
     if not self.active or not self.path.exists():
       return
     lines = self.path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    kept, seen = [], set()
+    for line in lines:
+      record = _json_line(line)
+      if record is None or record.get("step", step + 1) > step:
+        continue
+      key = (record["step"], tuple(sorted(record)))  # a step's train and eval lines differ
+      if key not in seen:
+        seen.add(key)
+        kept.append(line)
     if len(kept) < len(lines):
-      self.path.write_text("".join(kept))
+      tmp = self.path.parent / (self.path.name + ".tmp")
+      tmp.write_text("".join(kept))
+      tmp.replace(self.path)  # atomic: a crash now leaves the old or the new record, whole
 
   def close(self) -> None:
     if self._tb is not None:
@@ -200,6 +246,28 @@ class ShapeCompiled:
     return self.compile(state, batch)(state, batch)
 
 
+def check_writable(workdir: str) -> None:
+  """The run's folders take a file now, not at the first checkpoint (one line naming them)."""
+  for folder in (workdir, os.path.join(workdir, "checkpoints")):
+    problem = ckpt_lib.writable_problem(folder)
+    if problem:
+      raise ckpt_lib.CheckpointSaveError(
+          f"cannot write to {folder} ({problem}): choose another --workdir or fix its "
+          "permissions or free space"
+      )
+
+
+def next_batch(batches: pipeline.DevicePrefetch, step: int, on_interrupt) -> dict:
+  """The batch of `step`; a SIGTERM during the wait saves what can be saved and stops."""
+  try:
+    return next(batches)
+  except pipeline.InputWaitInterrupted:
+    if on_interrupt is not None:
+      on_interrupt(step)
+    print(f"stopped at step {step} on request while waiting for input; rerun to resume", flush=True)
+    raise Preempted(f"stopped at step {step} while waiting for input") from None
+
+
 def is_due(step: int, every: int, total: int) -> bool:
   """Whether a periodic event (log, evaluation) falls on `step`; `every` <= 0: only at the end."""
   return step == total or (every > 0 and step % every == 0)
@@ -224,9 +292,11 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
   policy = config.train.on_nonfinite
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f"config.train.on_nonfinite {policy!r} is not one of {NONFINITE_POLICIES}")
+  check_writable(workdir)
   total = int(program.steps)
   state = program.state
   ckpt = checkpoint_manager(config, workdir, program.fingerprint)
+  skips = SkipCounter(config.train.get("max_skips_in_a_row", 0))
   writer = MetricsWriter(workdir)
   # From here on, SIGTERM waits for a step boundary.
   watcher = ckpt_lib.PreemptionWatcher(config.checkpoint.preemption_check_every)
@@ -234,7 +304,8 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
   batches = None
   try:
     if ckpt.latest_step() is not None:
-      state, _ = ckpt.restore(state)
+      fall_back = config.checkpoint.get("on_corrupt", "stop") == "previous"
+      state, _ = ckpt.restore_newest_good(state, fall_back=fall_back)
       print(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
     start_step = int(state.step)
     writer.rewind(start_step)
@@ -253,22 +324,38 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
     eval_fn = jax.jit(program.eval_step, in_shardings=(state_sh, batch_sh))
     meter = ProgressMeter(total, program.batch_size, start_step)
     if start_step < total:
-      batches = pipeline.DevicePrefetch(program.train_batches(start_step=start_step), mesh)
-      batch = next(batches)  # compiled before the hosts line up for the first step
+      batches = pipeline.DevicePrefetch(
+          program.train_batches(start_step=start_step),
+          mesh,
+          timeout_s=config.train.get("input_timeout_s", 0),
+          interrupted=lambda: watcher.signalled,
+      )
+      batch = next_batch(batches, start_step, None)  # compiled before the hosts line up
       step_fn.compile(state, batch)
       sharding.wait_for_all_processes(f"train step compiled, step {start_step}")
     pending = None  # (step, metrics) of a dispatched step whose finite flag is not read yet
+    saved_step = start_step
 
     def settle():
       """Reads the pending step's metrics (waiting for it) and applies the non-finite policy."""
       nonlocal pending
       done, values = pending[0], jax.device_get(pending[1])
       pending = None
-      check_finite(done, values, policy)
+      skips.record(done, check_finite(done, values, policy))
       return values
 
+    def save_and_stop_while_waiting(step):
+      """SIGTERM while waiting for a batch: no step is running, so save the last one (one
+      process; several would have to agree first) and stop."""
+      if pending is not None:
+        settle()
+      if jax.process_count() == 1 and step > saved_step:
+        ckpt.save(step, state, force=True)
+
     for step in range(start_step, total):
-      batch = batch if step == start_step else next(batches)
+      ckpt.check_saves()  # a failed background save ends the run now, not at the next save
+      if step != start_step:
+        batch = next_batch(batches, step, save_and_stop_while_waiting)
       state, metrics = step_fn(state, batch)
       done = step + 1
       if pending is not None:
@@ -300,6 +387,7 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
         writer.write(done, eval_metrics)
       if save:
         ckpt.save(done, state, metrics=eval_metrics if evaluate else None, force=True)
+        saved_step = done
       if stop:
         print(f"stopped at step {done} on request; checkpoint saved, rerun to resume", flush=True)
         raise Preempted(f"stopped at step {done}")
