@@ -15,10 +15,12 @@ reads existing results.
 from __future__ import annotations
 
 import argparse
+import sys
 import ast
 import json
 import os
 
+from vidlankd_jax import errors
 from vidlankd_jax import configlib
 
 
@@ -146,4 +148,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(errors.run_tool(main))

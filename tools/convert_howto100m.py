@@ -15,6 +15,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from vidlankd_jax import errors
 from vidlankd_jax.data.howto100m import (  # noqa: F401  (re-exported for scripts)
     PAIRINGS,
     BadInputError,
@@ -88,13 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   cfg = parse_args(argv)
   try:
     convert(cfg)
-  except (BadInputError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    if isinstance(e, BadInputError):
-      print("(use --skip_bad to skip such videos and count them in the summary)", file=sys.stderr)
+  except ValueError as e:  # bad input (BadInputError) or settings: one line, exit 1
+    hint = " (use --skip_bad to skip such videos and count them)"
+    print(f"error: {e}{hint if isinstance(e, BadInputError) else ''}", file=sys.stderr)
     return 1
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_tool(main))

@@ -21,6 +21,7 @@ import argparse
 import sys
 
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import vocab as vocab_lib
 from vidlankd_jax import runs
 from vidlankd_jax.interop import hf_bert
@@ -77,4 +78,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_tool(main))

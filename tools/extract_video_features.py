@@ -19,6 +19,8 @@ import sys
 import traceback
 from typing import Sequence
 
+from vidlankd_jax import errors
+
 # Heavy imports (JAX, PyAV) happen in main(): decode workers are spawned processes that import
 # this file again, and they need none of them.
 
@@ -129,4 +131,4 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_tool(main))

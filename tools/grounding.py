@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from vidlankd_jax import errors
 from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax.evaluation import grounding
@@ -229,4 +230,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_tool(main))

@@ -27,6 +27,7 @@ import sys
 
 from flax import nnx
 
+from vidlankd_jax import errors
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import configlib
 from vidlankd_jax import runs
@@ -218,4 +219,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_tool(main))

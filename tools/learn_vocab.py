@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import tensorflow as tf
 from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as bvd
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import text as text_lib
 from vidlankd_jax.data import vocab as vocab_lib
 
@@ -85,4 +86,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_tool(main))

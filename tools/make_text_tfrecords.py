@@ -18,6 +18,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import text as text_lib
 from vidlankd_jax.data import vocab as vocab_lib
 from vidlankd_jax.data.text import convert_text, iter_paragraphs  # noqa: F401  (re-exported)
@@ -58,4 +59,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_tool(main))

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 
+from vidlankd_jax import errors
 from vidlankd_jax.evaluation.plots import (  # noqa: F401  (re-exported for scripts and tests)
     METRICS_FILE,
     MetricsError,
@@ -86,4 +87,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_tool(main))

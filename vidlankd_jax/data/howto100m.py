@@ -34,6 +34,7 @@ import io
 import json
 import math
 import multiprocessing
+from concurrent import futures
 import os
 import re
 import time
@@ -205,6 +206,9 @@ def iter_json_object(
         raise error("the caption file must hold one JSON object {video_id: {...}}")
       pos += 1
       if peek() == "}":
+        pos += 1
+        if peek():
+          raise error("more data after the caption object's closing '}' (one object only)")
         return
       while True:
         if peek() != '"':
@@ -217,6 +221,9 @@ def iter_json_object(
         yield key, value()
         c = peek()
         if c == "}":
+          pos += 1
+          if peek():
+            raise error("more data after the caption object's closing '}' (one object only)")
           return
         if c != ",":
           raise error("expected ',' or '}'")
@@ -247,6 +254,15 @@ class Window:
   last: int
 
 
+def _is_unicode(text: str) -> bool:
+  """False for strings holding lone surrogates (JSON "\\ud800" escapes): no UTF-8 form."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
 def parse_segments(video_id: str, entry: Any, caption_path: str) -> tuple[list[Segment], int]:
   """Validates one caption entry; returns its non-blank segments by start time and the number
   of blank segments dropped."""
@@ -254,6 +270,8 @@ def parse_segments(video_id: str, entry: Any, caption_path: str) -> tuple[list[S
   def bad(reason: str, detail: str) -> BadInputError:
     return BadInputError(reason, video_id, caption_path, detail)
 
+  if not _is_unicode(video_id):
+    raise bad("malformed_captions", "the video id is not valid Unicode")
   if not video_id or "/" in video_id or "\\" in video_id or video_id in (".", ".."):
     raise bad("malformed_captions", "the video id is not a plain file name")
   if not isinstance(entry, dict) or not all(k in entry for k in ("start", "end", "text")):
@@ -270,6 +288,8 @@ def parse_segments(video_id: str, entry: Any, caption_path: str) -> tuple[list[S
   for i, (s, e, t) in enumerate(zip(starts, ends, texts)):
     if not isinstance(t, str):
       raise bad("non_text_caption", f"segment {i} text is {type(t).__name__}: {t!r:.60}")
+    if not _is_unicode(t):
+      raise bad("non_text_caption", f"segment {i} text is not valid Unicode: {t!r:.60}")
     ok_num = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (s, e))
     if not ok_num or not (math.isfinite(s) and math.isfinite(e)) or s < 0 or e < s:
       raise bad("bad_caption_times", f"segment {i} has start={s!r} end={e!r}")
@@ -325,15 +345,41 @@ def feature_paths(cfg: ConvertConfig, video_id: str) -> tuple[str, str]:
   )
 
 
+def check_npy_size(path: str) -> None:
+  """ValueError unless the .npy header's shape and dtype fit in the file: a damaged header
+  claiming terabytes must not be allocated before it is found wrong."""
+  with open(path, "rb") as f:
+    version = np.lib.format.read_magic(f)
+    read_header = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }.get(version)
+    if read_header is None:
+      return  # np.load reports other versions itself
+    shape, _, dtype = read_header(f, max_header_size=1 << 20)
+    data_bytes = math.prod(shape) * dtype.itemsize
+    available = os.path.getsize(path) - f.tell()
+  if not dtype.hasobject and data_bytes > available:
+    raise ValueError(
+        f"the header claims shape {shape} of {dtype} ({data_bytes} bytes) but the file holds "
+        f"{available} bytes of data (truncated or a damaged header)"
+    )
+
+
 def load_feature_file(video_id: str, path: str, dim: int) -> np.ndarray:
   """Loads one [steps, dim] feature file, rejecting missing, unreadable, misshapen or
   non-finite data."""
   if not os.path.isfile(path):
     raise BadInputError("missing_features", video_id, path, "no feature file")
   try:
+    check_npy_size(path)
     array = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, EOFError) as e:
+  except (OSError, ValueError, EOFError, MemoryError) as e:
     raise BadInputError("unreadable_features", video_id, path, str(e)) from None
+  if isinstance(array, np.ndarray) and np.issubdtype(array.dtype, np.complexfloating):
+    raise BadInputError(
+        "unreadable_features", video_id, path, f"complex values (dtype {array.dtype})"
+    )
   if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
     raise BadInputError(
         "unreadable_features",
@@ -431,7 +477,8 @@ def make_video_clips(cfg: ConvertConfig, video_id: str, entry: Any) -> tuple[lis
 
 
 def _hash(salt: str, video_id: str) -> int:
-  digest = hashlib.blake2b(f"{salt}\0{video_id}".encode("utf-8"), digest_size=8).digest()
+  key = f"{salt}\0{video_id}".encode("utf-8", "surrogatepass")  # a bad id is reported later
+  digest = hashlib.blake2b(key, digest_size=8).digest()
   return int.from_bytes(digest, "big")
 
 
@@ -479,11 +526,17 @@ def route_captions(cfg: ConvertConfig, flush_every: int = 20_000) -> dict:
         f.write("".join(lines))
     pending.clear()
 
-  buffered = 0
+  buffered, seen = 0, set()
   for video_id, entry in iter_json_object(cfg.caption_json):
+    if video_id in seen:
+      raise ValueError(
+          f"{cfg.caption_json}: video id {video_id!r} appears twice; keep one entry per video"
+      )
+    seen.add(video_id)
     split = "validation" if video_id in validation else "train"
     index = shard_of(video_id, cfg.num_shards(split), cfg.hash_salt)
-    line = json.dumps({"video_id": video_id, "entry": entry}, ensure_ascii=False) + "\n"
+    # ASCII escapes: a lone surrogate survives routing and is reported (or skipped) by its video.
+    line = json.dumps({"video_id": video_id, "entry": entry}) + "\n"
     pending.setdefault((split, index), []).append(line)
     counts[split][index] += 1
     buffered += 1
@@ -561,14 +614,57 @@ def _convert_shard_task(args) -> dict:
   return convert_shard(*args)
 
 
+class WorkerDiedError(RuntimeError):
+  """A converter worker process ended without finishing its shard (killed, out of memory)."""
+
+
+def _convert_in_workers(cfg: ConvertConfig, tasks, progress, names) -> dict:
+  """Shards converted by `cfg.workers` processes. A worker that dies fails the job at once,
+  naming the shards left unfinished (a multiprocessing.Pool would wait for it forever)."""
+  ctx = multiprocessing.get_context("spawn")
+  counter = ctx.Value("q", 0)
+  results = {}
+  with futures.ProcessPoolExecutor(
+      min(cfg.workers, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(counter,)
+  ) as pool:
+    running = {pool.submit(_convert_shard_task, task): task[1:] for task in tasks}
+    while running:
+      finished, _ = futures.wait(running, timeout=min(1.0, cfg.progress_interval))
+      progress.set(counter.value)
+      for future in finished:
+        key = running.pop(future)
+        try:
+          results[key] = future.result()
+        except futures.process.BrokenProcessPool:
+          left = sorted(names[k] for k in [key, *running.values()])
+          for other in running:
+            other.cancel()
+          raise WorkerDiedError(
+              f"a converter worker died (killed or out of memory) before shard(s) "
+              f"{', '.join(left)} were finished in {cfg.output_dir}: finished shards are kept; "
+              "rerun the same command to convert the rest (fewer --workers if memory is short)"
+          ) from None
+  return results
+
+
 def convert(cfg: ConvertConfig, log=print) -> dict:
-  """Runs the whole conversion (resuming finished shards) and writes the summary JSON."""
+  """Runs the whole conversion (resuming finished shards) and writes the summary JSON.
+
+  The output folder is locked against a second converter; the settings and the caption file's
+  size and time are recorded with the shards, and a rerun with either changed is refused.
+  """
   for path in (cfg.features_2d_dir, cfg.features_3d_dir):
     if not os.path.isdir(path):
       raise ValueError(f"feature directory {path} does not exist.")
   if not os.path.isfile(cfg.caption_json):
     raise ValueError(f"caption file {cfg.caption_json} does not exist.")
-  shards_lib.check_settings(cfg.output_dir, f"{PREFIX}-conversion", cfg.fingerprint())
+  with shards_lib.output_lock(cfg.output_dir):
+    return _convert_locked(cfg, log)
+
+
+def _convert_locked(cfg: ConvertConfig, log) -> dict:
+  settings = cfg.fingerprint() | {"input_files": shards_lib.input_fingerprint([cfg.caption_json])}
+  shards_lib.check_settings(cfg.output_dir, f"{PREFIX}-conversion", settings)
   shards_lib.remove_temporaries(cfg.output_dir)
   all_shards = [(split, i) for split in SPLITS for i in range(cfg.num_shards(split))]
   names = {
@@ -588,17 +684,8 @@ def convert(cfg: ConvertConfig, log=print) -> dict:
         done[task[1:]] = _convert_shard_task(task)
         progress.set(progress.done + done[task[1:]]["videos"])
     else:
-      ctx = multiprocessing.get_context("spawn")
-      counter = ctx.Value("q", 0)
-      with ctx.Pool(
-          min(cfg.workers, len(tasks)), initializer=_init_worker, initargs=(counter,)
-      ) as pool:
-        results = pool.map_async(_convert_shard_task, tasks, chunksize=1)
-        while not results.ready():
-          results.wait(min(1.0, cfg.progress_interval))
-          progress.set(counter.value)
-        for task, stats in zip(tasks, results.get()):
-          done[task[1:]] = stats
+      for key, stats in _convert_in_workers(cfg, tasks, progress, names).items():
+        done[key] = stats
     progress.finish()
   summary = summarize(cfg, [done[key] for key in all_shards])
   shards_lib.write_json_atomic(os.path.join(cfg.output_dir, f"{PREFIX}-summary.json"), summary)

@@ -97,6 +97,44 @@ def check_settings(output_dir: str, name: str, settings: dict) -> None:
     write_json_atomic(path, settings)
 
 
+def input_fingerprint(paths: Iterable[str]) -> dict:
+  """Size and modification time of each input file: recorded with the settings, so a caption
+  file or corpus edited in place is noticed instead of its old shards being reused."""
+  out = {}
+  for path in paths:
+    stat = os.stat(path)
+    out[os.path.abspath(path)] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+  return out
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str) -> Iterator[None]:
+  """Holds `<output_dir>/.lock` (an advisory `flock`, freed by the OS if the process dies):
+  a second converter on the same output folder is refused instead of writing doubled shards."""
+  import fcntl
+
+  os.makedirs(output_dir, exist_ok=True)
+  path = os.path.join(output_dir, ".lock")
+  with open(path, "a+", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise ValueError(
+          f"another converter (pid {holder}) is writing to {output_dir}: wait for it to finish "
+          "or use another output directory"
+      ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", tag: str | None = None) -> Iterator[IO]:
   """Opens a temporary file beside `path` (`{path}.tmp{tag}`, tag: the process id by default)

@@ -29,6 +29,7 @@ import json
 import os
 import re
 from typing import IO, Iterator, Sequence
+from xml.etree import ElementTree
 
 import numpy as np
 import tensorflow as tf
@@ -92,21 +93,52 @@ def iter_paragraphs(path: str, fmt: str = "auto") -> Iterator[Paragraph]:
       fmt = detect_format(path)
     with open(path, "rb") as raw:
       if fmt == "mediawiki":
-        yield from _iter_mediawiki(_open_binary(path, raw), raw)
+        try:
+          yield from _iter_mediawiki(_open_binary(path, raw), raw)
+        except ValueError as e:  # gensim's own check of the dump's namespace
+          raise ValueError(f"{path}: malformed MediaWiki XML ({str(e).strip()}).") from e
         return
       f = io.TextIOWrapper(_open_binary(path, raw), encoding="utf-8", errors="strict")
-      doc = -1
-      for line in f:
-        text = line.rstrip("\n")
+      doc, continued = -1, False
+      for text, whole in _bounded_lines(f):
         if not text.strip():
+          continued = not whole
           continue
-        if fmt == "lines" or _WIKITEXT_TITLE.match(text) or doc < 0:
+        if not continued and (fmt == "lines" or _WIKITEXT_TITLE.match(text) or doc < 0):
           doc += 1
         yield Paragraph(doc, text.strip(), raw.tell())
+        continued = not whole
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 text ({e}).") from e
+  except ElementTree.ParseError as e:
+    raise ValueError(f"{path}: malformed MediaWiki XML ({e}).") from e
   except (OSError, EOFError) as e:
     raise ValueError(f"{path}: cannot read the corpus ({e}).") from e
+
+
+# A line longer than this is cut (at a space where there is one) into paragraphs of at most this
+# many characters: a corpus with one huge line would otherwise be held and tokenized at once.
+MAX_LINE_CHARS = 1 << 20
+
+
+def _bounded_lines(f: IO[str], limit: int = MAX_LINE_CHARS) -> Iterator[tuple[str, bool]]:
+  """(piece, ends its line) for each line of `f`, lines longer than `limit` in pieces."""
+  carry = ""
+  while True:
+    line = f.readline(limit)
+    if not line:
+      if carry:
+        yield carry, True
+      return
+    text = carry + line
+    carry = ""
+    if text.endswith("\n"):
+      yield text.rstrip("\n"), True
+      continue
+    cut = text.rfind(" ", len(text) // 2)
+    if cut > 0 and len(text) >= limit:
+      text, carry = text[:cut], text[cut + 1 :]
+    yield text, False
 
 
 def _iter_mediawiki(f: IO[bytes], raw: IO[bytes]) -> Iterator[Paragraph]:
@@ -212,70 +244,78 @@ def convert_text(
       "lower_case": vocab.lower_case,
       "example_ids": "dense",  # blocks carry example_id 0..N-1 in write order
   }
-  shards_lib.check_settings(output_dir, f"{prefix}-{split}-conversion", settings)
-  summary_path = os.path.join(output_dir, f"{prefix}-{split}-summary.json")
-  names = [shards_lib.shard_name(prefix, split, i, num_shards) for i in range(num_shards)]
-  if all(shards_lib.read_marker(output_dir, n) for n in names) and os.path.exists(summary_path):
-    log(f"[{prefix}-{split}] all {num_shards} shards already done")
-    with open(summary_path, encoding="utf-8") as f:
-      return json.load(f)
-  shards_lib.remove_temporaries(output_dir)
+  with shards_lib.output_lock(output_dir):
+    settings["input_files"] = shards_lib.input_fingerprint(inputs)
+    shards_lib.check_settings(output_dir, f"{prefix}-{split}-conversion", settings)
+    summary_path = os.path.join(output_dir, f"{prefix}-{split}-summary.json")
+    names = [shards_lib.shard_name(prefix, split, i, num_shards) for i in range(num_shards)]
+    if all(shards_lib.read_marker(output_dir, n) for n in names) and os.path.exists(summary_path):
+      log(f"[{prefix}-{split}] all {num_shards} shards already done")
+      with open(summary_path, encoding="utf-8") as f:
+        return json.load(f)
+    shards_lib.remove_temporaries(output_dir)
 
-  total_bytes = sum(os.path.getsize(p) for p in inputs)
-  progress = shards_lib.Progress(f"{prefix}-{split}", total_bytes / 1e6, "MB", progress_interval)
-  packer = BlockPacker(block_len)
-  stats = {
-      "files": len(inputs),
-      "documents": 0,
-      "paragraphs": 0,
-      "tokens": 0,
-      "unk_tokens": 0,
-      "blocks": 0,
-  }
-  per_shard = [0] * num_shards
-  with contextlib.ExitStack() as stack:
-    writers = [stack.enter_context(shards_lib.ShardWriter(output_dir, n)) for n in names]
+    total_bytes = sum(os.path.getsize(p) for p in inputs)
+    progress = shards_lib.Progress(f"{prefix}-{split}", total_bytes / 1e6, "MB", progress_interval)
+    packer = BlockPacker(block_len)
+    stats = {
+        "files": len(inputs),
+        "documents": 0,
+        "paragraphs": 0,
+        "tokens": 0,
+        "unk_tokens": 0,
+        "blocks": 0,
+    }
+    per_shard = [0] * num_shards
+    with contextlib.ExitStack() as stack:
+      writers = [stack.enter_context(shards_lib.ShardWriter(output_dir, n)) for n in names]
 
-    def write_batch(texts: list[str]) -> None:
-      ids = vocab.tokenize_tf(tf.constant(texts)).flat_values.numpy()
-      stats["tokens"] += len(ids)
-      stats["unk_tokens"] += int(np.sum(ids == vocab.unk_id))
-      for block in packer.add(ids):
-        shard = stats["blocks"] % num_shards
-        writers[shard].write(block_to_example(block, stats["blocks"]))
-        per_shard[shard] += 1
-        stats["blocks"] += 1
+      def write_batch(texts: list[str]) -> None:
+        ids = vocab.tokenize_tf(tf.constant(texts)).flat_values.numpy()
+        stats["tokens"] += len(ids)
+        stats["unk_tokens"] += int(np.sum(ids == vocab.unk_id))
+        for block in packer.add(ids):
+          shard = stats["blocks"] % num_shards
+          writers[shard].write(block_to_example(block, stats["blocks"]))
+          per_shard[shard] += 1
+          stats["blocks"] += 1
 
-    done_bytes = 0
-    for path in inputs:
-      batch: list[str] = []
-      last_doc = -1
-      for para in iter_paragraphs(path, fmt):
-        batch.append(para.text)
-        stats["paragraphs"] += 1
-        last_doc = para.doc_index
-        if len(batch) >= batch_paragraphs:
+      done_bytes = 0
+      for path in inputs:
+        batch: list[str] = []
+        batch_chars, last_doc = 0, -1
+        for para in iter_paragraphs(path, fmt):
+          batch.append(para.text)
+          batch_chars += len(para.text)
+          stats["paragraphs"] += 1
+          last_doc = para.doc_index
+          if len(batch) >= batch_paragraphs or batch_chars >= 4 * MAX_LINE_CHARS:
+            write_batch(batch)
+            batch, batch_chars = [], 0
+            progress.set((done_bytes + para.offset) / 1e6, f"{stats['blocks']:,} blocks")
+        if batch:
           write_batch(batch)
-          batch = []
-          progress.set((done_bytes + para.offset) / 1e6, f"{stats['blocks']:,} blocks")
-      if batch:
-        write_batch(batch)
-      stats["documents"] += last_doc + 1
-      done_bytes += os.path.getsize(path)
-    stats["dropped_tail_tokens"] = packer.leftover
-    for writer, count in zip(writers, per_shard):
-      writer.commit({"split": split, "blocks": count})
-  progress.set(total_bytes / 1e6)
-  progress.finish(f"{stats['blocks']:,} blocks")
-  summary = {
-      **stats,
-      "prefix": prefix,
-      "split": split,
-      "num_shards": num_shards,
-      "block_len": block_len,
-      "blocks_per_shard": per_shard,
-      "settings": settings,
-  }
-  shards_lib.write_json_atomic(summary_path, summary)
-  log(f"[{prefix}-{split}] " + json.dumps({k: stats[k] for k in stats}))
-  return summary
+        stats["documents"] += last_doc + 1
+        done_bytes += os.path.getsize(path)
+      stats["dropped_tail_tokens"] = packer.leftover
+      if stats["blocks"] == 0:  # raised inside the writers' block: no empty shard is kept
+        raise ValueError(
+            f"{', '.join(inputs)}: no {block_len}-token block in {stats['paragraphs']} paragraphs "
+            f"({stats['tokens']} tokens): the input is empty or too short to train on"
+        )
+      for writer, count in zip(writers, per_shard):
+        writer.commit({"split": split, "blocks": count})
+    progress.set(total_bytes / 1e6)
+    progress.finish(f"{stats['blocks']:,} blocks")
+    summary = {
+        **stats,
+        "prefix": prefix,
+        "split": split,
+        "num_shards": num_shards,
+        "block_len": block_len,
+        "blocks_per_shard": per_shard,
+        "settings": settings,
+    }
+    shards_lib.write_json_atomic(summary_path, summary)
+    log(f"[{prefix}-{split}] " + json.dumps({k: stats[k] for k in stats}))
+    return summary
