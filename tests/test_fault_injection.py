@@ -19,20 +19,26 @@ import threading
 import time
 
 import jax
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import configlib
 from vidlankd_jax import errors
+from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as common
+from vidlankd_jax.data import howto100m
 from vidlankd_jax.data import pipeline
 from vidlankd_jax.data import shards
 from vidlankd_jax.data import tasks
+from vidlankd_jax.data import text
+from vidlankd_jax.data import vocab as vocab_lib
 from vidlankd_jax.train import loop
 
 import multihost_worker as worker
+import test_howto100m_convert as conv
 
 
 def tiny_state(value=1.0, shape=(64, 64)):
@@ -232,6 +238,58 @@ def second_sigterm(tmp_path):
   return done.stderr.strip().splitlines()[-1]
 
 
+def disk_full_during_a_background_save(tmp_path):
+  """A file-size limit (as a full disk) makes the asynchronous save fail: the next check says
+  so at once, naming the step and the storage's error, and the manager closes cleanly."""
+  code = (
+      "import resource, signal, sys, time\n"
+      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+      "import jax\n"
+      "from vidlankd_jax import checkpoint as ck, configlib, sharding, train_state as ts\n"
+      "mesh = sharding.single_device_mesh()\n"
+      "w = jax.device_put(jax.random.normal(jax.random.key(0), (256, 256)), "
+      "sharding.replicated(mesh))\n"
+      "optimizer = ts.make_optimizer(configlib.load('teacher', 'size=tiny').optimizer, 10)\n"
+      f"m = ck.CheckpointManager({str(tmp_path / 'ck')!r}, every_steps=1, keep=2, "
+      "fingerprint={})\n"
+      "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+      "started = time.monotonic()\n"
+      "m.save(1, ts.init_train_state(optimizer, {'w': w}), force=True)\n"
+      "try:\n"
+      "  while time.monotonic() - started < 60:\n"
+      "    m.check_saves()\n"
+      "    time.sleep(0.05)\n"
+      "except ck.CheckpointSaveError as e:\n"
+      "  m.close()\n"
+      "  print(f'{time.monotonic() - started:.1f} s: {e}')\n"
+  )
+  done = subprocess.run(
+      [sys.executable, "-c", code], env=worker.env(1), capture_output=True, text=True, timeout=120
+  )
+  lines = done.stdout.strip().splitlines()
+  assert done.returncode == 0 and lines, done.stderr[-2000:]
+  assert float(lines[-1].split(" s:")[0]) < 30
+  return lines[-1]
+
+
+def config_json_that_does_not_describe_the_weights(tmp_path):
+  """An old rejected rerun's config.json (another num_heads) is not used to build a model for
+  the checkpoint's weights (fine-tuning's init, tools/export_hf.py)."""
+  config = configlib.load("teacher", "size=tiny")
+  m = ckpt_lib.CheckpointManager(
+      str(tmp_path / "checkpoints"), every_steps=1, keep=1, fingerprint=ckpt_lib.fingerprint(config)
+  )
+  m.save(1, tiny_state(), force=True)
+  m.close()
+  config.model.num_heads = 4
+  runs.write_config(config, str(tmp_path))
+  run = runs.Run(str(tmp_path))
+  shapes = {k: config.model[k] for k in ("hidden_size", "num_layers", "intermediate_size")}
+  with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as error:
+    runs.saved_num_heads(run, shapes)
+  return str(error.value)
+
+
 CASES = [
     (
         bit_flip_in_params,
@@ -257,10 +315,261 @@ CASES = [
     ),
     (metrics_cut_mid_line_and_repeated, r"2 lines kept"),
     (second_sigterm, r"second SIGTERM: exiting at once"),
+    (
+        config_json_that_does_not_describe_the_weights,
+        r"config.json does not describe the weights "
+        r"in .*checkpoints \(model.num_heads: config.json 4 vs checkpoint 2\)",
+    ),
+    (
+        disk_full_during_a_background_save,
+        r"saving checkpoint step 1 to .*/ck failed in the "
+        r"background \(.*File too large.*\): free space .*the last checkpoint is none",
+    ),
 ]
 
 
-@pytest.mark.parametrize("case, expected", CASES, ids=[c.__name__ for c, _ in CASES])
+# ---------------------------------------------------------------------------------------------
+# Data tools: the HowTo100M converter and the text tool.
+
+VIDEOS = {f"v{i}": (30, conv.regular_captions(30)) for i in range(4)}
+
+
+def howto_layout(tmp_path, videos=VIDEOS):
+  root = str(tmp_path / "howto")
+  os.makedirs(root)
+  conv.make_layout(root, videos)
+  return root
+
+
+def convert(root, out="out", **kwargs):
+  cfg = conv.config(root, os.path.join(root, out), **kwargs)
+  return howto100m.convert(cfg, log=lambda *_: None)
+
+
+def skipped(summary, reason):
+  return f"{reason}: {summary['skipped'].get(reason, 0)} skipped"
+
+
+def npy_header_claims_terabytes(tmp_path):
+  root = howto_layout(tmp_path)
+  with open(os.path.join(root, "f2d", "v1.npy"), "wb") as f:
+    header = {"descr": "<f2", "fortran_order": False, "shape": (1 << 30, 2048)}
+    np.lib.format.write_array_header_1_0(f, header)
+    f.write(b"\0" * 64)
+  summary = convert(root, skip_bad=True)
+  assert summary["videos_written"] == 3
+  assert any("header claims shape" in e for e in summary["skipped_examples"])
+  return skipped(summary, "unreadable_features")
+
+
+def complex_features(tmp_path):
+  root = howto_layout(tmp_path)
+  np.save(os.path.join(root, "f3d", "v2.npy"), np.ones([45, 2048], np.complex64))
+  with pytest.raises(howto100m.BadInputError, match="'v2'.*complex values"):
+    convert(root, out="stop")
+  return skipped(convert(root, skip_bad=True), "unreadable_features")
+
+
+def lone_surrogate_in_a_caption(tmp_path):
+  root = howto_layout(tmp_path)
+  path = os.path.join(root, "caption.json")
+  text = open(path).read().replace('"text": ["', '"text": ["\\ud800 ', 1)
+  open(path, "w").write(text)
+  with pytest.raises(howto100m.BadInputError, match="'v0'.*not valid Unicode"):
+    convert(root, out="stop")
+  return skipped(convert(root, skip_bad=True), "non_text_caption")
+
+
+def second_object_after_the_caption_file(tmp_path):
+  root = howto_layout(tmp_path)
+  with open(os.path.join(root, "caption.json"), "a") as f:
+    f.write('{"v9": {}}')
+  with pytest.raises(ValueError) as error:
+    convert(root)
+  return str(error.value)
+
+
+def duplicate_video_ids(tmp_path):
+  root = howto_layout(tmp_path)
+  path = os.path.join(root, "caption.json")
+  entry = json.dumps(conv.regular_captions(30))
+  text = open(path).read().rstrip()
+  open(path, "w").write(text[:-1] + f', "v1": {entry}}}')
+  with pytest.raises(ValueError) as error:
+    convert(root)
+  return str(error.value)
+
+
+def caption_file_edited_in_place(tmp_path):
+  root = howto_layout(tmp_path)
+  convert(root)
+  path = os.path.join(root, "caption.json")
+  captions = json.load(open(path))
+  captions["v0"]["text"][0] = "changed words"
+  json.dump(captions, open(path, "w"))
+  with pytest.raises(ValueError) as error:
+    convert(root)
+  return str(error.value)
+
+
+def second_converter_on_one_output(tmp_path):
+  root = howto_layout(tmp_path)
+  with shards.output_lock(os.path.join(root, "out")):
+    with pytest.raises(ValueError) as error:
+      convert(root)
+  assert convert(root)["videos_written"] == 4  # the lock is freed with its holder
+  return str(error.value)
+
+
+def converter_worker_killed(tmp_path):
+  """A worker SIGKILLed as soon as it exists: the job fails at once, naming the shards."""
+  root = howto_layout(tmp_path)
+  import multiprocessing
+
+  def kill_first_worker():
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+      children = multiprocessing.active_children()
+      if children:
+        os.kill(children[0].pid, signal.SIGKILL)
+        return
+      time.sleep(0.01)
+
+  threading.Thread(target=kill_first_worker, daemon=True).start()
+  started = time.monotonic()
+  with pytest.raises(howto100m.WorkerDiedError) as error:
+    convert(root, workers=2)
+  assert time.monotonic() - started < 60
+  return str(error.value)
+
+
+def empty_text_corpus(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  out = tmp_path / "out"
+  with pytest.raises(ValueError) as error:
+    text.convert_text([str(empty)], str(out), text_vocab(), prefix="x", log=lambda *_: None)
+  assert not glob.glob(str(out / "x-train.tfrecord-*"))  # no empty shard to spin on
+  return str(error.value)
+
+
+def malformed_mediawiki_xml(tmp_path):
+  path = tmp_path / "dump.xml"
+  path.write_text(
+      '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10">'
+      "<page><title>A</title><ns>0</ns><revision><text>cut short"
+  )
+  with pytest.raises(ValueError) as error:
+    list(text.iter_paragraphs(str(path)))
+  return str(error.value)
+
+
+def one_huge_line(tmp_path):
+  """A line of 3.5 limits is read in pieces no longer than 1.5 limits, every word kept."""
+  import io
+
+  words = " ".join(f"w{i}" for i in range(3000))
+  pieces = list(text._bounded_lines(io.StringIO(words + "\nnext\n"), limit=4000))
+  assert max(len(p) for p, _ in pieces) <= 6000 and pieces[-1] == ("next", True)
+  assert " ".join(p for p, _ in pieces[:-1]).split() == words.split()
+  return f"{len(pieces) - 1} pieces"
+
+
+_VOCAB = []
+
+
+def text_vocab():
+  if not _VOCAB:
+    _VOCAB.append(vocab_lib.WordPieceVocabulary(vocab_lib.default_vocab_file()))
+  return _VOCAB[0]
+
+
+DATA_CASES = [
+    (npy_header_claims_terabytes, r"unreadable_features: 1 skipped"),
+    (complex_features, r"unreadable_features: 1 skipped"),
+    (lone_surrogate_in_a_caption, r"non_text_caption: 1 skipped"),
+    (
+        second_object_after_the_caption_file,
+        r"caption.json: invalid JSON at character \d+: more "
+        r"data after the caption object's closing '}'",
+    ),
+    (duplicate_video_ids, r"caption.json: video id 'v1' appears twice"),
+    (caption_file_edited_in_place, r"holds shards converted with other settings .*input_files"),
+    (second_converter_on_one_output, r"another converter \(pid \d+\) is writing to .*out"),
+    (
+        converter_worker_killed,
+        r"a converter worker died .* before shard\(s\) howto100m-.* were " r"finished",
+    ),
+    (empty_text_corpus, r"empty.txt: no 126-token block in 0 paragraphs"),
+    (malformed_mediawiki_xml, r"dump.xml: malformed MediaWiki XML"),
+    (one_huge_line, r"\d+ pieces"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands: one line, exit 2 for usage and config, 1 for data; the traceback on request.
+
+
+def command(args, tmp_path):
+  done = subprocess.run(
+      [sys.executable, *args],
+      env=worker.env(8),
+      cwd=worker.REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  return done.returncode, done.stderr.strip()
+
+
+def main_with_indivisible_batch(tmp_path):
+  args = [
+      "-m",
+      "vidlankd_jax.main",
+      "--config=configs/teacher.py:size=tiny,data=synthetic",
+      "--config.train.batch_size=12",
+      f"--workdir={tmp_path / 'run'}",
+  ]
+  code, stderr = command(args, tmp_path)
+  assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+  assert not (tmp_path / "run" / "config.json").exists()
+  code, verbose = command(args + ["--verbosity=1"], tmp_path)
+  assert code == 2 and "Traceback" in verbose
+  return stderr.splitlines()[-1]
+
+
+def tool_with_a_missing_caption_file(tmp_path):
+  args = [
+      "tools/convert_howto100m.py",
+      f"--caption_json={tmp_path / 'nope.json'}",
+      f"--features_2d_dir={tmp_path}",
+      f"--features_3d_dir={tmp_path}",
+      f"--output_dir={tmp_path / 'out'}",
+  ]
+  code, stderr = command(args, tmp_path)
+  assert code == 1 and "Traceback" not in stderr, stderr[-2000:]
+  return stderr.splitlines()[-1]
+
+
+COMMAND_CASES = [
+    (
+        main_with_indivisible_batch,
+        r"^error: global batch 12 is not divisible by the data-parallel "
+        r"size 8 \(mesh data 8 x fsdp 1 on 8 devices\) \(config.train.batch_size\): use a "
+        r"multiple of 8$",
+    ),
+    (
+        tool_with_a_missing_caption_file,
+        r"^error: caption file .*nope.json " r"does not exist",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    CASES + DATA_CASES + COMMAND_CASES,
+    ids=[c.__name__ for c, _ in CASES + DATA_CASES + COMMAND_CASES],
+)
 def test_fault(case, expected, tmp_path, capsys):
   kwargs = {"capsys": capsys} if "capsys" in case.__code__.co_varnames else {}
   message = case(tmp_path, **kwargs)

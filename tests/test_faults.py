@@ -126,10 +126,16 @@ def test_damaged_checkpoint_is_an_error_naming_the_item(stopped_run, data_dir, t
 def test_checkpoint_of_another_model_size_is_an_error_naming_the_difference(stopped_run, data_dir):
   config = loop_config(data_dir, "stop", 5)
   config.model.hidden_size = 128
+  config.model.num_heads = 4
+  record = os.path.join(stopped_run[0], "config.json")
+  before = open(record).read()
   with pytest.raises(
       ckpt_lib.IncompatibleCheckpointError, match="model.hidden_size: checkpoint 64 vs config 128"
   ):
     teacher_train.train_and_evaluate(config, stopped_run[0])
+  assert (
+      open(record).read() == before
+  )  # the rejected rerun leaves the record describing the weights
 
 
 def test_checkpoint_of_another_objective_set_is_an_error_naming_the_difference(tmp_path):

@@ -111,3 +111,29 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(shared, unin
   assert f"discarding unfinished checkpoint save(s) {unfinished[0]}" in log
   assert "resuming from checkpoint step 4" in log
   assert_same_run(workdir, uninterrupted)
+
+
+SOAK_SEED = 17
+SOAK_KILLS = 3
+
+
+@pytest.mark.slow
+def test_soak_random_sigkills_end_like_an_uninterrupted_run(shared, uninterrupted):
+  """Seeded soak: SIGKILL the run at random moments (a random step reached plus a random delay,
+  so kills land in steps, logging and saves alike), rerun, repeat; then finish. Every kill
+  loses at most the steps since the last checkpoint and the end is the uninterrupted run's."""
+  rng = np.random.default_rng(SOAK_SEED)
+  workdir = str(shared["root"] / "soak")
+  kills = []
+  for _ in range(SOAK_KILLS):
+    procs = start(shared, workdir)
+    logged = max((m["step"] for m in worker.read_metrics(workdir)), default=0)
+    target = int(rng.integers(min(logged + 1, STEPS - 1), STEPS))
+    worker.wait_for_step(workdir, target, procs)
+    time.sleep(float(rng.uniform(0.0, 0.3)))
+    procs[0].send_signal(signal.SIGKILL)
+    worker.wait(procs, workdir)
+    kills.append((target, worker.checkpoint_steps(workdir)[0][-1:]))
+  run(shared, workdir)
+  print(f"soak: seed {SOAK_SEED}, (kill after step, checkpoints left) {kills}")
+  assert_same_run(workdir, uninterrupted)

@@ -397,10 +397,16 @@ class CheckpointManager:
     self._unconfirmed = None
     if (self.directory / str(step)).exists():
       return
+    try:  # Orbax keeps the background error for the first thread that waits: this one
+      self._manager.wait_until_finished()
+      cause = writable_problem(self.directory) or "see the log above"
+    except Exception as e:  # whatever the storage raised; the message names it
+      cause = _short(e)
+    finished = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
     raise CheckpointSaveError(
-        f"saving checkpoint step {step} to {self.directory} failed in the background "
-        f"({writable_problem(self.directory) or 'see the log above'}): free space or fix the "
-        f"folder's permissions and rerun; the last checkpoint is {self.latest_step()}"
+        f"saving checkpoint step {step} to {self.directory} failed in the background ({cause}): "
+        "free space or fix the folder's permissions and rerun; the last checkpoint is "
+        f"{finished[-1] if finished else 'none'}"
     )
 
   def read_meta(self, step: int) -> dict:
@@ -481,8 +487,33 @@ class CheckpointManager:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the last save; one that failed is a CheckpointSaveError (one line)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # whatever the storage raised in the background
+      self._manager.close()
+      raise CheckpointSaveError(
+          f"the last checkpoint save in {self.directory} failed ({_short(e)}): free space or fix "
+          "the folder's permissions and rerun"
+      ) from e
     self._manager.close()
+
+
+def read_meta(directory: str, step: int | None = None) -> dict | None:
+  """The `meta` item (step, fingerprint, digests) of a checkpoint, newest by default; None when
+  the folder has no checkpoint."""
+  if not checkpoint_path(directory).is_dir():
+    return None
+  manager = ocp.CheckpointManager(
+      checkpoint_path(directory), options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+  )
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
 
 
 def restore_params(

@@ -41,6 +41,15 @@ def parse_args(argv: Sequence[str] | None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The command: any error ends as one line (the traceback with --verbosity=1)."""
+  from vidlankd_jax import errors
+
+  argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = errors.pop_verbosity(argv)
+  return errors.run_cli(lambda: run_command(argv), verbose=verbose, prog="vidlankd")
+
+
+def run_command(argv: Sequence[str]) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
   parser, args = parse_args(argv)
   if args.steps is not None and args.steps <= 0:

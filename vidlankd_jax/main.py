@@ -13,9 +13,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vidlankd_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, with :arg.", lock_config=True
@@ -75,12 +78,30 @@ def run(config, workdir: str) -> dict:
   (SIGTERM, preemption) raises `loop.Preempted` after saving a checkpoint.
   """
   if config.stage not in STAGES:
-    raise ValueError(f"config.stage {config.stage!r} is not one of {sorted(STAGES)}")
+    raise errors.ConfigError(
+        f"config.stage {config.stage!r} is not one of {sorted(STAGES)}",
+        "config.stage",
+        "use configs/teacher.py, distill.py or finetune.py as they are",
+    )
+  import jax
+
+  from vidlankd_jax import configlib
+  from vidlankd_jax.train import loop
+
+  configlib.validate(config, jax.device_count())
+  loop.check_writable(workdir)
   module = importlib.import_module(STAGES[config.stage])
   return module.train_and_evaluate(config, workdir)
 
 
 def main(argv):
+  """Runs the stage; every error ends as one line (`errors.run_cli`), the traceback only with
+  --verbosity=1; exit 2 for a wrong command line or config, 1 for data and storage errors."""
+  verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+  sys.exit(errors.run_cli(lambda: run_main(argv), verbose=verbose))
+
+
+def run_main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:

@@ -87,7 +87,28 @@ class Run:
       raise ValueError(
           f"{self.config_path}: a {config.get('stage')!r} run, not a {stage!r} run as expected"
       )
+    self.check_config_describes_weights(config)
     return config
+
+  def check_config_describes_weights(self, config) -> None:
+    """IncompatibleCheckpointError unless config.json's model sizes are those the newest
+    checkpoint was written with: a model built from a config.json that a later, rejected rerun
+    overwrote (older runs) must not be filled with weights of another shape or meaning."""
+    if config.get("stage") not in ("teacher", "distill"):
+      return  # fine-tuning runs record their own fingerprint (the task and the encoder)
+    meta = ckpt_lib.read_meta(self.checkpoint_dir) if self.exists() else None
+    saved = (meta or {}).get("fingerprint", {})
+    current = ckpt_lib.fingerprint(config)
+    diffs = [
+        f"{k}: config.json {current[k]!r} vs checkpoint {saved[k]!r}"
+        for k in sorted(set(saved) & set(current))
+        if k.split(".")[0] in ("model", "video", "student") and saved[k] != current[k]
+    ]
+    if diffs:
+      raise ckpt_lib.IncompatibleCheckpointError(
+          f"{self.config_path} does not describe the weights in {self.checkpoint_dir} "
+          f"({'; '.join(diffs)}): restore the config.json the checkpoint was trained with"
+      )
 
   def params_numpy(self, step: int | None = None) -> dict:
     """The checkpoint's params as nested dicts of host numpy arrays (whatever mesh wrote them)."""
@@ -241,6 +262,8 @@ def saved_num_heads(run: Run, shapes: dict) -> int | None:
   """num_heads in the run's config.json (`model`: the teacher's or student's language BERT),
   if that config describes weights of these `shapes`."""
   config = run.config()
+  if config is not None:
+    run.check_config_describes_weights(config)
   model = {} if config is None else config.get("model", {})
   if all(model.get(k) == shapes[k] for k in ("hidden_size", "num_layers", "intermediate_size")):
     return int(model["num_heads"])

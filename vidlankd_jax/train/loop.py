@@ -301,7 +301,7 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
   # From here on, SIGTERM waits for a step boundary.
   watcher = ckpt_lib.PreemptionWatcher(config.checkpoint.preemption_check_every)
   eval_metrics: dict[str, float] = {}
-  batches = None
+  batches, failing = None, False
   try:
     if ckpt.latest_step() is not None:
       fall_back = config.checkpoint.get("on_corrupt", "stop") == "previous"
@@ -396,10 +396,18 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
     if start_step >= total:  # finished earlier: its final metrics, not logged a second time
       print(f"run already finished at step {start_step} in {ckpt.directory}", flush=True)
       eval_metrics = program.evaluate(state, eval_fn)
+  except BaseException:
+    failing = True
+    raise
   finally:
     if batches is not None:
       batches.close()
-    ckpt.close()
-    writer.close()
-    watcher.close()
+    try:
+      ckpt.close()
+    except ckpt_lib.CheckpointSaveError:
+      if not failing:  # else the error already raised is the one to report
+        raise
+    finally:
+      writer.close()
+      watcher.close()
   return eval_metrics
