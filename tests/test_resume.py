@@ -126,9 +126,9 @@ def test_soak_random_sigkills_end_like_an_uninterrupted_run(shared, uninterrupte
   workdir = str(shared["root"] / "soak")
   kills = []
   for _ in range(SOAK_KILLS):
+    saved = max(worker.checkpoint_steps(workdir)[0], default=0) if kills else 0
+    target = int(rng.integers(saved + 1, STEPS))  # a step the rerun has still to take
     procs = start(shared, workdir)
-    logged = max((m["step"] for m in worker.read_metrics(workdir)), default=0)
-    target = int(rng.integers(min(logged + 1, STEPS - 1), STEPS))
     worker.wait_for_step(workdir, target, procs)
     time.sleep(float(rng.uniform(0.0, 0.3)))
     procs[0].send_signal(signal.SIGKILL)

@@ -170,10 +170,15 @@ def _digest_jax(x):
   return jax.numpy.sum(bits * (weights | np.uint32(1)), dtype=jax.numpy.uint32)
 
 
-def _digest_numpy(x: np.ndarray) -> int:
-  bits = _as_uint32(np.asarray(x), np).reshape(-1).astype(np.uint64)
-  weights = (np.arange(bits.size, dtype=np.uint64) * _DIGEST_MULTIPLIER) % 2**32 | 1
-  return int(np.sum(bits * weights, dtype=np.uint64) % 2**32)
+def _digest_numpy(x: np.ndarray, chunk: int = 1 << 20) -> int:
+  """`_digest_jax` on the host, in chunks (bounded memory; uint32 arithmetic wraps the same)."""
+  bits = _as_uint32(np.asarray(x), np).reshape(-1)
+  total = 0
+  for start in range(0, bits.size, chunk):
+    index = np.arange(start, min(start + chunk, bits.size), dtype=np.uint32)
+    weights = index * np.uint32(_DIGEST_MULTIPLIER) | np.uint32(1)
+    total += int(np.sum(bits[start : start + chunk] * weights, dtype=np.uint32))
+  return total % 2**32
 
 
 @jax.jit
