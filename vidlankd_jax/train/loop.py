@@ -328,7 +328,8 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
           program.train_batches(start_step=start_step),
           mesh,
           timeout_s=config.train.get("input_timeout_s", 0),
-          interrupted=lambda: watcher.signalled,
+          # Several processes stop together at an agreed step (the watcher), never alone here.
+          interrupted=(lambda: watcher.signalled) if jax.process_count() == 1 else None,
       )
       batch = next_batch(batches, start_step, None)  # compiled before the hosts line up
       step_fn.compile(state, batch)
@@ -345,11 +346,11 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
       return values
 
     def save_and_stop_while_waiting(step):
-      """SIGTERM while waiting for a batch: no step is running, so save the last one (one
-      process; several would have to agree first) and stop."""
+      """SIGTERM while waiting for a batch (one process): no step is running, so save the last
+      one and stop."""
       if pending is not None:
         settle()
-      if jax.process_count() == 1 and step > saved_step:
+      if step > saved_step:
         ckpt.save(step, state, force=True)
 
     for step in range(start_step, total):
