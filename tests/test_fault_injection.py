@@ -575,3 +575,11 @@ def test_fault(case, expected, tmp_path, capsys):
   message = case(tmp_path, **kwargs)
   assert re.search(expected, message), message
   assert "\n" not in errors.one_line(Exception(message))
+
+
+def test_conversions_recorded_before_input_fingerprints_are_still_accepted(tmp_path):
+  """Data converted before input files were fingerprinted is reused, not refused."""
+  shards.write_json_atomic(str(tmp_path / "x-conversion.json"), {"pairing": "all"})
+  shards.check_settings(str(tmp_path), "x-conversion", {"pairing": "all", "input_files": {"a": 1}})
+  with pytest.raises(ValueError, match="other settings.*pairing"):
+    shards.check_settings(str(tmp_path), "x-conversion", {"pairing": "reference"})

@@ -79,6 +79,10 @@ def remove_temporaries(output_dir: str) -> None:
         os.remove(os.path.join(directory, name))
 
 
+# Settings that conversions made before they existed did not record: not compared for those.
+RECORDED_SINCE = ("input_files",)
+
+
 def check_settings(output_dir: str, name: str, settings: dict) -> None:
   """Records the settings of a conversion in `name`.json, or refuses to continue one made
   with other settings (its finished shards would silently mix with new ones)."""
@@ -86,7 +90,11 @@ def check_settings(output_dir: str, name: str, settings: dict) -> None:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       previous = json.load(f)
-    diff = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+    diff = {
+        k: (previous.get(k), v)
+        for k, v in settings.items()
+        if previous.get(k) != v and (k in previous or k not in RECORDED_SINCE)
+    }
     if diff:
       raise ValueError(
           f"{output_dir} holds shards converted with other settings "
