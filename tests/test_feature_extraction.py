@@ -432,7 +432,6 @@ def test_dead_or_stuck_decode_worker_skips_its_video_and_the_job_goes_on(tmp_pat
 
 
 def test_features_feed_the_converter_and_the_teacher_input_pipeline(extraction, tmp_path):
-  ml_collections = pytest.importorskip("ml_collections")
   from vidlankd_jax.data import howto100m, tasks
   from vidlankd_jax.data import vocab as vocab_lib
 
@@ -459,19 +458,17 @@ def test_features_feed_the_converter_and_the_teacher_input_pipeline(extraction, 
   )
   converted = howto100m.convert(convert_cfg, log=lambda *_: None)
   assert converted["videos_written"] == 3 and not converted["skipped"]
-  data_cfg = ml_collections.ConfigDict(
-      dict(
-          task=tasks.VIDEO_TEXT_TASK,
-          data_dir=str(tmp_path / "data"),
-          vocab_file=vocab_lib.default_vocab_file(),
-          seq_len=128,
-          max_predictions=20,
-          max_video_steps=384,
-          video_dim=4096,
-      )
+  spec = tasks.InputSpec(
+      task=tasks.VIDEO_TEXT_TASK,
+      data_dir=str(tmp_path / "data"),
+      vocab_file=vocab_lib.default_vocab_file(),
+      seq_len=128,
+      max_predictions=20,
+      video_steps=384,
+      video_dim=4096,
   )
   dataset = tasks.make_dataset(
-      data_cfg,
+      spec,
       "train",
       batch_size=2,
       shard_index=0,

@@ -311,8 +311,8 @@ class CheckpointManager:
   ):
     self.directory = checkpoint_path(directory)
     self.fingerprint = fingerprint or {}
-    # Saves cut short (a killed process) leave `<step>.orbax-checkpoint-tmp*` folders; Orbax
-    # deletes them below and the newest finished step is used.
+    # Saves cut short (a killed process) leave `<step>.orbax-checkpoint-tmp*` folders; process 0
+    # deletes them and the newest finished step is used.
     unfinished = (
         sorted(p.name for p in self.directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
         if self.directory.exists()
@@ -324,6 +324,9 @@ class CheckpointManager:
           f"{self.directory}",
           flush=True,
       )
+      # Deleted here, before anything else runs, rather than in Orbax's background thread.
+      for name in unfinished:
+        (self.directory / name).rmtree()
     self.best_metric = best_metric
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if best_metric:
@@ -342,7 +345,7 @@ class CheckpointManager:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         create=True,
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=False,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._unconfirmed: int | None = None  # the newest save not yet seen committed
