@@ -33,6 +33,8 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    # Two test processes (pytest.ini): one on each core of a 2-core CI machine.
+    "pytest-xdist>=3.6,<4",
     # The formatter and linter whose settings are in pyproject.toml (tests/test_style.py).
     "pyink==26.5.1",
     "ruff==0.17.6",

@@ -24,6 +24,7 @@ from vidlankd_jax.train import teacher as teacher_train
 import multihost_worker as worker
 
 BAD_STEP = 3
+pytestmark = pytest.mark.slow  # training loops run to their fault
 
 
 def loop_config(data_dir, policy, steps):

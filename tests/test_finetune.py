@@ -25,6 +25,7 @@ import multihost_worker as worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACIE_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "tracie")
+pytestmark = pytest.mark.slow  # end-to-end fine-tuning runs, one in a subprocess
 
 
 def tiny_config(task, init="scratch", size="tiny", **overrides):
