@@ -23,15 +23,10 @@ import time
 
 def compile_seconds(layers: int, scanned: bool, batch: int) -> float:
   """Lowers and compiles the base-width distillation step of `layers` layers (this process)."""
-  import jax
-  from flax import nnx
-
   from vidlankd_jax import configlib, sharding
-  from vidlankd_jax.models.teacher import Teacher
-  from vidlankd_jax.train import distill
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from distill_step import random_batch
+  from distill_step import random_batch, setup_and_step
 
   config = configlib.load("distill", "size=base,objectives=nst")
   config.dtype = "float32"
@@ -40,24 +35,7 @@ def compile_seconds(layers: int, scanned: bool, batch: int) -> float:
     model.num_layers = layers
     model.scan_layers = scanned
   mesh = sharding.single_device_mesh()
-  teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(config.teacher, dtype=config.dtype, rngs=nnx.Rngs(1)),
-      mesh,
-      config.sharding_rules,
-  )
-  setup = distill.init(config, mesh, teacher=teacher)
-  step = jax.jit(
-      lambda state, batch: distill.train_step(
-          state,
-          batch,
-          models=setup.models,
-          kd=setup.kd,
-          config=config,
-          tx=setup.tx,
-          schedule=setup.schedule,
-      ),
-      donate_argnums=0,
-  )
+  setup, step = setup_and_step(config, mesh)
   batch = sharding.global_batch(random_batch(config), mesh)
   start = time.perf_counter()
   step.lower(setup.state, batch).compile()

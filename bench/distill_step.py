@@ -231,40 +231,46 @@ def main(argv=None) -> dict:
   return report(largest_batch_that_fits(lambda b: measure(args, b), args.batch, args.fit_batch))
 
 
-def measure(args, batch_size: int) -> dict:
-  """Times the step (and its parts) at `batch_size`; every figure of the result."""
-  args.batch = batch_size
-  config = build_config(args)
-  mesh = sharding.make_mesh(config.mesh)
-  objectives = parse_objectives(config.kd.objectives)
+def setup_and_step(config, mesh):
+  """The distillation setup (a random teacher where an objective needs one) and its jitted step."""
   teacher = (
       sharding.create_sharded(
           lambda: Teacher.from_config(config.teacher, dtype=config.dtype, rngs=nnx.Rngs(1)),
           mesh,
           config.sharding_rules,
       )
-      if objectives
+      if parse_objectives(config.kd.objectives)
       else None
   )
   setup = distill.init(config, mesh, teacher=teacher)
-  models, state = setup.models, setup.state
-  del teacher
-  batch = sharding.global_batch(random_batch(config), mesh)
-  state_sh = sharding.state_shardings(state)
-  batch_sh = sharding.batch_sharding(mesh)
+  state_sh = sharding.state_shardings(setup.state)
   step = jax.jit(
       functools.partial(
           distill.train_step,
-          models=models,
+          models=setup.models,
           kd=setup.kd,
           config=config,
           tx=setup.tx,
           schedule=setup.schedule,
       ),
-      in_shardings=(state_sh, batch_sh),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
       out_shardings=(state_sh, None),
       donate_argnums=0,
   )
+  return setup, step
+
+
+def measure(args, batch_size: int) -> dict:
+  """Times the step (and its parts) at `batch_size`; every figure of the result."""
+  args.batch = batch_size
+  config = build_config(args)
+  mesh = sharding.make_mesh(config.mesh)
+  objectives = parse_objectives(config.kd.objectives)
+  setup, step = setup_and_step(config, mesh)
+  models, state = setup.models, setup.state
+  batch = sharding.global_batch(random_batch(config), mesh)
+  state_sh = sharding.state_shardings(state)
+  batch_sh = sharding.batch_sharding(mesh)
 
   def teacher_forward(frozen, batch):
     teacher = nnx.merge(models.teacher_def, frozen, models.teacher_rest)

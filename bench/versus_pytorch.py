@@ -58,17 +58,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from flax import nnx  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vidlankd_jax import configlib  # noqa: E402
 from vidlankd_jax import sharding  # noqa: E402
-from vidlankd_jax.models.teacher import Teacher  # noqa: E402
-from vidlankd_jax.train import distill  # noqa: E402
 from vidlankd_jax.train import teacher as teacher_train  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from distill_step import random_batch  # noqa: E402
+from distill_step import random_batch, setup_and_step  # noqa: E402
 
 # ------------------------------------------------------------------------------- PyTorch
 
@@ -202,25 +199,7 @@ def our_distill_step(args):
   config.train.batch_size = args.batch
   config.data.seq_len = args.seq_len
   config.data.max_predictions = args.max_predictions
-  mesh = sharding.single_device_mesh()
-  teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(config.teacher, dtype=config.dtype, rngs=nnx.Rngs(1)),
-      mesh,
-      config.sharding_rules,
-  )
-  setup = distill.init(config, mesh, teacher=teacher)
-  step = jax.jit(
-      lambda state, batch: distill.train_step(
-          state,
-          batch,
-          models=setup.models,
-          kd=setup.kd,
-          config=config,
-          tx=setup.tx,
-          schedule=setup.schedule,
-      ),
-      donate_argnums=0,
-  )
+  setup, step = setup_and_step(config, sharding.single_device_mesh())
   return config, setup.state, step
 
 

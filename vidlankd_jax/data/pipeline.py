@@ -98,6 +98,19 @@ def host_batches(
   return batches
 
 
+def eval_batches(spec, mesh, config) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over the validation split in `config.eval.batch_size` global batches."""
+  return host_batches(
+      spec,
+      mesh,
+      "validation",
+      global_batch_size=config.eval.batch_size,
+      seed=config.seed,
+      repeat=False,
+      shuffle=False,
+  )
+
+
 _STREAMS = itertools.count()
 
 

@@ -339,15 +339,7 @@ def clip_vectors(teacher: Teacher, config, mesh, vocab_file: str) -> np.ndarray:
   )
   video_def, video_params, video_rest = ts.nnx_params(teacher.video)
   encode = jax.jit(lambda p, f, m: nnx.merge(video_def, p, video_rest)(f, m)[0])
-  batches = pipeline.host_batches(
-      spec,
-      mesh,
-      "validation",
-      global_batch_size=config.eval.batch_size,
-      seed=config.seed,
-      repeat=False,
-      shuffle=False,
-  )
+  batches = pipeline.eval_batches(spec, mesh, config)
   chunks, count = [], 0
   for host_batch in batches:
     names = ("video_features", "video_mask", "valid")
@@ -591,15 +583,7 @@ def evaluate(state, jitted_eval, *, spec, config, mesh) -> dict[str, float]:
   means over real tokens; `teacher_cka` is linear CKA between the student's last hidden states
   and the teacher's token states over all real tokens read.
   """
-  batches = pipeline.host_batches(
-      spec,
-      mesh,
-      "validation",
-      global_batch_size=config.eval.batch_size,
-      seed=config.seed,
-      repeat=False,
-      shuffle=False,
-  )
+  batches = pipeline.eval_batches(spec, mesh, config)
   sums, moments = {}, {}
   for i, host_batch in enumerate(batches):
     if i >= config.eval.batches:

@@ -101,15 +101,7 @@ def eval_step(state, batch, *, graphdef, rest):
 
 def evaluate(state, jitted_eval, *, spec, config, mesh) -> dict[str, float]:
   """MLM loss/accuracy and text-to-video retrieval over the held-out clips."""
-  batches = pipeline.host_batches(
-      spec,
-      mesh,
-      "validation",
-      global_batch_size=config.eval.batch_size,
-      seed=config.seed,
-      repeat=False,
-      shuffle=False,
-  )
+  batches = pipeline.eval_batches(spec, mesh, config)
   sums = {"mlm_loss_sum": 0.0, "mlm_correct": 0.0, "mlm_count": 0.0}
   sentences, clips = [], []
   for i, host_batch in enumerate(batches):
