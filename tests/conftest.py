@@ -31,14 +31,17 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 # The modules that take longest (minutes each on 2 cores), longest first.
 LONGEST_FIRST = (
+    "test_teacher_learns",
+    "test_distill",
     "test_multihost",
     "test_resume",
-    "test_distill",
-    "test_teacher_learns",
     "test_demo",
     "test_finetune",
     "test_faults",
 )
+# The modules that use the session's trained tiny teachers (`tiny_teachers`): one test worker
+# runs them all, one after the other, so the teachers are trained once.
+TINY_TEACHER_USERS = ("test_teacher_learns", "test_distill")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,6 +52,39 @@ def pytest_collection_modifyitems(config, items):
   """
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """pytest-xdist's `--dist loadfile`, with the users of the tiny teachers as one unit of work."""
+  from xdist.scheduler import LoadFileScheduling
+
+  class TeacherSharingScheduling(LoadFileScheduling):
+
+    def _split_scope(self, nodeid: str) -> str:
+      path = super()._split_scope(nodeid)
+      stem = os.path.splitext(os.path.basename(path))[0]
+      return "tiny-teacher-users" if stem in TINY_TEACHER_USERS else path
+
+  return TeacherSharingScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+  """The trained tiny teachers of `tests/tiny_teachers.py` (true and shuffled pairs), once."""
+  import tiny_teachers as teachers_lib
+
+  return teachers_lib.train(str(tmp_path_factory.mktemp("tiny_teachers")))
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+  """Kills what a test started with `multihost_worker.launch` and left running (a test that
+  failed while waiting for it), so that no run goes on using the cores after its test."""
+  import multihost_worker
+
+  yield
+  multihost_worker.kill_leftovers()
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,18 @@ def main_command(
   return [sys.executable, "-m", "vidlankd_jax.main", *flags]
 
 
+_launched: list[subprocess.Popen] = []  # every process `launch` started, until killed or reaped
+
+
+def kill_leftovers() -> None:
+  """Kills the launched processes still running (a test that failed while waiting for them)."""
+  for p in _launched:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+  _launched.clear()
+
+
 def launch(
     config: str,
     workdir: str,
@@ -90,6 +102,7 @@ def launch(
             args, cwd=REPO, env=env(devices, cache_dir), stdout=log, stderr=subprocess.STDOUT
         )
     )
+  _launched.extend(procs)
   return procs
 
 

@@ -1,8 +1,8 @@
 """Distillation: pure helpers, the jitted step, the loop end to end, and the science check.
 
 The end-to-end runs distil tiny students on real English text (gensim's Lee news corpus,
-tokenized with the bert-base-uncased vocabulary into the student's TFRecords) from a tiny
-teacher trained here by the teacher loop on a generated video-text corpus.
+tokenized with the bert-base-uncased vocabulary into the student's TFRecords) from the session's
+trained tiny teacher (`tests/tiny_teachers.py`, trained on a generated video-text corpus).
 """
 
 import functools
@@ -26,9 +26,7 @@ from vidlankd_jax.evaluation import representation
 from vidlankd_jax.models.student import parse_objectives
 from vidlankd_jax.train import loop
 from vidlankd_jax.train import distill
-from vidlankd_jax.train import teacher as teacher_train
 
-TEACHER_STEPS = 40
 SCIENCE_STEPS = 60
 
 # ---------------------------------------------------------------------------------------------
@@ -498,8 +496,9 @@ def test_config_errors_name_the_key():
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """Student TFRecords (train/validation) of real English text, and a trained tiny teacher."""
+def corpus(tmp_path_factory, tiny_teachers):
+  """Student TFRecords (train/validation) of real English text, and the session's trained tiny
+  teacher (the true-pairs one of `tests/tiny_teachers.py`) with its video-text corpus."""
   import gensim.test.utils as gensim_data
   from vidlankd_jax.data import text as text_lib
   from vidlankd_jax.data import vocab as vocab_lib
@@ -522,18 +521,15 @@ def corpus(tmp_path_factory):
         fmt="lines",
         log=lambda *_: None,
     )
-
-  config = configlib.load("teacher", "size=tiny,data=synthetic")
-  config.data.data_dir = str(root / "video")
-  config.train.steps = TEACHER_STEPS
-  config.train.log_every = TEACHER_STEPS
-  teacher_dir = str(root / "teacher")
-  teacher_metrics = teacher_train.train_and_evaluate(config, teacher_dir)
+  teacher = tiny_teachers["true"]
   return {
       "root": root,
-      "teacher": teacher_dir,
-      "teacher_metrics": teacher_metrics,
-      "teacher_params": ckpt_lib.restore_params_numpy(os.path.join(teacher_dir, "checkpoints")),
+      "teacher": teacher["workdir"],
+      "video": teacher["data_dir"],
+      "teacher_step": int(teacher["eval"]["step"]),
+      "teacher_params": ckpt_lib.restore_params_numpy(
+          os.path.join(teacher["workdir"], "checkpoints")
+      ),
   }
 
 
@@ -542,7 +538,7 @@ def loop_config(corpus, objectives, steps, seed=0):
   config.seed = seed
   config.data.data_dir = str(corpus["root"] / "text")
   config.teacher.workdir = corpus["teacher"]
-  config.kd.voken.data_dir = str(corpus["root"] / "video")
+  config.kd.voken.data_dir = corpus["video"]
   config.train.steps = steps
   config.train.log_every = 10
   config.eval.every_steps = max(steps // 2, 1)
@@ -601,7 +597,7 @@ def test_nst_loop_saves_the_student_alone_and_leaves_the_teacher_untouched(corpu
     np.testing.assert_array_equal(a, b)
   assert ckpt_lib.CheckpointManager(
       os.path.join(corpus["teacher"], "checkpoints"), every_steps=1, keep=1
-  ).all_steps() == [TEACHER_STEPS]
+  ).all_steps() == [corpus["teacher_step"]]
   baseline = ckpt_lib.restore_params_numpy(os.path.join(science_runs["none"][0], "checkpoints"))
   assert set(baseline) == {"language"}
 
