@@ -577,6 +577,54 @@ def test_fault(case, expected, tmp_path, capsys):
   assert "\n" not in errors.one_line(Exception(message))
 
 
+def test_a_dead_converter_worker_ends_the_job_even_if_the_others_ignore_sigterm(
+    tmp_path, monkeypatch
+):
+  """When a worker dies, Python's executor stops the others with SIGTERM and then joins them; a
+  worker that SIGTERM does not end (one started while the pool broke, and so never sent it;
+  here, stuck workers that ignore it) must not keep the converter waiting forever."""
+  import multiprocessing
+
+  import converter_faults
+
+  monkeypatch.setattr(howto100m, "_init_worker", converter_faults.init_ignoring_sigterm)
+  root = howto_layout(tmp_path)
+  outcome = {}
+
+  def convert_with_two_workers():
+    try:
+      convert(root, workers=2)
+    except Exception as e:  # noqa: BLE001  (checked in the test's thread)
+      outcome["error"] = e
+
+  def ignores_sigterm(pid):
+    try:
+      with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+        ignored = next(line for line in f if line.startswith("SigIgn:")).split()[1]
+    except OSError:
+      return False
+    return bool(int(ignored, 16) >> (signal.SIGTERM - 1) & 1)
+
+  job = threading.Thread(target=convert_with_two_workers, daemon=True)
+  job.start()
+  deadline = time.monotonic() + 60
+  workers = []
+  while time.monotonic() < deadline:  # until both workers are starting, deaf to SIGTERM
+    workers = multiprocessing.active_children()
+    if len(workers) == 2 and all(ignores_sigterm(w.pid) for w in workers):
+      break
+    time.sleep(0.01)
+  assert len(workers) == 2, workers
+  os.kill(workers[0].pid, signal.SIGKILL)
+  job.join(120)
+  assert not job.is_alive(), "the converter is still waiting for its workers after 120 s"
+  assert isinstance(outcome.get("error"), howto100m.WorkerDiedError), outcome
+  assert re.search(
+      r"a converter worker died .* before shard\(s\) howto100m-", str(outcome["error"])
+  )
+  assert not multiprocessing.active_children()
+
+
 def test_conversions_recorded_before_input_fingerprints_are_still_accepted(tmp_path):
   """Data converted before input files were fingerprinted is reused, not refused."""
   shards.write_json_atomic(str(tmp_path / "x-conversion.json"), {"pairing": "all"})

@@ -624,27 +624,42 @@ def _convert_in_workers(cfg: ConvertConfig, tasks, progress, names) -> dict:
   ctx = multiprocessing.get_context("spawn")
   counter = ctx.Value("q", 0)
   results = {}
-  with futures.ProcessPoolExecutor(
+  pool = futures.ProcessPoolExecutor(
       min(cfg.workers, len(tasks)), mp_context=ctx, initializer=_init_worker, initargs=(counter,)
-  ) as pool:
+  )
+  try:
     running = {pool.submit(_convert_shard_task, task): task[1:] for task in tasks}
     while running:
       finished, _ = futures.wait(running, timeout=min(1.0, cfg.progress_interval))
       progress.set(counter.value)
       for future in finished:
-        key = running.pop(future)
-        try:
-          results[key] = future.result()
-        except futures.process.BrokenProcessPool:
-          left = sorted(names[k] for k in [key, *running.values()])
-          for other in running:
-            other.cancel()
-          raise WorkerDiedError(
-              f"a converter worker died (killed or out of memory) before shard(s) "
-              f"{', '.join(left)} were finished in {cfg.output_dir}: finished shards are kept; "
-              "rerun the same command to convert the rest (fewer --workers if memory is short)"
-          ) from None
+        results[running.pop(future)] = future.result()
+  except futures.process.BrokenProcessPool:
+    _kill_workers(pool)
+    left = sorted(names[task[1:]] for task in tasks if task[1:] not in results)
+    raise WorkerDiedError(
+        f"a converter worker died (killed or out of memory) before shard(s) "
+        f"{', '.join(left)} were finished in {cfg.output_dir}: finished shards are kept; "
+        "rerun the same command to convert the rest (fewer --workers if memory is short)"
+    ) from None
+  except BaseException:
+    _kill_workers(pool)
+    raise
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
   return results
+
+
+def _kill_workers(pool: futures.ProcessPoolExecutor) -> None:
+  """Kills the pool's live workers before it is shut down after a failure.
+
+  Once a worker has died, the executor asks the others to stop (SIGTERM) and then joins every
+  worker; one started while it was doing so is never asked, sits waiting for a task, and the
+  join (and so the job) would wait for it forever.
+  """
+  for process in list((getattr(pool, "_processes", None) or {}).values()):
+    if process.is_alive():
+      process.kill()
 
 
 def convert(cfg: ConvertConfig, log=print) -> dict:
