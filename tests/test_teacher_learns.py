@@ -8,16 +8,12 @@ on the same held-out clips with their true captions.
 """
 
 import inspect
-import json
 import os
-import shutil
 
-import numpy as np
 import pytest
 
 import multihost_worker as worker
 from vidlankd_jax import configlib
-from vidlankd_jax.data import howto100m
 from vidlankd_jax.data import synthetic
 
 # Held-out recall@1 must exceed chance (1 / held-out clips) by this factor when trained on true
@@ -26,37 +22,12 @@ FAR_ABOVE_CHANCE = 5.0
 
 
 def write_shuffled_corpus(raw_dir: str, out_dir: str, seed: int = 0) -> None:
-  """Copies the generated corpus in `raw_dir` to `out_dir` with its training captions mispaired.
-
-  The caption texts of the training videos' segments are permuted among those segments; times and
-  features are unchanged, so the converter cuts clips of the same seconds, now paired with captions
-  about other concepts. The held-out videos (the converter's own choice) keep their true
-  captions, so both teachers are scored on the same held-out pairs.
-  """
-  caption_json = os.path.join(raw_dir, "caption.json")
-  with open(caption_json, encoding="utf-8") as f:
-    captions = json.load(f)
+  """The corpus with its training captions mispaired (`synthetic.write_shuffled_corpus`), its
+  held-out videos those `prepare_video_text` holds out by default."""
   num_held_out = (
       inspect.signature(synthetic.prepare_video_text).parameters["num_validation_videos"].default
   )
-  held_out = howto100m.select_validation_videos(
-      caption_json, num_held_out, howto100m.ConvertConfig.hash_salt
-  )
-  slots = [
-      (vid, i)
-      for vid in sorted(captions)
-      if vid not in held_out
-      for i in range(len(captions[vid]["text"]))
-  ]
-  texts = [captions[vid]["text"][i] for vid, i in slots]
-  order = np.random.default_rng(seed).permutation(len(texts))
-  for (vid, i), j in zip(slots, order):
-    captions[vid]["text"][i] = texts[j]
-  os.makedirs(out_dir, exist_ok=True)
-  for sub in ("features_2d", "features_3d"):
-    shutil.copytree(os.path.join(raw_dir, sub), os.path.join(out_dir, sub))
-  with open(os.path.join(out_dir, "caption.json"), "w", encoding="utf-8") as f:
-    json.dump(captions, f)
+  synthetic.write_shuffled_corpus(raw_dir, out_dir, num_validation_videos=num_held_out, seed=seed)
 
 
 def train_both(tmp_path) -> tuple[dict, dict, int]:
