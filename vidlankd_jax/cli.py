@@ -131,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"--steps must be positive, got {args.steps}")
   if args.seed < 0:
     parser.error(f"--seed must be non-negative, got {args.seed}")
+  # Before anything loads TensorFlow or jaxlib: their C++ logging reads it once, at load time.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if args.command == "ablate":
     from vidlankd_jax.demo import ablate
 

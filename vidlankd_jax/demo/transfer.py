@@ -58,8 +58,12 @@ def teacher_config(world_dir: str, which: str, steps: int, size: str = "tiny", *
   """configs/teacher.py at `size` on the world's true (`video`) or shuffled pairs; a size above
   tiny keeps the tiny shapes (sequence length, batch, schedule) and changes the model alone."""
   config = configlib.load("teacher", "size=tiny")
-  if size != "tiny":
-    config.model = configlib.bert_config(size)
+  if size != "tiny":  # both towers of that size; the tiny clip length and projection
+    sized = configlib.load("teacher", f"size={size}")
+    config.model = sized.model
+    sized.video.max_steps = config.video.max_steps
+    sized.video.projection_dim = config.video.projection_dim
+    config.video = sized.video
   config.data.data_dir = os.path.join(world_dir, which)
   config.seed = seed
   config.train.steps = steps
@@ -87,6 +91,7 @@ def student_config(
   if teacher_size != "tiny":
     teacher = runs.Run(teacher_dir).require_config("teacher")
     config.teacher.model = teacher.model
+    config.teacher.video = teacher.video
     config.teacher.size = teacher_size
   config.data.data_dir = os.path.join(world_dir, text)
   config.teacher.workdir = teacher_dir
@@ -279,7 +284,7 @@ def plot_concept_panels(world, class_scores: dict, panels: dict[str, str], path:
           for title, key in panels.items()
       ],
       path,
-      columns=len(panels),
+      columns=3,
       value_label="probe score",
       shared_scale=False,
   )
