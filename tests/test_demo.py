@@ -1,7 +1,11 @@
 """`vidlankd demo` end to end at its test size: every stage, every artefact, reuse and redo."""
 
+import json
 import math
 import os
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -100,16 +104,23 @@ def test_metrics_are_finite_and_the_comparison_is_complete(demo):
 
 def test_artefacts_are_valid(demo):
   workdir, _, _, _, _, summary = demo
-  for name in ("loss_curves.png", "grounding.png"):
+  for name in ("loss_curves.png", "grounding.png", "transfer.png", "transfer_tokens.png"):
     pixels = image.imread(os.path.join(workdir, name))
     assert pixels.ndim == 3 and min(pixels.shape[:2]) > 200 and np.ptp(pixels) > 0, name
   tables = parse_tables(summary)
   assert [t["header"][:2] for t in tables] == [
+      ["student", "held-out concepts: attribute accuracy"],
       ["metric", "teacher"],
       ["measure", "NST student"],
       ["stage", "status"],
   ]
-  teacher, students, stage_rows = tables
+  transfer_rows, teacher, students, stage_rows = tables
+  assert [r[0].split(" ")[0] for r in transfer_rows["rows"][:4]] == [
+      "NST",
+      "text-only",
+      "NST",
+      "untrained",
+  ]
   for row in teacher["rows"] + students["rows"]:
     for cell in row[1:]:
       value = cell.split(" ")[0]
@@ -118,6 +129,32 @@ def test_artefacts_are_valid(demo):
   assert "held-out clip #" in summary  # the example retrievals
   assert [r[0] for r in stage_rows["rows"][:-1]] == list(pipeline.STAGES)
   assert {r[1] for r in stage_rows["rows"][:-1]} == {"ran"}
+
+
+def test_results_json_holds_the_transfer_experiment(demo):
+  workdir = demo[0]
+  with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+    results = json.load(f)
+  assert set(results["transfer"]) == {"nst", "text_only", "shuffled_teacher", "untrained"}
+  for name, row in results["transfer"].items():
+    assert 0.0 <= row["ci95"][0] <= row["mean"] <= row["ci95"][1] <= 1.0, name
+    assert len(row["per_seed"]) == pipeline.SIZES["test"].transfer_seeds, name
+    assert all(0.0 <= v <= 1.0 for v in row["per_seed"]), name
+  assert results["chance"] == pytest.approx(0.25)  # four classes per attribute
+  assert results["seed"] == 0
+
+
+def test_the_seed_reaches_every_part_of_the_run(tmp_path):
+  from vidlankd_jax.data import world as world_lib
+
+  size = pipeline.SIZES["test"]
+  assert world_lib.make_world(16, 3) != world_lib.make_world(16, 0)
+  assert world_lib.make_world(16, 0) == world_lib.make_world(16, 0)
+  for pairs in ("video", "video_shuffled"):
+    assert pipeline.teacher_config(str(tmp_path), size, seed=3, pairs=pairs).seed == 3
+  assert pipeline.student_config(str(tmp_path), size, "nst", seed=3).seed == 3
+  assert pipeline.finetune_seeds("1,2,3", 0) == "1,2,3"
+  assert pipeline.finetune_seeds("1,2,3", 3) == "10,11,12"
 
 
 def test_a_rerun_reuses_every_finished_stage(demo):
@@ -129,11 +166,16 @@ def test_a_rerun_reuses_every_finished_stage(demo):
   assert {r[1] for r in tables[-1]["rows"][:-1]} == {"reused"}
 
 
-def test_a_stage_that_did_not_finish_is_redone_through_the_command(demo):
+def test_a_stage_that_did_not_finish_is_redone_through_the_command(demo, capfd):
   workdir, first, _, _, _, _ = demo
   marker = os.path.join(workdir, "probe", stages_lib.MARKER)
   os.remove(marker)  # as if the probe had crashed before finishing
   assert cli.main(["demo", "--workdir", workdir, "--size", "test"]) == 0
+  # The probe restores the teacher and the students: no library log lines on the way.
+  output = "\n".join(capfd.readouterr())
+  assert "reusing the finished stage" in output
+  for noise in ("I0000", "W0000", "absl", "cudart"):
+    assert noise not in output, output
   redone = stages_lib.read_marker(os.path.join(workdir, "probe"))
   assert redone["run_id"] != first["probe"]["run_id"]
   for name in pipeline.STAGES[:-1]:
@@ -170,6 +212,56 @@ def test_stage_runner_redoes_changed_or_broken_stages_and_their_dependents(tmp_p
   log = []
   run_all(2, log)
   assert calls[-1] == "b" and calls.count("a") == 2 and "did not finish" in "\n".join(log)
+
+
+def test_the_command_imports_nothing_heavy_until_it_runs():
+  # `vidlankd --help` must answer at once: the module alone imports no ML library.
+  code = (
+      "import sys, vidlankd_jax.cli; heavy = [m for m in ('jax', 'tensorflow', 'flax', 'seqio', "
+      "'orbax', 'numpy', 'ml_collections') if m in sys.modules]; print(heavy)"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr
+  assert set(cli.DEMO_SIZES) == set(pipeline.SIZES)
+
+
+def test_start_up_noise_is_dropped_and_other_output_kept(capfd, tmp_path, monkeypatch):
+  (tmp_path / "noisy_module_for_test.py").write_text(
+      "import os\n"
+      "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are "
+      "written to STDERR\\n')\n"
+      "os.write(2, b'I0000 00:00:1796054534.149019  536 port.cc:153] oneDNN custom operations\\n')\n"
+      "os.write(2, b'a line of its own\\n')\n"
+  )
+  monkeypatch.syspath_prepend(str(tmp_path))
+  cli.import_quietly(["noisy_module_for_test"])
+  err = capfd.readouterr().err
+  assert err == "a line of its own\n"
+  record = types.SimpleNamespace(levelno=30, pathname="/x/site-packages/orbax/checkpoint/m.py")
+  assert not cli.LibraryNoiseFilter().filter(record)  # a library's warning: noise
+  record.pathname = "/work/vidlankd_jax/train/loop.py"
+  assert cli.LibraryNoiseFilter().filter(record)  # the project's own warning stays
+  record.pathname, record.levelno = "/x/site-packages/orbax/checkpoint/m.py", 40
+  assert cli.LibraryNoiseFilter().filter(record)  # a library's error stays
+
+
+def test_library_warnings_are_dropped_from_the_absl_log(capfd):
+  import logging as std_logging
+
+  cli.quiet_libraries()
+  absl_logger = std_logging.getLogger("absl")
+  handler = std_logging.StreamHandler(sys.stderr)
+  absl_logger.addHandler(handler)
+  try:
+    for pathname, message in (
+        ("/x/site-packages/orbax/checkpoint/manager.py", "Given directory is read only"),
+        ("/work/vidlankd_jax/train/loop.py", "a warning of the project's own"),
+    ):
+      absl_logger.handle(absl_logger.makeRecord("absl", 30, pathname, 1, message, None, None))
+  finally:
+    absl_logger.removeHandler(handler)
+  err = capfd.readouterr().err
+  assert "a warning of the project's own" in err and "read only" not in err, err
 
 
 def test_bad_command_lines_are_refused():

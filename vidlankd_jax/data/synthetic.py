@@ -114,19 +114,31 @@ def write_corpus(
     seed: int = 0,
     text_path: str | None = None,
     num_sentences: int = 40,
+    concepts: tuple[str, ...] | None = None,
+    prototypes: tuple[np.ndarray, np.ndarray] | None = None,
+    sentences: list[str] | None = None,
 ) -> SyntheticCorpus:
   """Writes the corpus under `out_dir` and returns where its parts are.
 
   `noise`: the norm of each second's noise relative to its unit prototype; `num_sentences`: the
-  pool of real sentences the captions' filler words are drawn from.
+  pool of real sentences the captions' filler words are drawn from. `concepts`, `prototypes`
+  (unit 2D and 3D features [num_concepts, dim]) and `sentences` replace the defaults (the first
+  `num_concepts` names, random prototypes, gensim's sentences): `data/world.py` builds its
+  prototypes from the concepts' visual attributes.
   """
-  if num_concepts > len(CONCEPT_NAMES):
-    raise ValueError(f"at most {len(CONCEPT_NAMES)} concepts, got {num_concepts}")
+  if concepts is None:
+    if num_concepts > len(CONCEPT_NAMES):
+      raise ValueError(f"at most {len(CONCEPT_NAMES)} concepts, got {num_concepts}")
+    concepts = CONCEPT_NAMES[:num_concepts]
+  num_concepts = len(concepts)
   rng = np.random.default_rng(seed)
-  concepts = CONCEPT_NAMES[:num_concepts]
-  proto_2d = _unit(rng, (num_concepts, dim))
-  proto_3d = _unit(rng, (num_concepts, dim))
-  sentences = real_sentences(text_path, limit=num_sentences)
+  if prototypes is None:
+    prototypes = (_unit(rng, (num_concepts, dim)), _unit(rng, (num_concepts, dim)))
+  proto_2d, proto_3d = prototypes
+  for proto in prototypes:
+    if proto.shape != (num_concepts, dim):
+      raise ValueError(f"prototypes of shape {proto.shape}, expected {(num_concepts, dim)}")
+  sentences = sentences or real_sentences(text_path, limit=num_sentences)
   dirs = {k: os.path.join(out_dir, f"features_{k}") for k in ("2d", "3d")}
   for d in dirs.values():
     os.makedirs(d, exist_ok=True)
@@ -157,7 +169,75 @@ def write_corpus(
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(captions, f)
   os.replace(tmp, caption_json)
-  return SyntheticCorpus(caption_json, dirs["2d"], dirs["3d"], concepts, num_videos)
+  return SyntheticCorpus(caption_json, dirs["2d"], dirs["3d"], tuple(concepts), num_videos)
+
+
+def write_shuffled_corpus(
+    raw_dir: str, out_dir: str, *, num_validation_videos: int, seed: int = 0
+) -> None:
+  """Copies the generated corpus in `raw_dir` to `out_dir` with its training captions mispaired.
+
+  The caption texts of the training videos' segments are permuted among those segments; times and
+  features are unchanged, so the converter cuts clips of the same seconds, now paired with captions
+  about other concepts. The held-out videos (the converter's own choice of
+  `num_validation_videos`) keep their true captions, so both teachers are scored on the same
+  held-out pairs. The control that separates what the video carries from any extra training.
+  """
+  import shutil
+
+  from vidlankd_jax.data import howto100m
+
+  caption_json = os.path.join(raw_dir, "caption.json")
+  with open(caption_json, encoding="utf-8") as f:
+    captions = json.load(f)
+  held_out = howto100m.select_validation_videos(
+      caption_json, num_validation_videos, howto100m.ConvertConfig.hash_salt
+  )
+  slots = [
+      (vid, i)
+      for vid in sorted(captions)
+      if vid not in held_out
+      for i in range(len(captions[vid]["text"]))
+  ]
+  texts = [captions[vid]["text"][i] for vid, i in slots]
+  order = np.random.default_rng(seed).permutation(len(texts))
+  for (vid, i), j in zip(slots, order):
+    captions[vid]["text"][i] = texts[j]
+  os.makedirs(out_dir, exist_ok=True)
+  for sub in ("features_2d", "features_3d"):
+    shutil.copytree(os.path.join(raw_dir, sub), os.path.join(out_dir, sub), dirs_exist_ok=True)
+  tmp = os.path.join(out_dir, "caption.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(captions, f)
+  os.replace(tmp, os.path.join(out_dir, "caption.json"))
+
+
+def convert_corpus(
+    raw: str,
+    data_dir: str,
+    *,
+    num_validation_videos: int,
+    word_budget: int,
+    max_steps: int,
+    log=print,
+) -> dict:
+  """The generated corpus in `raw` -> `data_dir/howto100m` by the real HowTo100M converter
+  (every window of each video); returns the conversion summary."""
+  from vidlankd_jax.data import howto100m
+
+  cfg = howto100m.ConvertConfig(
+      caption_json=os.path.join(raw, "caption.json"),
+      features_2d_dir=os.path.join(raw, "features_2d"),
+      features_3d_dir=os.path.join(raw, "features_3d"),
+      output_dir=os.path.join(data_dir, "howto100m"),
+      pairing="all",
+      word_budget=word_budget,
+      max_steps=max_steps,
+      num_validation_videos=num_validation_videos,
+      train_shards=2,
+      validation_shards=1,
+  )
+  return howto100m.convert(cfg, log=log)
 
 
 def prepare_video_text(
@@ -173,8 +253,6 @@ def prepare_video_text(
 ) -> str:
   """Generates the corpus under `data_dir/synthetic_raw` and converts it into `data_dir/howto100m`
   with the real converter (every window of each video); reuses finished work."""
-  from vidlankd_jax.data import howto100m
-
   raw = os.path.join(data_dir, "synthetic_raw")
   corpus_done = os.path.join(raw, "caption.json")
   if not os.path.exists(corpus_done):
@@ -183,17 +261,12 @@ def prepare_video_text(
         f"in {raw}: the video features are GENERATED, not real video"
     )
     write_corpus(raw, num_videos=num_videos, num_concepts=num_concepts, seed=seed)
-  cfg = howto100m.ConvertConfig(
-      caption_json=corpus_done,
-      features_2d_dir=os.path.join(raw, "features_2d"),
-      features_3d_dir=os.path.join(raw, "features_3d"),
-      output_dir=os.path.join(data_dir, "howto100m"),
-      pairing="all",
+  convert_corpus(
+      raw,
+      data_dir,
+      num_validation_videos=num_validation_videos,
       word_budget=word_budget,
       max_steps=max_steps,
-      num_validation_videos=num_validation_videos,
-      train_shards=2,
-      validation_shards=1,
+      log=log,
   )
-  howto100m.convert(cfg, log=log)
   return data_dir

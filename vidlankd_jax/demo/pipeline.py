@@ -2,16 +2,24 @@
 
   vidlankd demo --workdir runs/demo            # minutes on a laptop CPU
   vidlankd demo --workdir runs/demo --fresh    # redo every stage
+  vidlankd demo --workdir runs/demo --seed 3   # another world, initialisation, masking, order
 
 Stages (each in `<workdir>/<stage>/`, reused when finished with the same settings):
-  data          Wikipedia sample -> text TFRecords; GENERATED video-text corpus -> HowTo100M
-                layout -> converter; movie-review polarity TSVs
-  teacher       teacher pretraining (contrastive + MLM) on the generated video-text pairs
+  data          Wikipedia sample -> text TFRecords; the GENERATED world (`data/world.py`:
+                concepts whose visual attributes only the clips carry) -> HowTo100M layout ->
+                converter, its shuffled-pair twin and its attribute-free student text;
+                movie-review polarity TSVs
+  teacher       teacher pretraining (contrastive + MLM) on the world's video-text pairs
+  teacher_shuffled   the same on the shuffled pairs (the control teacher)
+  transfer      the headline experiment (`demo/transfer.py`): students distilled on the world's
+                text (NST, other objectives, text only, from the shuffled teacher, untrained),
+                several seeds, read by one frozen probe on held-out concepts
   student_nst   student distilled with NST from the teacher, on the Wikipedia text
   student_base  the text-only baseline (objectives=none): same data, steps and seed
   finetune_nst / finetune_base   both students fine-tuned on movie-review polarity, several seeds
   probe         token-to-clip grounding probe on held-out clips; heatmap
-then the report (always redrawn): `<workdir>/summary.md`, `loss_curves.png`, `grounding.png`.
+then the report (always redrawn): `<workdir>/summary.md` (led by the transfer table),
+`results.json`, `transfer.png`, `transfer_tokens.png`, `loss_curves.png`, `grounding.png`.
 """
 
 from __future__ import annotations
@@ -45,60 +53,79 @@ class DemoSize:
   seeds: str
   probe_train_clips: int
   eval_batches: int
+  # The transfer experiment: the world's student text, the students' steps and seeds, the KD
+  # objectives besides NST.
+  student_sentences: int
+  transfer_steps: int
+  transfer_seeds: int
+  transfer_objectives: tuple[str, ...]
 
 
 SIZES = {
     "demo": DemoSize(
-        teacher_steps=600,
+        teacher_steps=400,
         distill_steps=300,
-        videos=200,
+        videos=1000,
         validation_videos=40,
-        concepts=16,
+        concepts=48,
         articles=100,
         finetune_epochs=4.0,
         seeds="1,2,3",
         probe_train_clips=2000,
         eval_batches=8,
+        student_sentences=16000,
+        transfer_steps=200,
+        transfer_seeds=3,
+        transfer_objectives=("cos",),
     ),
     "test": DemoSize(
         teacher_steps=16,
         distill_steps=8,
-        videos=48,
+        videos=64,
         validation_videos=16,
-        concepts=8,
+        concepts=16,
         articles=12,
         finetune_epochs=0.5,
         seeds="1",
         probe_train_clips=128,
         eval_batches=2,
+        student_sentences=800,
+        transfer_steps=8,
+        transfer_seeds=1,
+        transfer_objectives=(),
     ),
 }
 STAGES = (
     "data",
     "teacher",
+    "teacher_shuffled",
+    "transfer",
     "student_nst",
     "student_base",
     "finetune_nst",
     "finetune_base",
     "probe",
 )
+WORLD = "world"  # the generated world's folder inside the data stage
 STUDENTS = {"nst": "student_nst", "base": "student_base"}
 
 
-def teacher_config(workdir: str, size: DemoSize):
-  """configs/teacher.py at tiny size on the demo's generated corpus."""
+def teacher_config(workdir: str, size: DemoSize, *, seed: int = 0, pairs: str = "video"):
+  """configs/teacher.py at tiny size on the world's true (`video`) or shuffled pairs."""
   config = configlib.load("teacher", "size=tiny")
-  config.data.data_dir = os.path.join(workdir, "data")
+  config.data.data_dir = os.path.join(workdir, "data", WORLD, pairs)
+  config.seed = seed
   config.train.steps = size.teacher_steps or config.train.steps
   config.train.log_every = max(1, config.train.steps // 10)
   config.eval.every_steps = config.checkpoint.every_steps = config.train.steps
   return config
 
 
-def student_config(workdir: str, size: DemoSize, objectives: str):
+def student_config(workdir: str, size: DemoSize, objectives: str, *, seed: int = 0):
   """configs/distill.py at tiny size on the Wikipedia sample, from the demo's teacher."""
   config = configlib.load("distill", f"size=tiny,objectives={objectives},data=wikipedia")
   config.data.data_dir = os.path.join(workdir, "data")
+  config.seed = seed
   # The baseline keeps the teacher for evaluation only (its closeness to the teacher).
   config.teacher.workdir = os.path.join(workdir, "teacher")
   if size.distill_steps:
@@ -110,7 +137,13 @@ def student_config(workdir: str, size: DemoSize, objectives: str):
   return config
 
 
-def finetune_config(workdir: str, size: DemoSize, student: str):
+def finetune_seeds(seeds: str, seed: int) -> str:
+  """The size's fine-tuning seeds, shifted by `--seed` (seed 0 keeps them)."""
+  values = [int(s) for s in seeds.split(",")]
+  return ",".join(str(v + seed * len(values)) for v in values)
+
+
+def finetune_config(workdir: str, size: DemoSize, student: str, *, seed: int = 0):
   """configs/finetune.py on movie-review polarity, from a student's workdir."""
   config = configlib.load(
       "finetune", f"task={demo_data.BENCHMARK},size=auto,init={os.path.join(workdir, student)}"
@@ -119,7 +152,7 @@ def finetune_config(workdir: str, size: DemoSize, student: str):
   config.data.benchmarks_module = demo_data.BENCHMARKS_MODULE
   config.data.seq_len = 64
   config.data.shuffle_buffer = 256
-  config.seeds = size.seeds
+  config.seeds = finetune_seeds(size.seeds, seed)
   config.train.batch_size = 16
   config.train.epochs = size.finetune_epochs
   config.train.log_every = 10
@@ -139,9 +172,9 @@ def run_stage_config(config, stage_dir: str) -> dict:
   return {k: float(v) for k, v in main_lib.run(config, stage_dir).items()}
 
 
-def make_data(stage_dir: str, size: DemoSize, log) -> dict:
-  from vidlankd_jax.data import synthetic
+def make_data(stage_dir: str, size: DemoSize, seed: int, log) -> dict:
   from vidlankd_jax.data import vocab as vocab_lib
+  from vidlankd_jax.data import world as world_lib
 
   vocab_file = vocab_lib.default_vocab_file()
   log(
@@ -151,20 +184,24 @@ def make_data(stage_dir: str, size: DemoSize, log) -> dict:
   text = demo_data.make_text_tfrecords(stage_dir, vocab_file, max_articles=size.articles, log=log)
   tcfg = configlib.load("teacher", "size=tiny")
   log(
-      "video-text: a GENERATED corpus (concept prototypes plus noise, captions from real English "
-      "sentences) in HowTo100M's layout, converted by the real converter. It is not real video."
+      "video-text: a GENERATED world (clip features built from the concepts' visual attributes "
+      "plus noise, captions from real English sentences) in HowTo100M's layout, converted by the "
+      "real converter. It is not real video."
   )
-  synthetic.prepare_video_text(
-      stage_dir,
-      num_videos=size.videos,
+  world = world_lib.write_world(
+      os.path.join(stage_dir, WORLD),
       num_concepts=size.concepts,
+      num_videos=size.videos,
       num_validation_videos=size.validation_videos,
+      student_sentences=size.student_sentences,
+      probe_per_concept=6,
       word_budget=tcfg.data.seq_len // 2,
       max_steps=tcfg.video.max_steps,
+      vocab_file=vocab_file,
+      seed=seed,
       log=log,
   )
-  with open(os.path.join(stage_dir, "howto100m", "howto100m-summary.json"), encoding="utf-8") as f:
-    video = json.load(f)["splits"]
+  video = {s: {"clips": n} for s, n in world["video_clips"]["video"].items()}
   polarity = demo_data.write_polarity_benchmark(os.path.join(stage_dir, "polarity"))
   log(
       f"downstream: movie-review polarity, {polarity['train']} train / {polarity['validation']} "
@@ -176,6 +213,7 @@ def make_data(stage_dir: str, size: DemoSize, log) -> dict:
       "video_clips": {s: video[s]["clips"] for s in video},
       "videos": size.videos,
       "concepts": size.concepts,
+      "world": world,
       "polarity": polarity,
   }
 
@@ -197,10 +235,25 @@ def finetune_stage(config, stage_dir: str) -> dict:
   }
 
 
+def records_world(runner) -> dict:
+  """The generated world's description (`world.json`) the data stage wrote."""
+  with open(os.path.join(runner.stage_dir("data"), WORLD, "world.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
 def run_demo(
-    workdir: str, *, size: str = "demo", steps: int | None = None, fresh: bool = False, log=print
+    workdir: str,
+    *,
+    size: str = "demo",
+    steps: int | None = None,
+    fresh: bool = False,
+    seed: int = 0,
+    log=print,
 ) -> dict:
-  """Runs (or reuses) every stage and writes `<workdir>/summary.md`; returns the summary data."""
+  """Runs (or reuses) every stage and writes `<workdir>/summary.md`; returns the summary data.
+
+  `seed` feeds every seed of the run: the world's generation, each model's initialisation,
+  masking and data order (the students of the transfer experiment take `100 seed + k`)."""
   if size not in SIZES:
     raise ValueError(f"unknown demo size {size!r}; known: {sorted(SIZES)}")
   sizes = SIZES[size]
@@ -215,25 +268,62 @@ def run_demo(
   os.makedirs(workdir, exist_ok=True)
   started = time.perf_counter()
   runner = StageRunner(workdir, len(STAGES) + 1, log)
-  log(f"VidLanKD demo ({size}): every stage at tiny size in {workdir}")
+  log(f"VidLanKD demo ({size}, seed {seed}): every stage at tiny size in {workdir}")
 
+  data_settings = ("videos", "validation_videos", "concepts", "articles", "student_sentences")
   runner.run(
       "data",
-      "data: Wikipedia text, generated video-text corpus, polarity benchmark",
-      {k: getattr(sizes, k) for k in ("videos", "validation_videos", "concepts", "articles")},
-      lambda d: make_data(d, sizes, log),
+      "data: Wikipedia text, the generated world (video-text pairs, student text), polarity",
+      {**{k: getattr(sizes, k) for k in data_settings}, "seed": seed},
+      lambda d: make_data(d, sizes, seed, log),
   )
-  tcfg = teacher_config(workdir, sizes)
+  tcfg = teacher_config(workdir, sizes, seed=seed)
   runner.run(
       "teacher",
-      f"teacher pretraining on the generated video-text pairs ({tcfg.train.steps} steps)",
+      f"teacher pretraining on the world's video-text pairs ({tcfg.train.steps} steps)",
       config_settings(tcfg),
       lambda d: run_stage_config(tcfg, d),
       after=("data",),
   )
+  shuffled_cfg = teacher_config(workdir, sizes, seed=seed, pairs="video_shuffled")
+  runner.run(
+      "teacher_shuffled",
+      f"control teacher on the same world with shuffled pairs ({tcfg.train.steps} steps)",
+      config_settings(shuffled_cfg),
+      lambda d: run_stage_config(shuffled_cfg, d),
+      after=("data",),
+  )
+  transfer_settings = ("transfer_steps", "transfer_seeds", "transfer_objectives")
+
+  def transfer_stage(stage_dir):
+    from vidlankd_jax.demo import transfer
+
+    return json_ready(
+        transfer.run_experiment(
+            os.path.join(runner.stage_dir("data"), WORLD),
+            {
+                "video": runner.stage_dir("teacher"),
+                "video_shuffled": runner.stage_dir("teacher_shuffled"),
+            },
+            stage_dir,
+            steps=sizes.transfer_steps,
+            num_seeds=sizes.transfer_seeds,
+            objectives=("nst", *sizes.transfer_objectives),
+            seed=seed,
+            log=log,
+        )
+    )
+
+  runner.run(
+      "transfer",
+      "transfer experiment: students on the world's text, attributes of held-out concepts",
+      {**{k: getattr(sizes, k) for k in transfer_settings}, "seed": seed},
+      transfer_stage,
+      after=("data", "teacher", "teacher_shuffled"),
+  )
   scfgs = {
-      "nst": student_config(workdir, sizes, "nst"),
-      "base": student_config(workdir, sizes, "none"),
+      "nst": student_config(workdir, sizes, "nst", seed=seed),
+      "base": student_config(workdir, sizes, "none", seed=seed),
   }
   for name, title in (
       ("nst", "student distilled with NST from the teacher"),
@@ -248,7 +338,7 @@ def run_demo(
         after=("data", "teacher"),
     )
   for name in ("nst", "base"):
-    cfg = finetune_config(workdir, sizes, STUDENTS[name])
+    cfg = finetune_config(workdir, sizes, STUDENTS[name], seed=seed)
     runner.run(
         f"finetune_{name}",
         f"fine-tuning the {name} student on movie-review polarity " f"(seeds {cfg.seeds})",
@@ -274,6 +364,7 @@ def run_demo(
             out_dir=stage_dir,
             max_train_clips=sizes.probe_train_clips,
             max_test_clips=int(tcfg.eval.retrieval_clips),
+            concepts=tuple(records_world(runner)["concepts"]),
             log=log,
         )
     )
@@ -290,7 +381,7 @@ def run_demo(
   )
   steps = {"teacher": int(tcfg.train.steps), "student": int(scfgs["nst"].train.steps)}
   summary_path = report.write_report(
-      workdir, runner.records, steps=steps, total_seconds=time.perf_counter() - started
+      workdir, runner.records, steps=steps, seed=seed, total_seconds=time.perf_counter() - started
   )
   with open(summary_path, encoding="utf-8") as f:
     log("\n" + f.read())

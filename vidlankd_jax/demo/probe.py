@@ -209,6 +209,7 @@ def run_probe(
     max_test_clips: int,
     num_sentences: int = 2,
     num_clips: int = 6,
+    concepts: tuple[str, ...] = tuple(synthetic.CONCEPT_NAMES),
     log=print,
 ) -> dict:
   """Loads the teacher and the students, reads the clips, scores every row, draws the heatmap.
@@ -251,7 +252,6 @@ def run_probe(
         train[f"pooled/{name}"], train["clip"], test[f"pooled/{name}"], test["clip"]
     )
   vocab = vocab_lib.WordPieceVocabulary(vocab_file)
-  concepts = tuple(synthetic.CONCEPT_NAMES)
   panels, examples = grounding_examples(
       teacher,
       students["nst"],

@@ -86,6 +86,55 @@ def student_table(records) -> str:
   )
 
 
+TRANSFER_ORDER = ("nst", "text_only", "shuffled_teacher", "untrained")
+TRANSFER_LABELS = {
+    "nst": "NST student (distilled from the true-pair teacher)",
+    "text_only": "text-only baseline (objectives=none)",
+    "shuffled_teacher": "NST from the shuffled-pair teacher (control)",
+    "untrained": "untrained student (initial weights)",
+}
+
+
+def transfer_table(transfer: dict) -> str:
+  """The headline: held-out attribute accuracy per student, its interval and seeds, and chance."""
+  names = [n for n in TRANSFER_ORDER if n in transfer["transfer"]]
+  names[1:1] = [n for n in transfer["transfer"] if n not in TRANSFER_ORDER]
+  rows = []
+  for name in names:
+    r = transfer["transfer"][name]
+    label = TRANSFER_LABELS.get(name, f"{name} student (objectives={name})")
+    rows.append(
+        [
+            label,
+            number(r["mean"]),
+            f"[{number(r['ci95'][0])}, {number(r['ci95'][1])}]",
+            ", ".join(number(v) for v in r["per_seed"]),
+        ]
+    )
+  rows.append(["chance (1 / classes)", number(transfer["chance"]), "-", "-"])
+  rows.append(
+      ["the teacher's own token states (ceiling)", number(transfer["teachers"]["video"]), "-", "-"]
+  )
+  rows.append(
+      [
+          "the shuffled-pair teacher's token states",
+          number(transfer["teachers"]["video_shuffled"]),
+          "-",
+          "-",
+      ]
+  )
+  return markdown_table(
+      ["student", "held-out concepts: attribute accuracy", "95% CI", "per seed"], rows
+  )
+
+
+def difference_lines(transfer: dict) -> str:
+  lines = []
+  for name, d in transfer["differences"].items():
+    lines.append(f"- {name}: {d['mean']:+.3f}, 95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+  return "\n".join(lines) + "\n"
+
+
 def stages_table(records, total_seconds: float) -> str:
   rows = [
       [r.name, "reused" if r.reused else "ran", shards_lib.format_seconds(r.seconds)]
@@ -105,8 +154,26 @@ def example_lines(examples: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: str, records, *, steps: dict, total_seconds: float) -> str:
-  """Writes loss_curves.png, grounding.png and summary.md into `workdir`; returns summary.md."""
+def write_report(workdir: str, records, *, steps: dict, total_seconds: float, seed: int = 0) -> str:
+  """Writes results.json, transfer.png, transfer_tokens.png, loss_curves.png, grounding.png and
+  summary.md into `workdir`; returns summary.md."""
+  transfer = records["transfer"].result
+  for name in ("transfer.png", "transfer_tokens.png"):
+    shutil.copyfile(os.path.join(workdir, "transfer", name), os.path.join(workdir, name))
+  shards_lib.write_json_atomic(
+      os.path.join(workdir, "results.json"),
+      {
+          "transfer": transfer["transfer"],
+          "chance": transfer["chance"],
+          "teachers": transfer["teachers"],
+          "differences": transfer["differences"],
+          "seed": seed,
+          "student_seeds": transfer["seeds"],
+          "student_steps": transfer["steps"],
+          "held_out_concepts": transfer["held_out_concepts"],
+          "probe": transfer["probe"],
+      },
+  )
   curves = os.path.join(workdir, "loss_curves.png")
   plots.plot_runs(
       {
@@ -124,7 +191,24 @@ def write_report(workdir: str, records, *, steps: dict, total_seconds: float) ->
   data = records["data"].result
   probe = records["probe"].result
   layers, hidden, _, _ = configlib.MODEL_SIZES["tiny"]
+  world = data["world"]
   text = f"""# VidLanKD demo
+
+## Does video knowledge reach a text-only student?
+
+{transfer_table(transfer)}
+Held-out concepts: {transfer['held_out_concepts']} of {data['concepts']} (GENERATED world, seed
+{seed}); each student {transfer['steps']} steps on the world's attribute-free text, seeds
+{', '.join(str(s) for s in transfer['seeds'])}; 95% CI: percentile bootstrap over seeds and held-out concepts.
+The concepts' shape, colour and motion exist only in the clips: the text never tells them, so a
+student can only name them for concepts it never saw labelled if the teacher's token states
+passed them on. Probe: {transfer['probe']}, fitted on sentences about the other concepts;
+identical for every student. Paired differences with the text-only baseline (same seeds):
+
+{difference_lines(transfer)}
+Figures: `transfer.png` (the table as bars with intervals and seeds), `transfer_tokens.png`
+(the probe's attribute scores for the concept word of held-out sentences, teacher and students
+side by side; each row names the concept's true attributes).
 
 Size: teacher {steps['teacher']} steps, each student {steps['student']} steps, tiny models
 ({layers} layers, {hidden} hidden). Numbers are what this run measured; tiny models trained for minutes show the
@@ -134,8 +218,11 @@ Data:
 - student text: REAL English Wikipedia (gensim's sample), {data['text_documents']['train']} train /
   {data['text_documents']['validation']} held-out articles, {data['text_blocks']['train']} / {data['text_blocks']['validation']} blocks of 126 word pieces;
 - video-text pairs: GENERATED, not real video ({data['videos']} videos, {data['concepts']} concepts:
-  per-concept feature prototypes plus noise, captions naming the concept inside real English
-  sentences), {data['video_clips']['train']} train / {data['video_clips']['validation']} held-out clips, in HowTo100M's layout;
+  clip features built from each concept's visual attributes plus noise, captions naming the
+  concept inside real English sentences), {data['video_clips']['train']} train / {data['video_clips']['validation']} held-out clips, in HowTo100M's
+  layout; a twin with the training captions dealt to the wrong clips trains the control teacher;
+- the transfer students' text: GENERATED attribute-free sentences (real English word sequences
+  with a concept word inserted), {world['text_blocks']['text/train']} blocks;
 - downstream: REAL movie-review sentences with polarity labels (Pang & Lee, shipped with gensim),
   {data['polarity']['train']} train / {data['polarity']['validation']} validation.
 
@@ -163,7 +250,7 @@ Movie polarity has {data['polarity']['validation']} validation sentences: one se
 ## Stages
 
 {stages_table(records, total_seconds)}
-Figures: `loss_curves.png` (training losses of the three runs), `grounding.png` (token-to-clip
+Figures: `loss_curves.png` (training losses of the three Wikipedia-side runs), `grounding.png` (token-to-clip
 cosine of a few held-out captions against clips labelled by the concept their caption names; the
 teacher and the NST student through its head).
 """

@@ -103,6 +103,15 @@ def teacher_clip_vectors(teacher, video_features, video_mask) -> np.ndarray:
   return _call(teacher, _teacher_clips, features, mask)
 
 
+def _student_hidden(student, input_ids, attention_mask, token_type_ids):
+  return student.language.bert.encode(input_ids, attention_mask, token_type_ids)
+
+
+def student_hidden_states(student, input_ids, attention_mask, token_type_ids=None) -> np.ndarray:
+  """[B, L, H] a `Student`'s last hidden states (no head): what every student has alike."""
+  return _call(student, _student_hidden, *_text_inputs(input_ids, attention_mask, token_type_ids))
+
+
 def student_token_vectors(
     student, input_ids, attention_mask, token_type_ids=None, head: str = "nst"
 ) -> np.ndarray:
@@ -171,7 +180,12 @@ def figure_size(panels: Sequence[GroundingPanel], columns: int) -> tuple[float, 
 
 
 def plot_grounding_heatmaps(
-    panels: Sequence[GroundingPanel], output_path: str, *, columns: int = 2
+    panels: Sequence[GroundingPanel],
+    output_path: str,
+    *,
+    columns: int = 2,
+    value_label: str = "cosine",
+    shared_scale: bool = True,
 ) -> None:
   """One heatmap per panel (tokens down, clips across) in a grid, written atomically as a PNG."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -193,11 +207,12 @@ def plot_grounding_heatmaps(
   vmax = max(float(np.max(p.scores)) for p in panels)
   for i, p in enumerate(panels):
     ax = fig.add_subplot(rows, columns, i + 1)
-    image = ax.imshow(np.asarray(p.scores), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+    scale = dict(vmin=vmin, vmax=vmax) if shared_scale else {}
+    image = ax.imshow(np.asarray(p.scores), aspect="auto", cmap="viridis", **scale)
     ax.set_title(p.title, fontsize=9)
     ax.set_yticks(range(len(p.tokens)), p.tokens, fontsize=7)
     ax.set_xticks(range(len(p.clip_labels)), p.clip_labels, fontsize=7, rotation=60, ha="right")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="cosine")
+    fig.colorbar(image, ax=ax, shrink=0.8, label=value_label)
   directory = os.path.dirname(os.path.abspath(output_path))
   os.makedirs(directory, exist_ok=True)
   tmp = f"{output_path}.tmp{os.getpid()}.png"

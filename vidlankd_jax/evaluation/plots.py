@@ -187,3 +187,41 @@ def plot_runs(
   os.makedirs(directory, exist_ok=True)
   fig.savefig(output)
   return drawn
+
+
+def plot_intervals(
+    rows: Mapping[str, Mapping],
+    output: str,
+    *,
+    reference: float | None = None,
+    reference_label: str = "chance",
+    ylabel: str = "",
+    title: str | None = None,
+) -> None:
+  """Bars of `rows` {name: {"mean", "ci95": [lo, hi], "per_seed": [...]}} with their intervals
+  as error bars and the seeds as dots; `reference` (e.g. chance) as a dashed line."""
+  if not rows:
+    raise ValueError("no rows to plot")
+  names = list(rows)
+  fig = Figure(figsize=(max(5.0, 1.1 * len(names) + 1.5), 3.6), dpi=100, layout="constrained")
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  means = np.asarray([rows[n]["mean"] for n in names])
+  low = np.asarray([rows[n]["ci95"][0] for n in names])
+  high = np.asarray([rows[n]["ci95"][1] for n in names])
+  x = np.arange(len(names))
+  ax.bar(x, means, color=[f"C{i % 10}" for i in x], alpha=0.75)
+  ax.errorbar(x, means, yerr=[means - low, high - means], fmt="none", ecolor="black", capsize=4)
+  for i, name in enumerate(names):
+    seeds = rows[name].get("per_seed", [])
+    ax.plot([i] * len(seeds), seeds, "o", color="black", markersize=3, alpha=0.6)
+  if reference is not None:
+    ax.axhline(reference, color="gray", linestyle="--", label=reference_label)
+    ax.legend(fontsize="small")
+  ax.set_xticks(x, names, rotation=20, ha="right")
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title, fontsize="medium")
+  ax.grid(axis="y", alpha=0.3)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  fig.savefig(output)
