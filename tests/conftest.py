@@ -32,6 +32,7 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 # The modules that take longest (minutes each on 2 cores), longest first.
 LONGEST_FIRST = (
     "test_teacher_learns",
+    "test_transfer",
     "test_distill",
     "test_multihost",
     "test_resume",
@@ -41,7 +42,7 @@ LONGEST_FIRST = (
 )
 # The modules that use the session's trained tiny teachers (`tiny_teachers`): one test worker
 # runs them all, one after the other, so the teachers are trained once.
-TINY_TEACHER_USERS = ("test_teacher_learns", "test_distill")
+TINY_TEACHER_USERS = ("test_teacher_learns", "test_transfer", "test_distill")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -115,40 +116,3 @@ def load_tool():
     return module
 
   return load
-
-
-# The generated world of the transfer experiment (vidlankd_jax/data/world.py) at test size.
-WORLD_TEST_SIZE = dict(
-    num_concepts=48, num_videos=1000, student_sentences=16000, teacher_steps=400, student_steps=200
-)
-
-
-@pytest.fixture(scope="session")
-def world_teachers(tmp_path_factory, bert_vocab_file):
-  """A small generated world and two tiny teachers trained on it through `main.run`: one on the
-  true pairs and one on the shuffled twin. Returns (world_dir, {"video"|"video_shuffled": dir})."""
-  from vidlankd_jax import main as main_lib
-  from vidlankd_jax.data import world as world_lib
-  from vidlankd_jax.demo import transfer
-
-  root = tmp_path_factory.mktemp("world")
-  world_dir = str(root / "world")
-  world_lib.write_world(
-      world_dir,
-      num_concepts=WORLD_TEST_SIZE["num_concepts"],
-      num_videos=WORLD_TEST_SIZE["num_videos"],
-      num_validation_videos=40,
-      student_sentences=WORLD_TEST_SIZE["student_sentences"],
-      probe_per_concept=6,
-      word_budget=16,
-      max_steps=16,
-      vocab_file=bert_vocab_file,
-      seed=0,
-      log=lambda *_: None,
-  )
-  teachers = {}
-  for which in ("video", "video_shuffled"):
-    teachers[which] = str(root / f"teacher_{which}")
-    config = transfer.teacher_config(world_dir, which, WORLD_TEST_SIZE["teacher_steps"])
-    main_lib.run(config, teachers[which])
-  return world_dir, teachers

@@ -11,7 +11,6 @@ teacher stays within noise of the baseline (its interval of the difference cover
 import numpy as np
 import pytest
 
-from conftest import WORLD_TEST_SIZE
 from vidlankd_jax import main as main_lib
 from vidlankd_jax.data import world as world_lib
 from vidlankd_jax.demo import transfer
@@ -20,14 +19,21 @@ SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
-def scores(world_teachers, tmp_path_factory):
-  world_dir, teachers = world_teachers
+def world_and_teachers(tiny_teachers):
+  """The session's world and its two tiny teachers, as {"video"|"video_shuffled": workdir}."""
+  teachers = {"video": tiny_teachers["true"], "video_shuffled": tiny_teachers["shuffled"]}
+  return tiny_teachers["world"], {which: run["workdir"] for which, run in teachers.items()}
+
+
+@pytest.fixture(scope="module")
+def scores(world_and_teachers, tmp_path_factory):
+  world_dir, teachers = world_and_teachers
   root = tmp_path_factory.mktemp("students")
   configs, workdirs = {}, {}
   for name, (objective, which) in transfer.BASE_STUDENTS.items():
     configs[name] = [
         transfer.student_config(
-            world_dir, teachers[which], objective, steps=WORLD_TEST_SIZE["student_steps"], seed=s
+            world_dir, teachers[which], objective, steps=transfer.STUDENT_STEPS, seed=s
         )
         for s in SEEDS
     ]
@@ -40,9 +46,9 @@ def scores(world_teachers, tmp_path_factory):
 
 @pytest.mark.slow
 def test_nst_transfers_video_only_attributes_and_the_shuffled_teacher_does_not(
-    scores, world_teachers
+    scores, world_and_teachers
 ):
-  world, _ = world_lib.read_world(world_teachers[0])
+  world, _ = world_lib.read_world(world_and_teachers[0])
   students = scores["students"]
   summary = {name: transfer.summarize(s) for name, s in students.items()}
   nst_gain = transfer.paired_difference(students["nst"], students["text_only"])

@@ -33,6 +33,7 @@ import time
 from vidlankd_jax import configlib
 from vidlankd_jax.demo import data as demo_data
 from vidlankd_jax.demo import report
+from vidlankd_jax.demo import transfer
 from vidlankd_jax.demo.stages import StageRunner, json_ready
 
 
@@ -74,7 +75,7 @@ SIZES = {
         probe_train_clips=2000,
         eval_batches=8,
         student_sentences=16000,
-        transfer_steps=200,
+        transfer_steps=transfer.STUDENT_STEPS,
         transfer_seeds=3,
         transfer_objectives=("cos",),
     ),
@@ -296,8 +297,6 @@ def run_demo(
   transfer_settings = ("transfer_steps", "transfer_seeds", "transfer_objectives")
 
   def transfer_stage(stage_dir):
-    from vidlankd_jax.demo import transfer
-
     return json_ready(
         transfer.run_experiment(
             os.path.join(runner.stage_dir("data"), WORLD),
