@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -223,45 +222,6 @@ def test_the_command_imports_nothing_heavy_until_it_runs():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout + out.stderr
   assert set(cli.DEMO_SIZES) == set(pipeline.SIZES)
-
-
-def test_start_up_noise_is_dropped_and_other_output_kept(capfd, tmp_path, monkeypatch):
-  (tmp_path / "noisy_module_for_test.py").write_text(
-      "import os\n"
-      "os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called are "
-      "written to STDERR\\n')\n"
-      "os.write(2, b'I0000 00:00:1796054534.149019  536 port.cc:153] oneDNN custom operations\\n')\n"
-      "os.write(2, b'a line of its own\\n')\n"
-  )
-  monkeypatch.syspath_prepend(str(tmp_path))
-  cli.import_quietly(["noisy_module_for_test"])
-  err = capfd.readouterr().err
-  assert err == "a line of its own\n"
-  record = types.SimpleNamespace(levelno=30, pathname="/x/site-packages/orbax/checkpoint/m.py")
-  assert not cli.LibraryNoiseFilter().filter(record)  # a library's warning: noise
-  record.pathname = "/work/vidlankd_jax/train/loop.py"
-  assert cli.LibraryNoiseFilter().filter(record)  # the project's own warning stays
-  record.pathname, record.levelno = "/x/site-packages/orbax/checkpoint/m.py", 40
-  assert cli.LibraryNoiseFilter().filter(record)  # a library's error stays
-
-
-def test_library_warnings_are_dropped_from_the_absl_log(capfd):
-  import logging as std_logging
-
-  cli.quiet_libraries()
-  absl_logger = std_logging.getLogger("absl")
-  handler = std_logging.StreamHandler(sys.stderr)
-  absl_logger.addHandler(handler)
-  try:
-    for pathname, message in (
-        ("/x/site-packages/orbax/checkpoint/manager.py", "Given directory is read only"),
-        ("/work/vidlankd_jax/train/loop.py", "a warning of the project's own"),
-    ):
-      absl_logger.handle(absl_logger.makeRecord("absl", 30, pathname, 1, message, None, None))
-  finally:
-    absl_logger.removeHandler(handler)
-  err = capfd.readouterr().err
-  assert "a warning of the project's own" in err and "read only" not in err, err
 
 
 def test_bad_command_lines_are_refused():

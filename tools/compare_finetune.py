@@ -20,7 +20,11 @@ import ast
 import json
 import os
 
-from vidlankd_jax import errors
+from vidlankd_jax import errors, quiet
+
+if __name__ == "__main__":
+  quiet.quiet_tensorflow_runtime()  # before configlib loads jax
+
 from vidlankd_jax import configlib
 
 
@@ -134,6 +138,8 @@ def main(argv=None) -> None:
   except UsageError as e:
     parser.error(str(e))
   tasks = [t for t in args.tasks.split(",") if t]
+  if not args.table_only:  # fine-tuning loads TensorFlow (the data) and orbax
+    quiet.quiet_libraries()
   print(
       compare(
           args.workdir,

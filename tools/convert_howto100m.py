@@ -15,7 +15,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from vidlankd_jax import errors
+from vidlankd_jax import errors, quiet
+
+if __name__ == "__main__":  # before the imports below load TensorFlow
+  quiet.quiet_libraries()
+
 from vidlankd_jax.data.howto100m import (  # noqa: F401  (re-exported for scripts)
     PAIRINGS,
     BadInputError,

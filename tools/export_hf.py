@@ -20,11 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-from vidlankd_jax import errors
-from vidlankd_jax.data import vocab as vocab_lib
-from vidlankd_jax import runs
-from vidlankd_jax.interop import hf_bert
+from vidlankd_jax import errors, quiet
 
 
 def export(
@@ -37,6 +33,10 @@ def export(
     num_heads: int = 0,
 ) -> str:
   """Writes the Hugging Face directory; returns the vocabulary file it copied."""
+  from vidlankd_jax import runs
+  from vidlankd_jax.data import vocab as vocab_lib
+  from vidlankd_jax.interop import hf_bert
+
   model, run_config = runs.load_language_model(workdir, step, num_heads)
   vocab_file = (
       vocab_file or run_config.get("data", {}).get("vocab_file") or vocab_lib.default_vocab_file()
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--encoder_only", action="store_true", help="write a BertModel (with pooler)")
   parser.add_argument("--num_heads", type=int, default=0, help="only if the run has no config.json")
   args = parser.parse_args(argv)
+  quiet.quiet_libraries()
   vocab = export(
       args.workdir,
       args.output_dir,

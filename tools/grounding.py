@@ -21,9 +21,13 @@ import glob
 import os
 import sys
 
+from vidlankd_jax import errors, quiet
+
+if __name__ == "__main__":
+  quiet.quiet_tensorflow_runtime()  # before the imports below load jax
+
 import numpy as np
 
-from vidlankd_jax import errors
 from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax.evaluation import grounding
@@ -225,7 +229,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-  run(parse_args(argv))
+  args = parse_args(argv)
+  quiet.quiet_libraries()
+  run(args)
   return 0
 
 

@@ -14,12 +14,7 @@ import os
 import sys
 from typing import Iterable, Sequence
 
-import tensorflow as tf
-from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as bvd
-
-from vidlankd_jax import errors
-from vidlankd_jax.data import text as text_lib
-from vidlankd_jax.data import vocab as vocab_lib
+from vidlankd_jax import errors, quiet
 
 
 def learn_vocab(
@@ -31,6 +26,11 @@ def learn_vocab(
     num_iterations: int = 4,
 ) -> list[str]:
   """Learns WordPiece tokens from paragraphs of text; the specials come first."""
+  import tensorflow as tf
+  from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as bvd
+
+  from vidlankd_jax.data import vocab as vocab_lib
+
   dataset = tf.data.Dataset.from_generator(
       lambda: (p for p in paragraphs), output_signature=tf.TensorSpec([], tf.string)
   ).batch(1024)
@@ -51,6 +51,8 @@ def learn_vocab(
 
 def write_vocab(tokens: Sequence[str], path: str) -> None:
   """Writes one token per line (atomically), after checking the specials and duplicates."""
+  from vidlankd_jax.data import vocab as vocab_lib
+
   if list(tokens[: len(vocab_lib.SPECIAL_TOKENS)]) != list(vocab_lib.SPECIAL_TOKENS):
     raise ValueError(f"The vocabulary must start with {vocab_lib.SPECIAL_TOKENS}.")
   if len(set(tokens)) != len(tokens):
@@ -62,6 +64,9 @@ def write_vocab(tokens: Sequence[str], path: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  quiet.quiet_libraries()  # the --format choices below load TensorFlow
+  from vidlankd_jax.data import text as text_lib
+
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--input", required=True, nargs="+", help="raw corpus files")
   parser.add_argument("--output", required=True, help="vocab.txt to write")

@@ -18,7 +18,11 @@ import argparse
 import sys
 from typing import Sequence
 
-from vidlankd_jax import errors
+from vidlankd_jax import errors, quiet
+
+if __name__ == "__main__":  # before the imports below load TensorFlow
+  quiet.quiet_libraries()
+
 from vidlankd_jax.data import text as text_lib
 from vidlankd_jax.data import vocab as vocab_lib
 from vidlankd_jax.data.text import convert_text, iter_paragraphs  # noqa: F401  (re-exported)

@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vidlankd_jax import errors
+from vidlankd_jax import errors, quiet
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, with :arg.", lock_config=True
@@ -94,6 +94,11 @@ def run(config, workdir: str) -> dict:
   return module.train_and_evaluate(config, workdir)
 
 
+def verbosity_given(argv) -> bool:
+  """Whether the command line sets absl's --verbosity (or -v): then the libraries' logs stay."""
+  return any(a.split("=", 1)[0] in ("--verbosity", "-verbosity", "--v", "-v") for a in argv[1:])
+
+
 def main(argv):
   """Runs the stage; every error ends as one line (`errors.run_cli`), the traceback only with
   --verbosity=1; exit 2 for a wrong command line or config, 1 for data and storage errors."""
@@ -106,8 +111,8 @@ def run_main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
-  if not flags.FLAGS["verbosity"].present:  # the loops print progress; keep library INFO logs out
-    logging.set_verbosity(logging.WARNING)
+  if not flags.FLAGS["verbosity"].present:  # with --verbosity the libraries' logs are wanted
+    quiet.quiet_libraries()  # before anything loads TensorFlow
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from vidlankd_jax.train import loop
 
@@ -119,4 +124,6 @@ def run_main(argv) -> None:
 
 
 if __name__ == "__main__":
+  if not verbosity_given(sys.argv):
+    quiet.quiet_tensorflow_runtime()  # before the config files load jax
   app.run(main)

@@ -78,18 +78,25 @@ def check_single_pieces(words, vocab_file: str) -> None:
 
 
 def make_world(num_concepts: int, seed: int) -> World:
-  """Attributes balanced over the concepts (each class equally often), drawn per seed."""
+  """Attributes drawn per seed, each class equally often among the probe's training concepts
+  and among the held-out ones (exactly when `num_concepts` is a multiple of 8): a probe that
+  learned nothing then sits at chance on held-out concepts, where an uneven split would put a
+  class that is common in training rare at test time and such a probe below chance."""
   if not len(ATTRIBUTES["shape"]) * 2 <= num_concepts <= len(CONCEPT_WORDS):
     raise ValueError(f"num_concepts must be in [8, {len(CONCEPT_WORDS)}], got {num_concepts}")
   rng = np.random.default_rng([seed, 1])
   concepts = tuple(
       CONCEPT_WORDS[i] for i in sorted(rng.permutation(len(CONCEPT_WORDS))[:num_concepts])
   )
-  attributes = {
-      name: rng.permutation(np.arange(num_concepts) % len(classes)).tolist()
-      for name, classes in ATTRIBUTES.items()
-  }
-  held_out = tuple(concepts[i] for i in sorted(rng.permutation(num_concepts)[: num_concepts // 2]))
+  order = rng.permutation(num_concepts)
+  halves = (order[: num_concepts // 2], order[num_concepts // 2 :])
+  attributes = {}
+  for name, classes in ATTRIBUTES.items():
+    labels = np.zeros(num_concepts, np.int64)
+    for half in halves:
+      labels[half] = rng.permutation(np.arange(len(half)) % len(classes))
+    attributes[name] = labels.tolist()
+  held_out = tuple(concepts[i] for i in sorted(halves[0]))
   return World(concepts, attributes, held_out, seed)
 
 

@@ -1,0 +1,84 @@
+"""Keeps libraries' start-up lines and warnings out of the project's commands.
+
+TensorFlow's and XLA's C++ code prints lines on stderr when loaded (oneDNN, missing CUDA drivers)
+whatever TF_CPP_MIN_LOG_LEVEL says, and libraries log absl WARNINGs that are noise on a normal run
+(read-only checkpoint managers, uncached datasets). `quiet_libraries()`, called by every command
+before it loads TensorFlow, drops both; the project's own warnings and any library ERROR stay.
+A command that loads jax earlier calls `quiet_tensorflow_runtime()` before that.
+
+Only the standard library is imported here: commands import this module before parsing their
+command line, and `--help` must answer at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging as std_logging
+import os
+import re
+import sys
+import tempfile
+from typing import Sequence
+
+# What TensorFlow's and XLA's C++ code prints on start-up (absl's C++ log writes everything to
+# stderr before InitializeLog, whatever TF_CPP_MIN_LOG_LEVEL says).
+START_UP_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} |.*cudart_stub|"
+    r".*oneDNN custom operations)"
+)
+# Libraries whose absl WARNINGs are noise on a normal run (read-only checkpoint managers,
+# missing metadata of checkpoints written by this project, uncached datasets).
+NOISY_LIBRARIES = ("/orbax/", "/etils/", "/seqio/", "/tensorflow/")
+
+
+def import_quietly(modules: Sequence[str]) -> None:
+  """Imports `modules` with the C++ start-up lines they print on stderr dropped; any other line
+  they print is passed on."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      for module in modules:
+        importlib.import_module(module)
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      for line in capture.read().decode(errors="replace").splitlines():
+        if line.strip() and not START_UP_NOISE.match(line):
+          print(line, file=sys.stderr)
+
+
+class LibraryNoiseFilter:
+  """Drops library log records below ERROR; the project's own warnings stay."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 40 or not any(p in record.pathname for p in NOISY_LIBRARIES)
+
+
+def quiet_tensorflow_runtime() -> None:
+  """TensorFlow's C++ runtime logs nothing below FATAL (TF_CPP_MIN_LOG_LEVEL=3 unless set): its
+  ERROR lines are noise here ("oneDNN supports DT_HALF only on platforms with AVX-512" at the
+  first float16 batch, "failed call to cuInit" without a GPU) and its real errors raise.
+
+  Call it before jax loads, not only before TensorFlow: jaxlib reads the variable when it loads
+  and TensorFlow loaded after it keeps that level."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def quiet_libraries() -> None:
+  """TensorFlow's C++ start-up lines and libraries' absl warnings out of the project's output;
+  absl's verbosity becomes WARNING (the training loops print their own progress lines)."""
+  quiet_tensorflow_runtime()
+  if importlib.util.find_spec("tensorflow") is not None:  # accelerator images may lack it
+    import_quietly(["tensorflow"])
+  from absl import logging
+
+  logging.set_verbosity(logging.WARNING)
+  # absl's own logger (libraries call absl.logging.warning) and the handler behind absl's
+  # (records of other loggers): ABSLHandler hands records on without applying its filters.
+  for filtered in (std_logging.getLogger("absl"), logging.get_absl_handler().python_handler):
+    if not any(isinstance(f, LibraryNoiseFilter) for f in filtered.filters):
+      filtered.addFilter(LibraryNoiseFilter())
