@@ -36,9 +36,9 @@ RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0)
 # gradient) and no objective transfers the attributes; 30 times stronger, NST and cos do.
 # Measured and reported in the README's demo section.
 KD_WEIGHT_SCALE = 30.0
-# The students' steps. NST's transfer grows with them (two seeds each, the demo's world: NST minus
-# text-only +0.06 at 200 steps, its interval touching 0; +0.16 at 400), the cosine objective's
-# is already there at 200; measured and reported in the README's demo section.
+# The students' steps. NST's transfer grows with them (the demo's world, three seeds: NST minus
+# text-only +0.04 at 200 steps, its interval covering 0; +0.13 at 400, above 0); the cosine
+# objective's is already there at 200. Measured and reported in the README's demo section.
 STUDENT_STEPS = 400
 # Student name -> (objectives, which teacher it distils from).
 BASE_STUDENTS = {
