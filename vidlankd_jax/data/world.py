@@ -125,7 +125,10 @@ def sentence_pools(count: int) -> tuple[list[str], list[str], list[str]]:
   """Three disjoint pools of real word sequences: captions, student text, probe sentences."""
   sentences = [" ".join(s.split()[:7]) for s in synthetic.real_sentences(limit=count * 3)]
   if len(sentences) < 3 * count:
-    sentences = (sentences * (3 * count // max(len(sentences), 1) + 1))[: 3 * count]
+    raise ValueError(
+        f"the world needs {3 * count} real sentences, gensim's Lee corpus gave {len(sentences)}: "
+        "install gensim (a dependency of this project) with its test data"
+    )
   return sentences[:count], sentences[count : 2 * count], sentences[2 * count : 3 * count]
 
 

@@ -264,10 +264,8 @@ def evaluate_runs(
 
 
 def class_labels() -> list[str]:
-  return [c for classes in ATTRIBUTE_CLASSES for c in classes]
-
-
-ATTRIBUTE_CLASSES = tuple(world_lib.ATTRIBUTES.values())
+  """The twelve attribute classes, attribute by attribute: the columns of the concept panels."""
+  return [c for classes in world_lib.ATTRIBUTES.values() for c in classes]
 
 
 def plot_concept_panels(world, class_scores: dict, panels: dict[str, str], path: str, rows: int):
