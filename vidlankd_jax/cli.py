@@ -86,7 +86,7 @@ def run_command(argv: Sequence[str]) -> int:
   if args.command == "ablate":
     from vidlankd_jax.demo import ablate
 
-    if args.size not in ablate.POD_SIZES:  # printing the pod commands loads no ML library
+    if args.size not in ablate.POD_SIZES:  # printing the pod commands loads no TensorFlow
       quiet.quiet_libraries()
     ablate.run_ablation(args.workdir, size=args.size, seed=args.seed)
     return 0
