@@ -46,7 +46,7 @@ from flax import nnx
 
 from vidlankd_jax import configlib
 from vidlankd_jax import sharding
-from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
+from vidlankd_jax.objectives import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
 from vidlankd_jax.models.teacher import Teacher
 from vidlankd_jax.train import distill
 

@@ -9,23 +9,19 @@
 
 `size` is the student (tiny|mini|small|base|large), `teacher_size` the teacher's language encoder
 (default: the student's; a different size is distilled through the heads' projection to the
-teacher's width). `objectives` is `+`-separated:
-  nst      neuron selectivity transfer (the released models' objective)
-  ntxent   in-batch NT-Xent at every token position (the released "CRD")
-  crd      memory-bank CRD (Tian et al.), the memory in the training state
-  kd       soft-label KD: KL between the teacher's and student's MLM distributions
-  mse      hidden-state regression;  cos  cosine distance
-  voken    the vokenization baseline: voken classification against a bank of teacher clip vectors
-  none     the text-only BERT baseline (MLM alone)
-Student loss = mlm_weight * MLM + sum_k weights[k] * KD_k. Defaults follow the paper: lr 2e-4,
-weight decay 0.01, clipping 1.0, batch 256; 12L/768H: Wikipedia, 500K steps, warmup 5,000;
-6L/512H: WikiText-103 for 40 epochs, warmup 10,000.
+teacher's width). `objectives` is `+`-separated names declared in vidlankd_jax/objectives.py
+(nst, ntxent, crd, kd, mse, cos, voken; docs/recipe.md tabulates them), or `none`: the text-only
+BERT baseline (MLM alone).
+Student loss = mlm_weight * MLM + sum_k weights[k] * KD_k, each KD term a per-example mean.
+Defaults follow the paper: lr 2e-4, weight decay 0.01, clipping 1.0, batch 256; 12L/768H:
+Wikipedia, 500K steps, warmup 5,000; 6L/512H: WikiText-103 for 40 epochs, warmup 10,000.
 """
 
 import copy
 import os
 
 from vidlankd_jax import configlib as common
+from vidlankd_jax import objectives as kd_objectives
 
 TEXT_TASKS = {"wiki103": "wiki103_mlm", "wikipedia": "wikipedia_mlm"}
 # WikiText-103: about 0.95M blocks of 126 word pieces; 40 epochs at batch 256.
@@ -60,42 +56,12 @@ def get_config(arg=None):
   config.kd = dict(
       objectives=arg.objectives,
       mlm_weight=1.0,
-      # Each KD term is a per-example mean (independent of the batch size, the devices and
-      # gradient accumulation); the weights give the released effective strength
-      # (docs/recipe.md derives them): NST 32 / 128 (the released per-GPU batch over L, its
-      # sum over a call's sequences divided by L); NT-Xent 1 / (2 x 32) (the released call
-      # divides its mean again by 2B).
-      weights=dict(nst=0.25, ntxent=1 / 64, crd=1.0, kd=1.0, mse=1.0, cos=1.0, voken=1.0),
-      # "released": sum over sequences / L, padding included, teacher-teacher term dropped;
-      # "mmd": the masked squared MMD, mean over sequences (>= 0).
-      nst_variant="released",
-      ntxent_temperature=1.0,
-      # NT-Xent draws its negatives within groups of this many sequences: 32, the released
-      # per-GPU batch (2 x 32 - 2 = 62 negatives per anchor); 0: the whole (micro-)batch.
-      ntxent_group_size=32,
-      soft_label_temperature=1.0,
-      crd=dict(
-          # Rows of each memory (student and teacher), sharded over the data axes: one per
-          # example, an example's row its `example_id` (tools/make_text_tfrecords.py writes
-          # them). 0: as many as the corpus has examples (its summary JSON); a smaller size is
-          # an error. Memory: 2 x rows x teacher hidden x 4 bytes.
-          memory_size=0,
-          # True: rows from a hash of the token ids instead, modulo memory_size (> 0); examples
-          # share rows and read each other's memory as positives (the expected rate is printed).
-          hash_rows=False,
-          num_negatives=16_384,
-          temperature=0.07,
-          momentum=0.5,
-      ),
-      voken=dict(
-          # A HowTo100M-layout data dir (the teacher's): the teacher's clip vectors of its
-          # held-out (validation) clips form the voken bank.
-          data_dir="",
-          num_clips=10_000,
-          # 0: every clip vector is a voken; > 0: that many spherical k-means centroids of them.
-          num_vokens=0,
-          kmeans_iters=20,
-      ),
+      # Each KD term is a per-example mean (independent of the batch size, the devices, gradient
+      # accumulation and the sequence length); each weight is the released run's effective
+      # strength (vidlankd_jax/objectives.py declares it with its arithmetic).
+      weights=kd_objectives.default_weights(),
+      # Each objective's own settings (documented where it is declared).
+      **kd_objectives.default_settings(),
   )
 
   data = arg.data or ("wikipedia" if arg.size in ("base", "large") else "wiki103")
@@ -118,9 +84,9 @@ def get_config(arg=None):
     config.optimizer.warmup_steps = 20
     config.kd.crd.num_negatives = 256
     config.kd.ntxent_group_size = 8
-    # The released normalisations at these shapes: NST's 32 / L at L = 32, NT-Xent's 1 / (2 x 8).
-    config.kd.weights.nst = 1.0
-    config.kd.weights.ntxent = 1 / 16
+    # The strength the released code's normalisation gives at these shapes (NST 32 / L at
+    # L = 32, NT-Xent 1 / (2 x 8)): the tiny runs distil as hard as the released code would.
+    config.kd.weights = kd_objectives.released_weights(config)
     config.kd.voken.num_clips = 512
   config.lock()
   return config

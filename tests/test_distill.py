@@ -18,12 +18,14 @@ from flax import nnx
 
 from vidlankd_jax import configlib
 from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import errors
 from vidlankd_jax import losses
+from vidlankd_jax import objectives
 from vidlankd_jax import sharding
 from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.models.teacher import Teacher
 from vidlankd_jax.evaluation import representation
-from vidlankd_jax.models.student import parse_objectives
+from vidlankd_jax.objectives import parse_objectives
 from vidlankd_jax.train import loop
 from vidlankd_jax.train import distill
 
@@ -42,6 +44,21 @@ def test_parse_objectives():
       parse_objectives(bad)
 
 
+@pytest.mark.parametrize("missing", ["weights.crd", "crd.momentum", "ntxent_group_size"])
+def test_an_older_config_without_a_key_fails_naming_it(missing):
+  """A run's config.json from before a weight or setting existed: one line naming the key."""
+  import ml_collections
+
+  tree = configlib.load("distill", "size=tiny,objectives=nst+ntxent+crd").to_dict()
+  *parents, leaf = missing.split(".")
+  node = tree["kd"]
+  for part in parents:
+    node = node[part]
+  del node[leaf]
+  with pytest.raises(errors.ConfigError, match=rf"\(config\.kd\.{missing}\)"):
+    objectives.check(ml_collections.ConfigDict(tree))
+
+
 def test_memory_rows_are_example_ids_or_hashes_of_the_text_not_the_masking():
   rng = np.random.default_rng(0)
   ids = rng.integers(5, 30000, (6, 32)).astype(np.int32)
@@ -51,16 +68,16 @@ def test_memory_rows_are_example_ids_or_hashes_of_the_text_not_the_masking():
   masked = ids.copy()
   masked[:, 3] = 103
   batch = {"unmasked_ids": ids, "input_ids": masked, "example_id": np.arange(6) + 10}
-  np.testing.assert_array_equal(np.asarray(distill.memory_rows(batch, 16)), np.arange(6) + 10)
-  rows = np.asarray(distill.memory_rows(batch, 1 << 20, hash_rows=True))
+  np.testing.assert_array_equal(np.asarray(objectives.memory_rows(batch, 16)), np.arange(6) + 10)
+  rows = np.asarray(objectives.memory_rows(batch, 1 << 20, hash_rows=True))
   assert rows.min() >= 0 and rows.max() < (1 << 20)
   assert rows[0] == rows[1] and len(set(rows.tolist()) - {rows[0]}) == 4
   remasked = {**batch, "input_ids": ids}
   np.testing.assert_array_equal(
-      rows, np.asarray(distill.memory_rows(remasked, 1 << 20, hash_rows=True))
+      rows, np.asarray(objectives.memory_rows(remasked, 1 << 20, hash_rows=True))
   )
   with pytest.raises(ValueError, match="lacks: write the text with tools/make_text_tfrecords"):
-    distill.memory_rows({"unmasked_ids": ids}, 16)
+    objectives.memory_rows({"unmasked_ids": ids}, 16)
 
 
 def test_expected_row_sharing_matches_a_simulated_memory():
@@ -122,8 +139,10 @@ def test_voken_labels_are_the_nearest_bank_vector():
   bank = np.asarray(losses.l2_normalize(rng.standard_normal((5, 8))))
   states = np.asarray(losses.l2_normalize(rng.standard_normal((2, 3, 8))))
   expected = np.argmax(states @ bank.T, axis=-1)
-  np.testing.assert_array_equal(np.asarray(distill.voken_labels(states, bank)), expected)
-  np.testing.assert_array_equal(np.asarray(distill.voken_labels(bank[None], bank))[0], np.arange(5))
+  np.testing.assert_array_equal(np.asarray(objectives.voken_labels(states, bank)), expected)
+  np.testing.assert_array_equal(
+      np.asarray(objectives.voken_labels(bank[None], bank))[0], np.arange(5)
+  )
 
 
 def test_voken_term_classifies_content_tokens_by_their_unmasked_labels():
@@ -137,7 +156,7 @@ def test_voken_term_classifies_content_tokens_by_their_unmasked_labels():
   scores = rng.standard_normal((2, 6, 5)).astype(np.float32)
   mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], np.int32)
   content = np.array([[0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0]], np.float32)
-  np.testing.assert_array_equal(np.asarray(distill.content_token_mask(mask)), content)
+  np.testing.assert_array_equal(np.asarray(objectives.content_token_mask(mask)), content)
   terms, metrics, _ = distill.objective_terms(
       distill.KDSpec.from_config(config),
       {"voken": scores},
@@ -167,8 +186,8 @@ def test_teacher_targets_read_the_unmasked_text_for_voken_labels():
   masked = distill.teacher_states(teacher.language, batch["input_ids"], batch)[1]
   unmasked = distill.teacher_states(teacher.language, batch["unmasked_ids"], batch)[1]
   assert np.abs(np.asarray(masked) - np.asarray(unmasked)).max() > 1e-3
-  for objectives, expected_targets in (("nst+voken", masked), ("voken", unmasked)):
-    config.kd.objectives = objectives
+  for names, expected_targets in (("nst+voken", masked), ("voken", unmasked)):
+    config.kd.objectives = names
     _, targets, voken_targets = distill.teacher_targets(
         teacher.language, batch, distill.KDSpec.from_config(config)
     )
@@ -248,7 +267,7 @@ def test_objective_terms_dispatch_to_the_losses():
       for i in (0, 2)
   ]
   expected = {
-      "nst": losses.nst_loss(heads["nst"], targets) * 8 / 4,  # per sequence: x L / B
+      "nst": losses.released_nst_per_call(heads["nst"], targets) * 8 / 4,  # x L / B
       "ntxent": (halves[0] + halves[1]) / 2,  # groups of 2 sequences
       "mse": losses.hidden_mse_loss(heads["mse"], targets, mask),
       "cos": losses.hidden_cosine_loss(heads["cos"], targets, mask),
@@ -705,7 +724,7 @@ def test_crd_rows_are_unique_per_example_of_the_text_corpus(corpus):
   rows = [
       row
       for batch in batches
-      for row in np.asarray(distill.memory_rows(batch, blocks))[batch["valid"] > 0].tolist()
+      for row in np.asarray(objectives.memory_rows(batch, blocks))[batch["valid"] > 0].tolist()
   ]
   assert sorted(rows) == list(range(blocks))
 

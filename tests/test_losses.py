@@ -236,7 +236,9 @@ def test_nst_loss_matches_loop(batch):
   rng = _rng(40 + batch)
   student = _states(rng, batch, L_, H_, normalize=False)
   teacher = _states(rng, batch, L_, H_)
-  _close(losses.nst_loss(student, teacher), _np_nst(student, teacher))
+  _close(losses.released_nst_per_call(student, teacher), _np_nst(student, teacher))
+  # The objective is the per-sequence mean: the released call's value x L / B.
+  _close(losses.nst_loss(student, teacher), _np_nst(student, teacher) * L_ / batch)
   _assert_useful_gradient(lambda s: losses.nst_loss(s, teacher), student)
 
 

@@ -11,9 +11,12 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 
 from vidlankd_jax import configlib
+from vidlankd_jax import losses
+from vidlankd_jax import objectives
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "docs", "recipe.md")
@@ -71,10 +74,7 @@ REQUIRED = [
     ("teacher.py", "size=small"),
     ("distill.py", "size=base,objectives=nst"),
     ("distill.py", "size=small,objectives=nst"),
-    *[
-        ("distill.py", f"size=base,objectives={o}")
-        for o in ("ntxent", "crd", "kd", "mse", "cos", "voken", "none")
-    ],
+    *[("distill.py", f"size=base,objectives={o}") for o in objectives.NAMES + ("none",)],
     *[
         ("finetune.py", f"task={t}")
         for t in ("sst2", "qnli", "qqp", "mnli", "squad_v1", "squad_v2", "swag", "piqa", "tracie")
@@ -208,3 +208,55 @@ def test_every_hyper_parameter_of_every_listed_config_has_its_value_in_a_row(pag
 def test_the_readme_links_the_recipe():
   with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
     assert "docs/recipe.md" in f.read()
+
+
+def test_the_objectives_table_is_generated_from_the_declarations():
+  with open(RECIPE, encoding="utf-8") as f:
+    text = f.read()
+  start, end = text.find(objectives.RECIPE_BEGIN), text.find(objectives.RECIPE_END)
+  assert 0 <= start < end, "docs/recipe.md has no generated objectives table"
+  assert (
+      text[start : end + len(objectives.RECIPE_END)] == objectives.recipe_table()
+  ), "docs/recipe.md's objectives table is stale: python -m vidlankd_jax.objectives docs/recipe.md"
+
+
+def released_step(call_value, student, teacher, mask):
+  """The released optimiser step's objective: the mean of its 8 per-GPU calls of 32 sequences
+  (2 accumulation steps, each call's loss halved and summed; DDP averages over 4 GPUs)."""
+  calls = objectives.RELEASED_CALL_SEQUENCES
+  return np.mean(
+      [
+          float(call_value(student[i : i + calls], teacher[i : i + calls], mask[i : i + calls]))
+          for i in range(0, len(student), calls)
+      ]
+  )
+
+
+@pytest.mark.parametrize(
+    "name, released_call",
+    [
+        ("nst", lambda s, t, m: losses.released_nst_per_call(s, t)),
+        # contrastive_loss_item: the mean cross-entropy of the call's 2b anchors, divided by 2b.
+        ("ntxent", lambda s, t, m: losses.nt_xent_loss(s, t, 1.0, m) / (2 * len(s))),
+    ],
+)
+def test_the_default_weight_gives_the_released_step_at_the_released_shapes(name, released_call):
+  """weight x our per-example term over the released step's 256 sequences of L = 128 equals the
+  released step's objective, the mean of its eight per-GPU calls."""
+  config = configlib.load("distill", f"size=base,objectives={name}")
+  assert config.data.seq_len == objectives.RELEASED_SEQ_LEN and config.train.batch_size == 256
+  rng = np.random.default_rng(0)
+  shape = (256, objectives.RELEASED_SEQ_LEN, 8)
+  student, teacher = (
+      np.asarray(losses.l2_normalize(rng.standard_normal(shape).astype(np.float32)))
+      for _ in range(2)
+  )
+  mask = np.ones(shape[:2], np.int32)
+  term = objectives.OBJECTIVES[name].term(
+      objectives.TermInputs(
+          head=student, targets=teacher, batch={"attention_mask": mask}, settings=config.kd
+      )
+  )
+  ours = config.kd.weights[name] * float(term.value)
+  assert ours == pytest.approx(released_step(released_call, student, teacher, mask), rel=1e-5)
+  assert objectives.released_weights(config)[name] == pytest.approx(config.kd.weights[name])

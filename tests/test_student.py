@@ -7,7 +7,8 @@ from flax import nnx
 
 from vidlankd_jax import sharding
 from vidlankd_jax.models.bert import BertConfig
-from vidlankd_jax.models.student import FEATURE_OBJECTIVES, Student
+from vidlankd_jax.models.student import Student
+from vidlankd_jax.objectives import FEATURE_OBJECTIVES
 
 STUDENT = BertConfig(vocab_size=96, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 TEACHER_HIDDEN = 48  # wider than the student: the heads project to the teacher's width

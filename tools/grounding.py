@@ -31,7 +31,7 @@ import numpy as np
 from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax.evaluation import grounding
-from vidlankd_jax.models.student import FEATURE_OBJECTIVES
+from vidlankd_jax.objectives import FEATURE_OBJECTIVES
 from vidlankd_jax.models.teacher import Teacher
 
 CLIP_BATCH = 64

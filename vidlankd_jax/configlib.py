@@ -265,12 +265,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         "use a divisor of config.train.batch_size",
     )
   if "kd" in config:
-    from vidlankd_jax.models import student
+    from vidlankd_jax import objectives
 
-    try:
-      student.parse_objectives(config.kd.objectives)
-    except ValueError as e:
-      raise _config_error(str(e), "config.kd.objectives", "e.g. nst, nst+crd or none") from None
+    objectives.check(config)
   _check_choice(config, "train.on_nonfinite", NONFINITE_POLICIES)
   _check_choice(config, "checkpoint.on_corrupt", CORRUPT_POLICIES)
   for key in ("train.max_skips_in_a_row", "train.input_timeout_s"):

@@ -272,20 +272,30 @@ def _unit_position_gram(x):
   return _einsum("blh,bmh->blm", x, x)
 
 
+def _nst_per_sequence(student, teacher):
+  """[B]: the released NST value of each sequence (see :func:`nst_loss`)."""
+  hidden = student.shape[2]
+  gram_s = _unit_position_gram(l2_normalize(student, axis=1))
+  gram_t = _unit_position_gram(l2_normalize(teacher, axis=1))
+  return jnp.sum(gram_s * (gram_s - 2.0 * gram_t), axis=(1, 2)) / hidden**2
+
+
 @jax.jit
 def nst_loss(student, teacher):
-  """Neuron selectivity transfer, exactly the released value.
+  """Neuron selectivity transfer: the released per-sequence value, averaged over the sequences.
 
   For sequence b let S_b = student_bᵀ and T_b = teacher_bᵀ (H x L): row i is hidden unit i as a
   vector over the L positions, L2-normalised over the positions. With the polynomial kernel
   k(a, c) = (a.c)^2:
 
   ``l_b = mean_{i,j} k(s_i, s_j) - 2 * mean_{i,j} k(s_i, t_j)``  (means over the H x H pairs)
-  ``loss = sum_b l_b / L``
+  ``loss = mean_b l_b``
 
-  The teacher-teacher term is a constant and is left out, so the value can be negative; the
-  sum over the batch is divided by the sequence length L, not by B; padding positions are
-  included. Computed through L x L Gram matrices (see :func:`_unit_position_gram`):
+  As released, the teacher-teacher term is a constant and is left out, so the value can be
+  negative, and padding positions are included. The released code sums l_b over a call's
+  sequences and divides by L (:func:`released_nst_per_call`); this mean is that value x L / B,
+  the same at any batch and length, and `vidlankd_jax.objectives` carries the released scale
+  in the weight. Computed through L x L Gram matrices (see :func:`_unit_position_gram`):
   ``l_b = (||G^s_b||_F^2 - 2 <G^s_b, G^t_b>_F) / H^2`` with G_b = Sᵀ_b S_b, so memory is
   O(B L^2) rather than the O(H^2 L) per sequence of the direct form.
 
@@ -295,11 +305,14 @@ def nst_loss(student, teacher):
   Returns:
     A float32 scalar.
   """
-  seq_len, hidden = student.shape[1], student.shape[2]
-  gram_s = _unit_position_gram(l2_normalize(student, axis=1))
-  gram_t = _unit_position_gram(l2_normalize(teacher, axis=1))
-  per_sequence = jnp.sum(gram_s * (gram_s - 2.0 * gram_t), axis=(1, 2)) / hidden**2
-  return jnp.sum(per_sequence) / seq_len
+  return jnp.mean(_nst_per_sequence(student, teacher))
+
+
+@jax.jit
+def released_nst_per_call(student, teacher):
+  """The released code's NST value of one call (`vlm/model.py`): ``sum_b l_b / L`` with l_b as
+  in :func:`nst_loss`. A reference: it grows with the call's batch and shrinks with L."""
+  return jnp.sum(_nst_per_sequence(student, teacher)) / student.shape[1]
 
 
 @jax.jit

@@ -24,8 +24,9 @@ from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import sharding
 from vidlankd_jax.models import layout
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM
-from vidlankd_jax.models.student import VOKEN_OBJECTIVE, Student, parse_objectives
+from vidlankd_jax.models.student import Student
 from vidlankd_jax.models.teacher import Teacher
+from vidlankd_jax.objectives import VOKEN_OBJECTIVE, parse_objectives
 
 HF_PREFIX = "hf:"
 SCRATCH = "scratch"

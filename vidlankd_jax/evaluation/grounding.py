@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vidlankd_jax.models.student import FEATURE_OBJECTIVES
+from vidlankd_jax.objectives import FEATURE_OBJECTIVES
 from vidlankd_jax.ops import l2_normalize
 
 

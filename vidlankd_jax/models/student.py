@@ -3,15 +3,16 @@
 Params live under `language` (a `BertForMaskedLM`; fine-tuning reads `params["language"]["bert"]`)
 and `kd_heads` (an `nnx.Dict`, objective name -> head):
 
-* a feature objective (NST, NT-Xent, CRD, MSE, cosine) reads the student's last hidden states
-  through its own `DistillationHead`: Linear H->H, GELU, LayerNorm, Linear H->H_teacher, then L2
-  normalisation per token. The last layer maps to the teacher's width, so a teacher larger (or
-  smaller) than the student can be distilled;
-* the vokenization baseline (`voken`) has a `VokenClassifier`: vokenization's head (Linear
-  H->H, GELU, LayerNorm, Linear H->K), scores over a finite set of K vokens.
+* an objective declared with the feature head (`vidlankd_jax.objectives`: NST, NT-Xent, CRD,
+  MSE, cosine) reads the student's last hidden states through its own `DistillationHead`:
+  Linear H->H, GELU, LayerNorm, Linear H->H_teacher, then L2 normalisation per token. The last
+  layer maps to the teacher's width, so a teacher larger (or smaller) than the student can be
+  distilled;
+* an objective with the voken head (the vokenization baseline) has a `VokenClassifier`:
+  vokenization's head (Linear H->H, GELU, LayerNorm, Linear H->K), scores over a finite set of K
+  vokens.
 
-Objectives without parameters of their own (soft-label KD on the MLM logits, the text-only
-baseline) add no head.
+Objectives without a head (soft-label KD on the MLM logits) and the text-only baseline add none.
 """
 
 from __future__ import annotations
@@ -22,30 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vidlankd_jax import objectives as kd_objectives
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM, dense, gelu, layer_norm
 from vidlankd_jax.ops import l2_normalize
 
 Array = jax.Array
-
-# Objectives whose loss compares the student's token states (through a head) with the teacher's.
-FEATURE_OBJECTIVES = ("nst", "ntxent", "crd", "mse", "cos")
-VOKEN_OBJECTIVE = "voken"
-# Every distillation objective: soft-label KD ("kd") reads the MLM logits and has no head.
-OBJECTIVES = FEATURE_OBJECTIVES + ("kd", VOKEN_OBJECTIVE)
-
-
-def parse_objectives(spec: str) -> tuple[str, ...]:
-  """`config.kd.objectives` ("nst", "nst+crd", "none", ...) -> the active KD objectives."""
-  names = tuple(n.strip() for n in str(spec).split("+") if n.strip())
-  if names == ("none",):
-    return ()
-  unknown = [n for n in names if n not in OBJECTIVES]
-  if not names or unknown or len(set(names)) != len(names):
-    raise ValueError(
-        f"config.kd.objectives {spec!r}: expected 'none' or distinct names from "
-        f"{OBJECTIVES} joined by '+'" + (f"; unknown: {unknown}" if unknown else "")
-    )
-  return names
 
 
 class TransformHead(nnx.Module):
@@ -97,9 +79,10 @@ class Student(nnx.Module):
     self.language = BertForMaskedLM(cfg, rngs=rngs)
     heads = {}
     for name in objectives:
-      if name in FEATURE_OBJECTIVES:
+      head = kd_objectives.OBJECTIVES[name].head
+      if head == kd_objectives.FEATURE_HEAD:
         heads[name] = DistillationHead(cfg, teacher_hidden_size, rngs=rngs)
-      elif name == VOKEN_OBJECTIVE:
+      elif head == kd_objectives.VOKEN_HEAD:
         if num_vokens <= 0:
           raise ValueError(
               f"the voken objective needs a positive number of vokens, got {num_vokens}"

@@ -36,45 +36,38 @@ from jax.experimental import multihost_utils
 
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
+from vidlankd_jax import objectives as kd_objectives
 from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as ts
 from vidlankd_jax.data import pipeline
 from vidlankd_jax.data import shards
 from vidlankd_jax.evaluation import representation
-from vidlankd_jax.models.student import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
 from vidlankd_jax.models.teacher import Teacher
-from vidlankd_jax.ops import l2_normalize, masked_mean_pool
+from vidlankd_jax.objectives import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE
+from vidlankd_jax.ops import l2_normalize
 from vidlankd_jax.train import loop
 
-NST_VARIANTS = ("released", "mmd")
 TEACHER_INPUTS = ("masked", "unmasked")
 
 
 @dataclasses.dataclass(frozen=True)
 class KDSpec:
-  """The distillation objective, parsed and checked once from `config.kd` before tracing."""
+  """The distillation objective, parsed and checked once from `config.kd` before tracing.
+
+  `settings` is `config.kd` as a dict: each objective's term reads its own keys
+  (`vidlankd_jax.objectives`)."""
 
   objectives: tuple[str, ...]
   weights: dict[str, float]
   mlm_weight: float
-  nst_variant: str
-  ntxent_temperature: float
-  ntxent_group_size: int
-  soft_label_temperature: float
   teacher_input: str
-  crd_hash_rows: bool
-  crd_num_negatives: int
-  crd_temperature: float
-  crd_momentum: float
+  settings: dict
 
   @classmethod
   def from_config(cls, config) -> "KDSpec":
     """Errors name the config key at fault."""
-    kd = config.kd
-    objectives = parse_objectives(kd.objectives)
-    if kd.nst_variant not in NST_VARIANTS:
-      raise ValueError(f"config.kd.nst_variant {kd.nst_variant!r} is not one of {NST_VARIANTS}")
+    objectives = kd_objectives.check(config)
     if config.teacher.input not in TEACHER_INPUTS:
       raise ValueError(
           f"config.teacher.input {config.teacher.input!r} is not one of {TEACHER_INPUTS}"
@@ -87,79 +80,22 @@ class KDSpec:
           f"from config.model.vocab_size {config.model.vocab_size}: student and "
           "teacher must read the same token ids"
       )
-    if "crd" in objectives and config.optimizer.grad_accum_steps != 1:
-      raise ValueError(
-          "config.optimizer.grad_accum_steps must be 1 with the crd objective: the "
-          "memory update needs every example's embeddings of the step at once"
-      )
-    group = int(kd.ntxent_group_size)
-    if "ntxent" in objectives and group:
-      micro = config.train.batch_size // config.optimizer.grad_accum_steps
-      for key, size in (
-          ("the micro-batch", micro),
-          ("config.eval.batch_size", config.eval.batch_size),
-      ):
-        if group < 0 or size % group:
-          raise ValueError(
-              f"config.kd.ntxent_group_size {group} does not divide {key} ({size}): NT-Xent's "
-              "negatives are drawn within groups of that many sequences"
-          )
-    if VOKEN_OBJECTIVE in objectives and not kd.voken.data_dir:
-      raise ValueError(
-          "config.kd.voken.data_dir is empty: the voken bank is made of the "
-          "teacher's clip vectors of that data dir's held-out video clips"
-      )
+    kd = config.kd
     return cls(
         objectives=objectives,
         weights={name: float(kd.weights[name]) for name in objectives},
         mlm_weight=float(kd.mlm_weight),
-        nst_variant=kd.nst_variant,
-        ntxent_temperature=float(kd.ntxent_temperature),
-        ntxent_group_size=int(kd.ntxent_group_size),
-        soft_label_temperature=float(kd.soft_label_temperature),
         teacher_input=config.teacher.input,
-        crd_hash_rows=bool(kd.crd.hash_rows),
-        crd_num_negatives=int(kd.crd.num_negatives),
-        crd_temperature=float(kd.crd.temperature),
-        crd_momentum=float(kd.crd.momentum),
+        settings=kd.to_dict(),
     )
+
+  def needs(self, output: str) -> bool:
+    """Whether an active objective needs the teacher output `output` (objectives.TEACHER_OUTPUTS)."""
+    return output in kd_objectives.teacher_outputs(self.objectives)
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure functions: memory rows and voken labels.
-
-
-_HASH_MULTIPLIER = 0x01000193  # FNV-1a 32-bit prime
-
-
-def sequence_hash(ids):
-  """[B, L] int -> [B] uint32: a polynomial hash of each row, mixed by murmur3's finaliser.
-
-  Depends only on the token ids, so a sequence keeps its hash whatever its masking or epoch.
-  """
-  length = ids.shape[-1]
-  powers = np.array(
-      [pow(_HASH_MULTIPLIER, length - 1 - i, 1 << 32) for i in range(length)], np.uint32
-  )
-  h = jnp.sum(ids.astype(jnp.uint32) * jnp.asarray(powers), axis=-1, dtype=jnp.uint32)
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def memory_rows(batch, num_rows: int, hash_rows: bool = False):
-  """The CRD memory row of each example: its dense `example_id`, or with `hash_rows` a hash of
-  its token ids modulo `num_rows` (examples then share rows: `expected_row_sharing`)."""
-  if hash_rows:
-    return (sequence_hash(batch["unmasked_ids"]) % jnp.uint32(num_rows)).astype(jnp.int32)
-  if "example_id" not in batch:
-    raise ValueError(
-        "the CRD memory needs each text block's example_id, which this batch lacks: write the "
-        "text with tools/make_text_tfrecords.py, or set config.kd.crd.hash_rows=True"
-    )
-  return batch["example_id"].astype(jnp.int32)
+# Pure functions: the CRD memory's sharing of rows.
 
 
 def expected_row_sharing(num_examples: int, num_rows: int) -> dict[str, float]:
@@ -182,45 +118,6 @@ def expected_row_sharing(num_examples: int, num_rows: int) -> dict[str, float]:
       "first_epoch": float(1.0 - (-np.expm1(-lam)) / lam) if lam > 0 else 0.0,
       "later_epochs": float(1.0 - np.sum(poisson / (k + 1.0) ** 2)),
   }
-
-
-def nst_per_sequence(student, teacher):
-  """Released NST as a mean over sequences: `losses.nst_loss` (sum over the call's sequences,
-  divided by L) times L / B, so the term does not grow with the batch it is computed on."""
-  batch, seq_len = student.shape[0], student.shape[1]
-  return losses.nst_loss(student, teacher) * (seq_len / batch)
-
-
-def grouped_nt_xent(student, teacher, temperature, mask, group_size: int):
-  """NT-Xent within consecutive groups of `group_size` sequences, averaged over the groups.
-
-  Each group is one released per-GPU call: its anchors' negatives are the 2G - 2 other vectors
-  of the group at that position, so the value does not depend on the global batch size, the
-  devices or gradient accumulation. `group_size` 0 takes the whole batch as one group.
-  """
-  batch = student.shape[0]
-  if not group_size or group_size == batch:
-    return losses.nt_xent_loss(student, teacher, temperature, mask)
-  regroup = lambda x: x.reshape((batch // group_size, group_size) + x.shape[1:])
-  per_group = jax.vmap(losses.nt_xent_loss, in_axes=(0, 0, None, 0))(
-      regroup(student), regroup(teacher), temperature, regroup(mask)
-  )
-  return jnp.mean(per_group)
-
-
-def content_token_mask(attention_mask):
-  """[B, L] -> 1.0 on real tokens other than the first ([CLS]) and the last ([SEP]) of each
-  sequence: the tokens vokenization labels (it gives its special tokens the ignored label)."""
-  lengths = jnp.sum(attention_mask, axis=-1, keepdims=True)
-  positions = jnp.arange(attention_mask.shape[-1])
-  content = (attention_mask > 0) & (positions > 0) & (positions < lengths - 1)
-  return content.astype(jnp.float32)
-
-
-def voken_labels(token_states, bank):
-  """[B, L, H] unit token states, [K, H] unit voken vectors -> [B, L] nearest voken ids."""
-  scores = jnp.einsum("blh,kh->blk", token_states.astype(jnp.float32), bank.astype(jnp.float32))
-  return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,12 +287,11 @@ def objective_terms(
     teacher_logits=None,
     voken_targets=None,
 ):
-  """Every active KD loss (unweighted, per example) from the heads' outputs and the teacher's
-  token states.
+  """Every active KD loss (unweighted, per example): each objective's declared term.
 
   Each term is a mean over the batch's examples (tokens, positions), so its value and its
   gradient do not change with the global batch size, the devices or gradient accumulation;
-  `config.kd.weights` carries the released scale (docs/recipe.md derives it).
+  `config.kd.weights` carries the released scale (`vidlankd_jax.objectives` derives it).
 
   heads: objective -> student head output ([B, L, H_t] unit vectors; the voken scores
   [B, L, K]); targets: the teacher's unit token states [B, L, H_t]; `mlm_logits` and
@@ -403,46 +299,25 @@ def objective_terms(
   teacher's unit token states on the unmasked text, which the voken labels come from. Returns
   (terms, metrics, extra_updates), the updates holding the advanced CRD memory.
   """
-  mask = batch["attention_mask"]
   terms, metrics, updates = {}, {}, {}
   for name in kd.objectives:
-    if name == "nst" and kd.nst_variant == "released":
-      terms[name] = nst_per_sequence(heads[name], targets)
-    elif name == "nst":
-      terms[name] = losses.nst_mmd_loss(heads[name], targets, mask)
-    elif name == "ntxent":
-      terms[name] = grouped_nt_xent(
-          heads[name], targets, kd.ntxent_temperature, mask, kd.ntxent_group_size
-      )
-    elif name == "mse":
-      terms[name] = losses.hidden_mse_loss(heads[name], targets, mask)
-    elif name == "cos":
-      terms[name] = losses.hidden_cosine_loss(heads[name], targets, mask)
-    elif name == "crd":
-      terms[name], updates["crd"] = losses.crd_loss(
-          l2_normalize(masked_mean_pool(heads[name], mask)),
-          l2_normalize(masked_mean_pool(targets, mask)),
-          memory_rows(batch, extra["crd"].student_memory.shape[0], kd.crd_hash_rows),
-          extra["crd"],
-          key,
-          num_negatives=kd.crd_num_negatives,
-          temperature=kd.crd_temperature,
-          momentum=kd.crd_momentum,
-      )
-    elif name == "kd":
-      terms[name] = losses.soft_label_kd_loss(
-          mlm_logits,
-          jax.lax.stop_gradient(teacher_logits),
-          kd.soft_label_temperature,
-          batch["mlm_weights"],
-      )
-    elif name == VOKEN_OBJECTIVE:
-      if voken_targets is None:
-        raise ValueError("voken labels need the teacher's token states on the unmasked text")
-      labels = voken_labels(voken_targets, extra["voken_bank"])
-      content = content_token_mask(mask)
-      terms[name] = losses.voken_classification_loss(heads[name], labels, content)
-      metrics["voken_accuracy"] = losses.weighted_accuracy(heads[name], labels, content)
+    term = kd_objectives.OBJECTIVES[name].term(
+        kd_objectives.TermInputs(
+            head=heads.get(name),
+            targets=targets,
+            batch=batch,
+            settings=kd.settings,
+            extra=extra,
+            key=key,
+            mlm_logits=mlm_logits,
+            teacher_logits=teacher_logits,
+            voken_targets=voken_targets,
+        )
+    )
+    terms[name] = term.value
+    metrics.update(term.metrics)
+    if term.update is not None:
+      updates[name] = term.update
   return terms, metrics, updates
 
 
@@ -459,8 +334,8 @@ def teacher_targets(teacher, batch, kd: KDSpec):
   """(hidden, targets, voken targets): the teacher's states on the input `config.teacher.input`
   names and, for the vokenization baseline, its unit states on the unmasked text (one forward
   when they coincide, or when vokens are the only objective)."""
-  voken = VOKEN_OBJECTIVE in kd.objectives
-  unmasked = kd.teacher_input == "unmasked" or kd.objectives == (VOKEN_OBJECTIVE,)
+  voken = kd.needs("unmasked_states")
+  unmasked = kd.teacher_input == "unmasked" or (voken and not kd.needs("states"))
   hidden, targets = teacher_states(
       teacher, batch["unmasked_ids"] if unmasked else batch["input_ids"], batch
   )
@@ -491,7 +366,7 @@ def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None)
     return {"mlm": mlm}, {"mlm_accuracy": accuracy}, {}, outputs
   teacher_hidden, outputs["teacher"], voken_targets = teacher_targets(teacher, batch, kd)
   teacher_logits = None
-  if "kd" in kd.objectives:
+  if kd.needs("logits"):
     teacher_logits = teacher.mlm(
         teacher_hidden, teacher.bert.embeddings.word_embeddings, batch["mlm_positions"]
     )
