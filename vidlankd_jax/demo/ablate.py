@@ -20,6 +20,7 @@ import os
 import time
 
 from vidlankd_jax.data import shards as shards_lib
+from vidlankd_jax.demo import stage_configs
 from vidlankd_jax.demo import stages as stages_lib
 from vidlankd_jax.demo import transfer
 from vidlankd_jax.demo.pipeline import config_settings
@@ -187,8 +188,8 @@ def run_ablation(workdir: str, *, size: str = "demo", seed: int = 0, log=print) 
   )
   teachers = {}
   for teacher_size in sizes.teacher_sizes:
-    config = transfer.teacher_config(
-        world_dir, "video", sizes.teacher_steps, teacher_size, seed=seed
+    config = stage_configs.teacher_config(
+        os.path.join(world_dir, "video"), sizes.teacher_steps, teacher_size, seed=seed
     )
     teachers[teacher_size] = runner.run(
         f"teacher_{teacher_size}",
@@ -202,14 +203,14 @@ def run_ablation(workdir: str, *, size: str = "demo", seed: int = 0, log=print) 
     def fn(stage_dir):
       configs, workdirs = [], []
       for s in range(sizes.seeds):
-        config = transfer.student_config(
-            world_dir,
+        config = stage_configs.student_config(
+            os.path.join(world_dir, world_lib.text_folder(cell.text_fraction)),
             runner.stage_dir(f"teacher_{cell.teacher_size}"),
             cell.objective,
             steps=sizes.student_steps,
             seed=seed * 100 + s,
             teacher_size=cell.teacher_size,
-            text=world_lib.text_folder(cell.text_fraction),
+            kd_weight_scale=transfer.KD_WEIGHT_SCALE,
         )
         run_dir = os.path.join(stage_dir, f"seed{s}")
         main_lib.run(config, run_dir)

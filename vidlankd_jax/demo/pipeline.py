@@ -33,6 +33,7 @@ import time
 from vidlankd_jax import configlib
 from vidlankd_jax.demo import data as demo_data
 from vidlankd_jax.demo import report
+from vidlankd_jax.demo import stage_configs
 from vidlankd_jax.demo import transfer
 from vidlankd_jax.demo.stages import StageRunner, json_ready
 
@@ -112,30 +113,23 @@ STUDENTS = {"nst": "student_nst", "base": "student_base"}
 
 
 def teacher_config(workdir: str, size: DemoSize, *, seed: int = 0, pairs: str = "video"):
-  """configs/teacher.py at tiny size on the world's true (`video`) or shuffled pairs."""
-  config = configlib.load("teacher", "size=tiny")
-  config.data.data_dir = os.path.join(workdir, "data", WORLD, pairs)
-  config.seed = seed
-  config.train.steps = size.teacher_steps or config.train.steps
-  config.train.log_every = max(1, config.train.steps // 10)
-  config.eval.every_steps = config.checkpoint.every_steps = config.train.steps
-  return config
+  """The demo's teacher on the world's true (`video`) or shuffled pairs."""
+  data_dir = os.path.join(workdir, "data", WORLD, pairs)
+  return stage_configs.teacher_config(data_dir, size.teacher_steps, seed=seed, logs=10)
 
 
 def student_config(workdir: str, size: DemoSize, objectives: str, *, seed: int = 0):
-  """configs/distill.py at tiny size on the Wikipedia sample, from the demo's teacher."""
-  config = configlib.load("distill", f"size=tiny,objectives={objectives},data=wikipedia")
-  config.data.data_dir = os.path.join(workdir, "data")
-  config.seed = seed
-  # The baseline keeps the teacher for evaluation only (its closeness to the teacher).
-  config.teacher.workdir = os.path.join(workdir, "teacher")
-  if size.distill_steps:
-    config.train.steps = size.distill_steps
-    config.optimizer.warmup_steps = max(1, size.distill_steps // 10)
-  config.train.log_every = max(1, config.train.steps // 10)
-  config.eval.every_steps = config.checkpoint.every_steps = config.train.steps
-  config.eval.batches = size.eval_batches
-  return config
+  """A student on the Wikipedia sample, from the demo's teacher (the text-only baseline keeps it
+  for evaluation only: its closeness to the teacher)."""
+  return stage_configs.student_config(
+      os.path.join(workdir, "data"),
+      os.path.join(workdir, "teacher"),
+      objectives,
+      steps=size.distill_steps,
+      seed=seed,
+      logs=10,
+      eval_batches=size.eval_batches,
+  )
 
 
 def finetune_seeds(seeds: str, seed: int) -> str:

@@ -26,6 +26,7 @@ from vidlankd_jax import runs
 from vidlankd_jax.data import pipeline
 from vidlankd_jax.data import synthetic
 from vidlankd_jax.evaluation import grounding
+from vidlankd_jax.evaluation import ridge
 from vidlankd_jax.evaluation.retrieval import retrieval_metrics
 from vidlankd_jax.ops import masked_mean_pool
 
@@ -94,17 +95,8 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def fit_ridge(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, np.ndarray]:
-  """(w, mean) of the ridge map y ~ (x - mean) w; `penalty` is per example (scale-free in N)."""
-  x = np.asarray(x, np.float64)
-  mean = x.mean(0)
-  xc = x - mean
-  gram = xc.T @ xc + penalty * len(x) * np.eye(x.shape[1])
-  return np.linalg.solve(gram, xc.T @ np.asarray(y, np.float64)), mean
-
-
-def predict_ridge(x: np.ndarray, w: np.ndarray, mean: np.ndarray) -> np.ndarray:
-  return unit_rows((np.asarray(x, np.float64) - mean) @ w)
+def predict_ridge(model: ridge.Ridge, x: np.ndarray) -> np.ndarray:
+  return unit_rows(ridge.decision(model, x))
 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, holdout_fraction: float = 0.2) -> dict:
@@ -112,15 +104,18 @@ def linear_probe(train_x, train_y, test_x, test_y, *, holdout_fraction: float = 
   by mean cosine), then text-to-clip retrieval on the test pairs."""
   cut = int(len(train_x) * (1 - holdout_fraction))
 
+  def fit(x, y, penalty):  # the penalty is per example: scale-free in N
+    return ridge.fit(x, y, penalty * len(x))
+
   def holdout_cosine(penalty):
-    w, mean = fit_ridge(train_x[:cut], train_y[:cut], penalty)
+    model = fit(train_x[:cut], train_y[:cut], penalty)
     return float(
-        np.mean(np.sum(predict_ridge(train_x[cut:], w, mean) * unit_rows(train_y[cut:]), -1))
+        np.mean(np.sum(predict_ridge(model, train_x[cut:]) * unit_rows(train_y[cut:]), -1))
     )
 
   penalty = max(RIDGE_PENALTIES, key=holdout_cosine)
-  w, mean = fit_ridge(train_x, train_y, penalty)
-  metrics = retrieval_metrics(predict_ridge(test_x, w, mean).astype(np.float32), test_y)
+  model = fit(train_x, train_y, penalty)
+  metrics = retrieval_metrics(predict_ridge(model, test_x).astype(np.float32), test_y)
   return {**metrics, "ridge_penalty": penalty}
 
 

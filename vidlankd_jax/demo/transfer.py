@@ -26,8 +26,9 @@ import os
 
 import numpy as np
 
-from vidlankd_jax import configlib
 from vidlankd_jax.data import world as world_lib
+from vidlankd_jax.demo import stage_configs
+from vidlankd_jax.evaluation import ridge
 from vidlankd_jax.evaluation.bootstrap import bootstrap_ci
 
 RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0)
@@ -56,58 +57,6 @@ def student_names(objectives: tuple[str, ...]) -> dict[str, tuple[str, str]]:
     if objective not in ("nst", "none"):
       names[objective] = (objective, "video")
   return names
-
-
-def teacher_config(world_dir: str, which: str, steps: int, size: str = "tiny", *, seed: int = 0):
-  """configs/teacher.py at `size` on the world's true (`video`) or shuffled pairs; a size above
-  tiny keeps the tiny shapes (sequence length, batch, schedule) and changes the model alone."""
-  config = configlib.load("teacher", "size=tiny")
-  if size != "tiny":  # both towers of that size; the tiny clip length and projection
-    sized = configlib.load("teacher", f"size={size}")
-    config.model = sized.model
-    sized.video.max_steps = config.video.max_steps
-    sized.video.projection_dim = config.video.projection_dim
-    config.video = sized.video
-  config.data.data_dir = os.path.join(world_dir, which)
-  config.seed = seed
-  config.train.steps = steps
-  config.train.log_every = max(1, steps // 5)
-  config.eval.every_steps = config.checkpoint.every_steps = steps
-  return config
-
-
-def student_config(
-    world_dir: str,
-    teacher_dir: str,
-    objectives: str,
-    *,
-    steps: int,
-    seed: int,
-    teacher_size: str = "tiny",
-    text: str = "text",
-    kd_weight_scale: float = KD_WEIGHT_SCALE,
-):
-  """configs/distill.py at tiny size on the world's student text (folder `text`), from the
-  teacher run in `teacher_dir` (its architecture read from the run's config.json)."""
-  from vidlankd_jax import runs
-
-  config = configlib.load("distill", f"size=tiny,objectives={objectives},data=wikipedia")
-  if teacher_size != "tiny":
-    teacher = runs.Run(teacher_dir).require_config("teacher")
-    config.teacher.model = teacher.model
-    config.teacher.video = teacher.video
-    config.teacher.size = teacher_size
-  config.data.data_dir = os.path.join(world_dir, text)
-  config.teacher.workdir = teacher_dir
-  config.seed = seed
-  for term in config.kd.weights:
-    config.kd.weights[term] *= kd_weight_scale
-  config.train.steps = steps
-  config.optimizer.warmup_steps = max(1, steps // 10)
-  config.train.log_every = max(1, steps // 5)
-  config.eval.every_steps = config.checkpoint.every_steps = steps
-  config.eval.batches = 2
-  return config
 
 
 def encode_sentences(vocab, sentences: list[dict], seq_len: int) -> dict[str, np.ndarray]:
@@ -139,20 +88,6 @@ def concept_states(encode, inputs: dict, batch_size: int = 64) -> np.ndarray:
   return np.concatenate(out).astype(np.float64)
 
 
-def ridge_classifier(train_x, train_y, num_classes: int, penalty: float):
-  """(w, mean, scale) of a one-hot ridge classifier on standardised features."""
-  mean, scale = train_x.mean(0), train_x.std(0) + 1e-6
-  x = (train_x - mean) / scale
-  targets = np.eye(num_classes)[train_y] - 1.0 / num_classes
-  w = np.linalg.solve(x.T @ x + penalty * np.eye(x.shape[1]), x.T @ targets)
-  return w, mean, scale
-
-
-def predict(model, x) -> np.ndarray:
-  w, mean, scale = model
-  return np.argmax(((x - mean) / scale) @ w, axis=-1)
-
-
 def choose_penalty(x, y, concepts: np.ndarray, num_classes: int) -> float:
   """The penalty whose classifier, fitted on half of the training concepts, best names the
   attribute for the other half (both directions): held-out concepts, as at test time."""
@@ -160,11 +95,12 @@ def choose_penalty(x, y, concepts: np.ndarray, num_classes: int) -> float:
   half = set(names[::2])
   first = np.asarray([c in half for c in concepts])
 
+  def accuracy(penalty, fit_on):
+    model = ridge.fit_classifier(x[fit_on], y[fit_on], num_classes, penalty)
+    return np.mean(np.argmax(ridge.decision(model, x[~fit_on]), -1) == y[~fit_on])
+
   def score(penalty):
-    return sum(
-        np.mean(predict(ridge_classifier(x[a], y[a], num_classes, penalty), x[~a]) == y[~a])
-        for a in (first, ~first)
-    )
+    return sum(accuracy(penalty, a) for a in (first, ~first))
 
   return max(RIDGE_PENALTIES, key=score)
 
@@ -182,8 +118,7 @@ def attribute_probe(
     train_y = np.asarray([world.label(c, name) for c in train_c])
     test_y = np.asarray([world.label(c, name) for c in test_c])
     penalty = choose_penalty(train_x, train_y, train_c, len(classes))
-    w, mean, scale = ridge_classifier(train_x, train_y, len(classes), penalty)
-    decision = ((test_x - mean) / scale) @ w
+    decision = ridge.decision(ridge.fit_classifier(train_x, train_y, len(classes), penalty), test_x)
     correct += np.argmax(decision, -1) == test_y
     scores.append(decision)
   correct /= len(world_lib.ATTRIBUTES)
@@ -314,8 +249,13 @@ def run_experiment(
   for name, (objective, which) in student_names(objectives).items():
     configs[name], workdirs[name] = [], []
     for k, student_seed in enumerate(seeds):
-      config = student_config(
-          world_dir, teacher_dirs[which], objective, steps=steps, seed=student_seed
+      config = stage_configs.student_config(
+          os.path.join(world_dir, "text"),
+          teacher_dirs[which],
+          objective,
+          steps=steps,
+          seed=student_seed,
+          kd_weight_scale=KD_WEIGHT_SCALE,
       )
       run_dir = os.path.join(out_dir, name, f"seed{k}")
       log(f"transfer: {name} student, seed {student_seed} ({objective}, {steps} steps)")
