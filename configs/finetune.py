@@ -11,8 +11,8 @@
 short name (sst2, mnli, ...). `init` is `scratch`, `hf:<dir>` or a teacher/student workdir.
 `size` is a model size, or `auto` (the default unless `init=scratch`): the size of the initial
 weights. `size=tiny` shrinks everything for tests and CPU demos. Defaults follow the paper's
-protocol (method.md "Downstream protocol"); a benchmark added with its own registration gets an
-entry in TASK_DEFAULTS (or the generic defaults).
+protocol and the released fine-tuning scripts (docs/recipe.md, "Fine-tuning"); a benchmark added
+with its own registration gets an entry in TASK_DEFAULTS (or the generic defaults).
 """
 
 from vidlankd_jax import configlib as common

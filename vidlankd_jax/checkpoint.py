@@ -366,13 +366,14 @@ class CheckpointManager:
       state: TrainState,
       *,
       metrics: dict | None = None,
-      data_position: dict | None = None,
       force: bool = False,
   ) -> bool:
     """Saves if the policy says so at `step` (interval or preemption) or if `force`.
 
     The `meta` item records a digest of every array saved (`content_digests`), checked on
-    restore. A save that failed in the background is raised here or by `check_saves`.
+    restore. The data position needs no record: the input pipeline starts at the batch of the
+    restored step (`data.pipeline.host_batches(start_step=...)`). A save that failed in the
+    background is raised here or by `check_saves`.
     """
     self.check_saves()
     disk = {"params": to_disk(state.params), "opt_state": to_disk(state.opt_state)}
@@ -384,7 +385,6 @@ class CheckpointManager:
         {
             "step": int(step),
             "fingerprint": self.fingerprint,
-            "data_position": data_position or {},
             "digests": digests,
         }
     )

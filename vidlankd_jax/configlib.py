@@ -130,8 +130,7 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       mask_prob=0.15,
       # "fixed": round(15%) of each sequence's tokens; "bernoulli": each token with
       # probability 15%, as the reference's collator (set max_predictions=32 with it: the MLM
-      # head then reads 32 positions, +1.9% FLOPs per 12L/768H distillation step, +5.1% at
-      # 6L/512H; docs/recipe.md).
+      # head then reads 32 positions; docs/recipe.md, "MLM masking", gives the cost).
       masking="fixed",
       shuffle_buffer=10_000,
   )

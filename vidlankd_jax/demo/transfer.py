@@ -32,14 +32,11 @@ from vidlankd_jax.evaluation import ridge
 from vidlankd_jax.evaluation.bootstrap import bootstrap_ci
 
 RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0)
-# Every KD term's weight is the tiny config's times this. At the tiny config's own weights
-# (nst 1, cos 1) and a few hundred steps the KD terms barely move (MLM dominates the clipped
-# gradient) and no objective transfers the attributes; 30 times stronger, NST and cos do.
-# Measured and reported in the README's demo section.
+# Every KD term's weight is the tiny config's times this: at the tiny config's own weights a few
+# hundred steps leave the KD terms too weak against MLM to transfer the attributes (the README's
+# demo section gives the measurements).
 KD_WEIGHT_SCALE = 30.0
-# The students' steps. NST's transfer grows with them (the demo's world, three seeds: NST minus
-# text-only +0.04 at 200 steps, its interval covering 0; +0.13 at 400, above 0); the cosine
-# objective's is already there at 200. Measured and reported in the README's demo section.
+# The students' steps: NST's transfer grows with them (the README's demo section).
 STUDENT_STEPS = 400
 # Student name -> (objectives, which teacher it distils from).
 BASE_STUDENTS = {

@@ -6,10 +6,11 @@ on GPUs and TPUs, float32 on CPUs, where bf16 matmuls are slow). The numerics fo
 Face's `BertModel` (exact-erf GELU, LayerNorm eps 1e-12) so that real checkpoints import exactly
 (see `vidlankd_jax.interop.hf_bert`).
 
-The layers run under one `jax.lax.scan` (`scan_layers`): the program holds one layer whatever
-the depth, so compile time does not grow with it. Parameters stay one module per layer
-(`encoder/layers/<i>/...`), the layout of every checkpoint and of the weight import and export;
-the scan stacks them inside the step. `remat` chooses what the backward pass recomputes.
+The layers are held stacked in memory (`TransformerStack`: every layer weight one array with a
+leading layer axis) and run under one `jax.lax.scan` (`scan_layers`): the program holds one layer
+whatever the depth, so compile time does not grow with it. Checkpoints and the weight import and
+export see one entry per layer (`encoder/layers/<i>/...`); `vidlankd_jax.models.layout` converts
+between the two. `remat` chooses what the backward pass recomputes.
 """
 
 from __future__ import annotations
