@@ -60,8 +60,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh with Auto axis types.
 
-  With `num_slices > 1` (multi-slice pods) the devices are laid out by
-  `create_hybrid_device_mesh`, the data axis spanning slices over the slower DCN network.
+  On GPUs and TPUs `jax.make_mesh` orders the devices for the interconnect's topology. With
+  `num_slices > 1` (multi-slice pods) they are laid out by `mesh_utils.create_hybrid_device_mesh`
+  (JAX has no other API for it), the data axis spanning slices over the slower DCN network.
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_cfg, len(devices))
@@ -73,7 +74,7 @@ def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
     dcn = (num_slices, 1, 1)
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
   elif devices[0].platform in ("tpu", "gpu") and len(devices) == jax.device_count():
-    array = mesh_utils.create_device_mesh(shape, devices)
+    return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * len(MESH_AXES), devices=devices)
   else:
     array = np.asarray(devices).reshape(shape)
   return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -186,7 +187,11 @@ def agreed_maximum(key: str, value: int, *, forget: str | None = None, timeout_s
   exchange whose entry of this process may go."""
   if jax.process_count() == 1:
     return int(value)
-  from jax._src import distributed  # the client Orbax's barriers use as well
+  # JAX has no public API for the coordination service's key-value store (`jax.distributed`
+  # exports initialize/is_initialized/shutdown); its public exchanges (`multihost_utils`) are
+  # device collectives, which from the prefetch thread could reach the devices in a different
+  # order than the step's on each host. Orbax's barriers read the same client.
+  from jax._src import distributed
 
   client = distributed.global_state.client
   client.key_value_set(f"{key}/{jax.process_index()}", str(int(value)))
