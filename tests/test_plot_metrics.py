@@ -164,3 +164,18 @@ def test_cli_plots_named_and_positional_runs(runs, tmp_path):
   assert failed.returncode == 1
   assert f"{broken / 'metrics.jsonl'}:2: not valid JSON" in failed.stderr
   assert run_cli("--run", "nameless", "--output", str(tmp_path / "x.png")).returncode == 2
+
+
+@pytest.mark.parametrize("names", [["nst", "text_only", "shuffled_teacher", "untrained"], ["a"]])
+def test_interval_plot_title_stays_inside_the_figure(tmp_path, names):
+  """The transfer figure's long title wraps instead of running off the figure's edges."""
+  from vidlankd_jax.evaluation import plots
+
+  rows = {n: {"mean": 0.3, "ci95": [0.25, 0.4], "per_seed": [0.3, 0.32]} for n in names}
+  title = (
+      "Video-only attributes of held-out concepts, read from frozen students (mean, 95% CI, seeds)"
+  )
+  fig = plots.plot_intervals(rows, str(tmp_path / "bars.png"), reference=0.25, title=title)
+  extent = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+  assert extent.x0 >= 0 and extent.x1 <= fig.bbox.width, (extent, fig.bbox)
+  assert image.imread(str(tmp_path / "bars.png")).shape[1] == int(fig.bbox.width)

@@ -197,9 +197,10 @@ def plot_intervals(
     reference_label: str = "chance",
     ylabel: str = "",
     title: str | None = None,
-) -> None:
+) -> Figure:
   """Bars of `rows` {name: {"mean", "ci95": [lo, hi], "per_seed": [...]}} with their intervals
-  as error bars and the seeds as dots; `reference` (e.g. chance) as a dashed line."""
+  as error bars and the seeds as dots; `reference` (e.g. chance) as a dashed line. The title
+  wraps to the figure's width. Returns the figure (saved to `output`)."""
   if not rows:
     raise ValueError("no rows to plot")
   names = list(rows)
@@ -221,7 +222,8 @@ def plot_intervals(
   ax.set_xticks(x, names, rotation=20, ha="right")
   ax.set_ylabel(ylabel)
   if title:
-    ax.set_title(title, fontsize="medium")
+    ax.set_title(title, fontsize="medium", wrap=True)
   ax.grid(axis="y", alpha=0.3)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   fig.savefig(output)
+  return fig
