@@ -71,18 +71,18 @@ class Term(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """One KD objective. `settings` are its keys under `config.kd` with their defaults (a dict
-  value is a section); `check(config)` raises `errors.ConfigError` naming the key at fault;
+  """One KD objective (by default: weight 1, the feature head, the teacher's token states).
+  `settings` are its keys under `config.kd` with their defaults (a dict value is a section); `check(config)` raises `errors.ConfigError` naming the key at fault;
   `released_weight(config)` is the per-example weight the released code's normalisation gives
   at the config's shapes (None: `weight` at any shapes)."""
 
   name: str
   summary: str
   term: Callable[[TermInputs], Term]
-  weight: float
   weight_derivation: str
-  head: str | None
-  teacher: tuple[str, ...]
+  weight: float = 1.0
+  head: str | None = FEATURE_HEAD
+  teacher: tuple[str, ...] = ("states",)
   settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   check: Callable[[Any], None] | None = None
   released_weight: Callable[[Any], float] | None = None
@@ -303,8 +303,6 @@ _DECLARATIONS = (
             "step averages its 8 calls: (1/8) x 8 x (32/128) x mean NST = b / L = 0.25 x the "
             "per-sequence mean (`losses.released_nst_per_call` is that call's value)"
         ),
-        head=FEATURE_HEAD,
-        teacher=("states",),
         # "released": padding included, teacher-teacher term dropped (the released value, per
         # sequence); "mmd": the masked squared MMD (>= 0).
         settings={"nst_variant": "released"},
@@ -320,8 +318,6 @@ _DECLARATIONS = (
             "the released call divides its mean cross-entropy over the 2b = 64 anchors by 2b "
             "again: 1 / 64 x the mean, negatives within groups of 32 (`kd.ntxent_group_size`)"
         ),
-        head=FEATURE_HEAD,
-        teacher=("states",),
         settings={
             "ntxent_temperature": 1.0,
             # Negatives are drawn within groups of this many sequences: 32, the released per-GPU
@@ -335,10 +331,7 @@ _DECLARATIONS = (
         name="crd",
         summary="memory-bank CRD (Tian et al.), the memory in the training state",
         term=_crd,
-        weight=1.0,
         weight_derivation="NCE summed over the batch and divided by its size, as `vlm/crd.py`",
-        head=FEATURE_HEAD,
-        teacher=("states",),
         settings={
             "crd": {
                 # Rows of each memory (student and teacher), sharded over the data axes: one per
@@ -361,7 +354,6 @@ _DECLARATIONS = (
         name="kd",
         summary="soft-label KD: KL between the teacher's and student's MLM distributions",
         term=_soft_label,
-        weight=1.0,
         weight_derivation="a mean over the masked positions, like MLM",
         head=None,
         teacher=("states", "logits"),
@@ -371,25 +363,18 @@ _DECLARATIONS = (
         name="mse",
         summary="hidden-state regression",
         term=_mse,
-        weight=1.0,
         weight_derivation="a mean over the real tokens",
-        head=FEATURE_HEAD,
-        teacher=("states",),
     ),
     Objective(
         name="cos",
         summary="cosine distance",
         term=_cos,
-        weight=1.0,
         weight_derivation="a mean over the real tokens",
-        head=FEATURE_HEAD,
-        teacher=("states",),
     ),
     Objective(
         name="voken",
         summary="the vokenization baseline: voken classification against teacher clip vectors",
         term=_voken,
-        weight=1.0,
         weight_derivation="a mean over the content tokens, as vokenization's cross-entropy",
         head=VOKEN_HEAD,
         teacher=("unmasked_states",),
