@@ -497,7 +497,7 @@ def recipe_table() -> str:
   """The block of docs/recipe.md between `RECIPE_BEGIN` and `RECIPE_END` (markers included):
   one row per objective, its `ours` cell claiming the configs' weight and settings (the
   recipe test checks them against configs/distill.py at size=base)."""
-  configs = " ; ".join(f"configs/distill.py:size=base,objectives={n}" for n in NAMES)
+  configs = " ; ".join(f"configs/distill.py:size=base,objectives={n}" for n in OBJECTIVES)
   lines = [
       RECIPE_BEGIN,
       f"<!-- recipe: {configs} -->",
