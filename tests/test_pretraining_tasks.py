@@ -390,3 +390,14 @@ def test_video_batches_leave_the_host_cut_to_their_longest_clip():
     np.testing.assert_array_equal(short["video_features"], full["video_features"][:, :steps])
     assert not full["video_mask"][:, steps:].any()  # only padding was cut
     assert short["input_ids"] is full["input_ids"]
+
+
+def test_in_order_reading_gives_the_corpus_order(data_dir):
+  """shuffle=False (the released distillation: no --shuffle) reads the blocks in write order:
+  example ids 0, 1, 2, ... across the three shards the converter dealt them into."""
+  spec = data_config(data_dir)
+  ds = tasks.make_dataset(
+      spec, "train", batch_size=8, shard_index=0, num_shards=1, seed=0, shuffle=False
+  )
+  ids = np.concatenate([b["example_id"] for b in take(ds, 4)])
+  np.testing.assert_array_equal(ids, np.arange(32))

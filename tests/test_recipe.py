@@ -318,3 +318,29 @@ def test_released_video_mask_skips_steps_whose_last_feature_is_zero():
       atol=1e-6,
   )
   assert np.abs(np.asarray(attended - padded)[0, [0, 1, 3, 4]]).max() > 1e-4
+
+
+def test_distillation_reads_its_corpus_in_order_and_the_teacher_shuffles():
+  """The loop passes `data.shuffle` to the training stream: False for distillation at the
+  paper's sizes (the released run has no --shuffle), True for the teacher (its sampler
+  shuffles) and for the tiny test size."""
+  from vidlankd_jax.train import loop
+
+  for stage, arg, shuffle in (
+      ("distill", "size=base", False),
+      ("distill", "size=small,recipe=released", False),
+      ("distill", "size=tiny", True),
+      ("teacher", "size=base", True),
+  ):
+    config = configlib.load(stage, arg)
+    program = loop.pretraining_program(
+        config,
+        None,
+        None,
+        state=None,
+        train_step=None,
+        eval_step=None,
+        evaluate=None,
+        fingerprint={},
+    )
+    assert program.train_batches.keywords["shuffle"] is shuffle, (stage, arg)
