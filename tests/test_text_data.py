@@ -44,12 +44,12 @@ def news_corpus(tmp_path_factory):
   return str(path)
 
 
-def read_blocks(output_dir, prefix, split, num_shards, with_ids=False):
+def read_blocks(output_dir, prefix, split, num_shards, with_ids=False, block_len=126):
   """Blocks in stream order (block k is record k // n of shard k % n), and their example ids."""
   per_shard = []
   for i in range(num_shards):
     path = os.path.join(output_dir, f"{prefix}-{split}.tfrecord-{i:05d}-of-{num_shards:05d}")
-    ds = tf.data.TFRecordDataset(path).map(text_lib.parse_block)
+    ds = tf.data.TFRecordDataset(path).map(lambda r: text_lib.parse_block(r, block_len))
     per_shard.append([(ex["ids"].numpy(), int(ex["example_id"])) for ex in ds])
   blocks = []
   for k in range(sum(len(s) for s in per_shard)):
@@ -186,3 +186,79 @@ def test_cli_writes_shards_and_summary(tmp_path, news_corpus):
       tool.main(["--input", str(tmp_path / "nope.txt"), "--output_dir", out, "--prefix", "wiki103"])
       == 1
   )
+
+
+CLEANING_SAMPLE = """ = Title = 
+ 
+ Four tokens only . 
+ 
+ = = Section = = 
+ 
+ Exactly five tokens here . 
+ 
+ A longer line of text that stays . 
+"""
+
+
+def test_cleaning_drops_headings_and_lines_under_five_tokens(tmp_path):
+  """The released tokenization's filter: " = Title = " and " = = Section = = " start with " = ";
+  "Four tokens only ." splits into 4 space-separated tokens (< 5); the two others have 5 and 8."""
+  raw = tmp_path / "wiki.train.raw"
+  raw.write_text(CLEANING_SAMPLE, encoding="utf-8")
+  cleaned = list(text_lib.iter_paragraphs(str(raw), clean=True))
+  assert [p.text for p in cleaned] == [
+      "Exactly five tokens here .",
+      "A longer line of text that stays .",
+  ]
+  assert [p.doc_index for p in cleaned] == [0, 0]
+  assert len(list(text_lib.iter_paragraphs(str(raw)))) == 5  # clean=False keeps every line
+  lines = tmp_path / "en.txt"
+  lines.write_text("Anarchism\nOne two three four\none two three four five\n", encoding="utf-8")
+  assert [p.text for p in text_lib.iter_paragraphs(str(lines), "lines", clean=True)] == [
+      "one two three four five"
+  ]
+
+
+def test_forbidden_range_drops_the_blocks_whose_end_lies_inside_it(
+    tmp_path, vocab, news_corpus, monkeypatch
+):
+  """Blocks of 16 tokens end at 16, 32, 48, 64, 80, 96, ...; a range (40, 90) holds the ends 48,
+  64 and 80: blocks 2, 3 and 4 go; block 5 ([80, 96), straddling the range's end) stays, as the
+  released `intersect` keeps it. Example ids stay dense."""
+  assert [text_lib.in_forbidden_range(k, 16, (40, 90)) for k in range(7)] == [
+      False,
+      False,
+      True,
+      True,
+      True,
+      False,
+      False,
+  ]
+  monkeypatch.setattr(text_lib, "RELEASED_FORBIDDEN_RANGE", (40, 90))
+  released = tmp_path / "en.train.raw"
+  released.write_text(open(news_corpus, encoding="utf-8").read(), encoding="utf-8")
+  outputs = {}
+  for name, path, mode in (
+      ("plain", news_corpus, "auto"),  # another file name: no range
+      ("auto", str(released), "auto"),  # en.train.raw with bert-base-uncased: the range
+      ("none", str(released), "none"),
+  ):
+    out = str(tmp_path / name)
+    summary = text_lib.convert_text(
+        [path],
+        out,
+        vocab,
+        prefix="w",
+        num_shards=1,
+        block_len=16,
+        forbidden_range=mode,
+        log=lambda *_: None,
+    )
+    outputs[name] = (summary, read_blocks(out, "w", "train", 1, with_ids=True, block_len=16))
+  everything = [ids for ids, _ in outputs["plain"][1]]
+  kept = [ids for ids, _ in outputs["auto"][1]]
+  assert len(kept) == len(everything) - 3 and outputs["auto"][0]["forbidden_blocks"] == 3
+  for got, want in zip(kept, everything[:2] + everything[5:]):
+    np.testing.assert_array_equal(got, want)
+  assert [i for _, i in outputs["auto"][1]] == list(range(len(kept)))
+  assert len(outputs["none"][1]) == len(everything)

@@ -21,6 +21,7 @@ if __name__ == "__main__":  # before the imports below load TensorFlow
   quiet.quiet_libraries()
 
 from vidlankd_jax.data.howto100m import (  # noqa: F401  (re-exported for scripts)
+    CAPTION_OVERLAPS,
     PAIRINGS,
     BadInputError,
     ConvertConfig,
@@ -50,6 +51,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ConvertConfig:
       help="reference: each video's opening clip only; all: every window",
   )
   p.add_argument("--word_budget", type=int, default=defaults.word_budget)
+  p.add_argument(
+      "--caption_overlap",
+      choices=CAPTION_OVERLAPS,
+      default=defaults.caption_overlap,
+      help="remove: drop the words a segment repeats from the previous one (the released "
+      "loader's intent); keep: keep them (the released loader as run: its check never fires)",
+  )
   p.add_argument("--max_steps", type=int, default=defaults.max_steps)
   p.add_argument("--num_validation_videos", type=int, default=defaults.num_validation_videos)
   p.add_argument("--train_shards", type=int, default=defaults.train_shards)

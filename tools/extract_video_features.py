@@ -4,7 +4,9 @@
       --resnet152_weights resnet152-394f9c45.pth --resnext101_weights resnext101.pth
 
 Writes features/howto100m_feature/<vid>.npy ([T, 2048], one row per second) and
-features/howto100m_feature3d/<vid>.npy ([ceil(24 T / 16), 2048]), L2-normalised float16, the
+features/howto100m_feature3d/<vid>.npy ([ceil(F / 16), 2048] for the F frames sampled at 24 fps),
+L2-normalised float16 (--no_l2_normalize, --no_half_precision: the reference's
+--l2_normalize 0, --half_precision 0), the
 folders tools/convert_howto100m.py reads, and features/manifest/ (one line per video).
 Running it again skips finished videos. On every host of a pod, run the same command: each host
 takes its share of the videos (the host index comes from JAX's distributed runtime, or give
@@ -40,7 +42,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       default="float32",
       help="compute dtype; bfloat16 accumulates in float32",
   )
-  p.add_argument("--batch_size", type=int, default=64, help="frames or clips per device per step")
+  p.add_argument(
+      "--batch_size",
+      type=int,
+      default=64,
+      help="frames or clips per device per step; a video's last partial batch is padded only to "
+      "the next power of two",
+  )
+  p.add_argument(
+      "--scaler",
+      choices=("bilinear", "bicubic"),
+      default="bilinear",
+      help="frame scaling: bilinear, what the reference's ffmpeg -filter_complex chain ran "
+      "(FFmpeg 4.x) for the released features; bicubic, what a -vf chain gives",
+  )
+  p.add_argument(
+      "--no_l2_normalize",
+      dest="l2_normalize",
+      action="store_false",
+      help="store the features as the model gives them (the reference's --l2_normalize 0)",
+  )
+  p.add_argument(
+      "--no_half_precision",
+      dest="half_precision",
+      action="store_false",
+      help="store float32 rows (the reference's --half_precision 0)",
+  )
   p.add_argument(
       "--workers",
       type=int,
@@ -102,9 +129,10 @@ def _extract(args: argparse.Namespace) -> int:
   for stream in streams:
     path, source = sources[stream.name]
     if not path:
+      other = "3d" if stream.name == "2d" else "2d"
       raise _UsageError(
           f"the {stream.name} stream needs {source.label} weights ({source.flag}): download "
-          f"{source.where}"
+          f"{source.where}; or extract the other stream alone with --streams {other}"
       )
   main_lib.initialize_distributed()  # on a pod (or under SLURM): one process per host
   default_index, default_count = extract.default_hosts()
@@ -115,6 +143,9 @@ def _extract(args: argparse.Namespace) -> int:
         video_list=args.video_list,
         streams=tuple(s.name for s in streams),
         batch_size=args.batch_size,
+        scaler=args.scaler,
+        l2_normalize=args.l2_normalize,
+        half_precision=args.half_precision,
         workers=args.workers,
         host_index=default_index if args.host_index is None else args.host_index,
         num_hosts=default_count if args.num_hosts is None else args.num_hosts,
@@ -126,7 +157,8 @@ def _extract(args: argparse.Namespace) -> int:
     raise _UsageError(f"{e} (command line): see --help") from None
   videos = extract.find_videos(cfg)  # a wrong folder or list fails before the weights load
   models = {s.name: torch_cnn.load_resnet(*sources[s.name]) for s in streams}
-  summary = extract.run(cfg, extract.FeatureModels(models, args.dtype), videos=videos)
+  features = extract.FeatureModels(models, args.dtype, l2_normalize=args.l2_normalize)
+  summary = extract.run(cfg, features, videos=videos)
   return 0 if summary["extracted"] or not summary["skipped"] else 1
 
 

@@ -40,6 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--cased", action="store_true", help="do not lowercase")
   p.add_argument("--block_len", type=int, default=text_lib.BLOCK_LEN)
   p.add_argument("--progress_interval", type=float, default=30.0)
+  p.add_argument(
+      "--no_clean",
+      dest="clean",
+      action="store_false",
+      help="keep WikiText headings and lines under 5 tokens (default: dropped, as the released "
+      "corpora)",
+  )
+  p.add_argument(
+      "--forbidden_range",
+      default="auto",
+      choices=("auto", "released", "none"),
+      help="drop the released English Wikipedia's FORBIDDEN_RANGE blocks: auto (default) where "
+      "the released loader does (en.train.raw with bert-base-uncased), released always, none",
+  )
   args = p.parse_args(argv)
   try:
     vocab = vocab_lib.WordPieceVocabulary(
@@ -55,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fmt=args.format,
         block_len=args.block_len,
         progress_interval=args.progress_interval,
+        clean=args.clean,
+        forbidden_range=args.forbidden_range,
     )
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -495,21 +495,21 @@ def _claims(prefix: str, settings: Mapping) -> list[str]:
 
 def recipe_table() -> str:
   """The block of docs/recipe.md between `RECIPE_BEGIN` and `RECIPE_END` (markers included):
-  one row per objective, its `ours` cell claiming the configs' weight and settings (the
-  recipe test checks them against configs/distill.py at size=base)."""
+  one row per objective, its `ours` cell claiming the configs' weight and settings, the same
+  with `recipe=released` (the recipe test checks them against configs/distill.py at size=base)."""
   configs = " ; ".join(f"configs/distill.py:size=base,objectives={n}" for n in OBJECTIVES)
   lines = [
       RECIPE_BEGIN,
       f"<!-- recipe: {configs} -->",
       "| objective | per-example weight: the released arithmetic | head | teacher computes "
-      "| ours |",
-      "|---|---|---|---|---|",
+      "| ours | ours, `recipe=released` |",
+      "|---|---|---|---|---|---|",
   ]
   for name, o in OBJECTIVES.items():
     claims = [f"`kd.weights.{name} = {o.weight!r}`"] + _claims("kd.", o.settings)
     lines.append(
         f"| `{name}`: {o.summary} | {o.weight_derivation} | {o.head or '—'} "
-        f"| {', '.join(o.teacher)} | {', '.join(claims)} |"
+        f"| {', '.join(o.teacher)} | {', '.join(claims)} | = |"
     )
   return "\n".join(lines + [RECIPE_END])
 

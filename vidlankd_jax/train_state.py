@@ -7,6 +7,7 @@ gradient is NaN/inf, so a bad batch never corrupts the parameters.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -22,10 +23,12 @@ PyTree = Any
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate`, then linear decay to 0 at `total_steps`."""
+  """Linear warmup from 0 to `learning_rate`, then linear decay to 0 at `decay_horizon` x
+  `total_steps` (1: the run's end; 10: the run stops with 90% of the peak left)."""
   warmup = int(opt_cfg.warmup_steps)
   peak = float(opt_cfg.learning_rate)
-  decay_steps = max(int(total_steps) - warmup, 1)
+  horizon = int(round(float(opt_cfg.get("decay_horizon", 1.0)) * int(total_steps)))
+  decay_steps = max(horizon - warmup, 1)
   if warmup <= 0:
     return optax.linear_schedule(peak, 0.0, decay_steps)
   return optax.join_schedules(
@@ -37,15 +40,23 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
   )
 
 
-def decay_mask(params: PyTree) -> PyTree:
-  """Weight decay on matrices (kernels, embeddings) only: never on biases or LayerNorm. A
-  weight of stacked transformer layers has one more axis (the layer) than the layer's own."""
+# The student's KD heads (models/student.py): the released code decays their LayerNorm
+# weights, whose names ("layer_norm.weight") its no-decay list ("LayerNorm.weight") misses.
+KD_HEADS = "kd_heads"
 
-  def is_matrix(path, p):
-    stacked = any(getattr(k, "key", None) == layout.LAYERS for k in path)
-    return p.ndim - int(stacked) >= 2
 
-  return jax.tree_util.tree_map_with_path(is_matrix, params)
+def decay_mask(params: PyTree, head_layer_norms: bool = False) -> PyTree:
+  """Weight decay on matrices (kernels, embeddings) only: never on biases or LayerNorm, except
+  with `head_layer_norms` the KD heads' LayerNorm scales (as the release). A weight of stacked
+  transformer layers has one more axis (the layer) than the layer's own."""
+
+  def decays(path, p):
+    keys = [getattr(k, "key", None) for k in path]
+    if head_layer_norms and KD_HEADS in keys and keys[-2:] == ["layer_norm", "scale"]:
+      return True
+    return p.ndim - int(layout.LAYERS in keys) >= 2
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -61,7 +72,9 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
           b2=float(opt_cfg.b2),
           eps=float(opt_cfg.eps),
           weight_decay=float(opt_cfg.weight_decay),
-          mask=decay_mask,
+          mask=functools.partial(
+              decay_mask, head_layer_norms=bool(opt_cfg.get("decay_head_layer_norms", False))
+          ),
       )
   )
   return optax.chain(*parts)

@@ -6,14 +6,18 @@ Input (the HowTo100M release layout):
   features_3d/     VID.npy  [~ceil(1.5 T), 2048] ResNeXt-101, 16 frames at 24 fps (1.5 per s)
 
 Per video, each stream is L2-normalised per time step (as the reference loader does before it
-concatenates; an all-zero step stays zero; `l2_normalize=False` keeps the stored values), the 3D
-sequence is resampled to T steps with uniform linspace indices (as the reference code does)
-and concatenated to the 2D one: [T, 4096] at 1 step per second. Captions
-are cut into clips by joining consecutive ASR segments until the word budget is reached, dropping
-the words that the next segment repeats from the end of the previous one (ASR windows overlap).
-A clip covers the seconds [floor(start), ceil(end)) of its segments; spans longer than
-`max_steps` are uniformly subsampled to `max_steps`. Pairing `reference` keeps each video's
-opening clip only (the released code); `all` keeps every window.
+concatenates; an all-zero step stays zero; `l2_normalize=False` keeps the stored values).
+Captions are cut into clips as the released loader does (VidLanKD `vteacher/data.py` lines
+75-85): consecutive ASR segments joined with " . ", the budget counting the "." tokens, the
+segment that reaches it included. The release's overlap removal never fires (it compares text
+that ends in " . "); following its intent, `caption_overlap="remove"` drops the words a segment
+repeats from the end of the previous one (ASR windows overlap), `"keep"` is the release as run.
+A clip of seconds [start, end] reads the 2D steps floor(start)..ceil(end), both included, and as
+many 3D steps chosen by linspace over that clip's own 3D span floor(1.5 start)..ceil(1.5 end)
+(the release's `_load_indexed_video_feature_untied`, lines 127-158); the 2D and 3D halves are
+concatenated: [steps, 4096] at 1 step per second. Spans longer than `max_steps` are uniformly
+subsampled to `max_steps`. Pairing `reference` keeps each video's opening clip only (the
+released code); `all` keeps every window.
 
 The validation split is the `num_validation_videos` videos with the smallest salted hash of
 their id: deterministic, independent of file order, and stable when videos are added.
@@ -48,6 +52,9 @@ from vidlankd_jax.data import video_text
 PREFIX = "howto100m"
 SPLITS = ("train", "validation")
 PAIRINGS = ("reference", "all")
+CAPTION_OVERLAPS = ("remove", "keep")
+# Between joined ASR segments, as the released loader (`sent += text + ' . '`).
+SEGMENT_SEPARATOR = "."
 FEATURES_3D_PER_SECOND = 24.0 / 16.0
 
 # Reasons a video is rejected (keys of the summary's "skipped" counts).
@@ -87,6 +94,9 @@ class ConvertConfig:
   output_dir: str
   pairing: str = "reference"
   word_budget: int = 126
+  # "remove": a segment's words that repeat the end of the previous one are dropped (the
+  # release's intent); "keep": kept, as the released loader's check never fires.
+  caption_overlap: str = "remove"
   max_steps: int = 384
   num_validation_videos: int = 10_000
   train_shards: int = 64
@@ -109,6 +119,10 @@ class ConvertConfig:
   def __post_init__(self):
     if self.pairing not in PAIRINGS:
       raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}.")
+    if self.caption_overlap not in CAPTION_OVERLAPS:
+      raise ValueError(
+          f"caption_overlap must be one of {CAPTION_OVERLAPS}, got {self.caption_overlap!r}."
+      )
     for field in (
         "word_budget",
         "max_steps",
@@ -134,6 +148,7 @@ class ConvertConfig:
         "features_3d_dir",
         "pairing",
         "word_budget",
+        "caption_overlap",
         "max_steps",
         "num_validation_videos",
         "train_shards",
@@ -315,19 +330,29 @@ def remove_overlap(previous: Sequence[str], following: Sequence[str]) -> list[st
   return list(following)
 
 
-def join_segments(segments: Sequence[Segment], word_budget: int, pairing: str) -> list[Window]:
-  """Cuts segments into windows of about `word_budget` words (the segment that reaches the
-  budget is included, as in the reference); `reference` pairing keeps the first window only."""
+def join_segments(
+    segments: Sequence[Segment], word_budget: int, pairing: str, overlap: str = "remove"
+) -> list[Window]:
+  """Cuts segments into windows as the released loader (`vteacher/data.py` lines 75-85): each
+  segment followed by ".", until the budget is reached (the segment that reaches it included).
+  The release counts `sent.split(' ')` of text ending in " . ": words, periods and the empty
+  string after the last space, so a window closes at `word_budget - 1` words and periods.
+  `overlap="remove"` drops a segment's words that repeat the end of the previous one (a segment
+  left empty adds no period); `reference` pairing keeps the first window only."""
   windows = []
   i = 0
   while i < len(segments):
-    words = list(segments[i].words)
-    j = i
-    while len(words) < word_budget and j + 1 < len(segments):
+    tokens, j = [], i
+    while True:
+      words = segments[j].words
+      if j > i and overlap == "remove":
+        words = remove_overlap(segments[j - 1].words, words)
+      if words:
+        tokens += [*words, SEGMENT_SEPARATOR]
+      if len(tokens) + 1 >= word_budget or j + 1 == len(segments):
+        break
       j += 1
-      words += remove_overlap(segments[j - 1].words, segments[j].words)
-    end = max(seg.end for seg in segments[i : j + 1])
-    windows.append(Window(segments[i].start, end, " ".join(words), i, j))
+    windows.append(Window(segments[i].start, segments[j].end, " ".join(tokens), i, j))
     if pairing == "reference":
       break
     i = j + 1
@@ -396,11 +421,6 @@ def load_feature_file(video_id: str, path: str, dim: int) -> np.ndarray:
   return array
 
 
-def resample_indices(num_source: int, num_target: int) -> np.ndarray:
-  """Uniform linspace indices that map `num_target` steps onto `num_source` (reference)."""
-  return np.linspace(0, num_source - 1, num_target).astype(np.int64)
-
-
 def l2_normalize_steps(features: np.ndarray) -> np.ndarray:
   """Each row (time step) divided by its L2 norm, in float32; all-zero rows stay zero."""
   features = np.asarray(features, np.float32)
@@ -408,8 +428,8 @@ def l2_normalize_steps(features: np.ndarray) -> np.ndarray:
   return features / np.where(norms > 0, norms, 1.0)
 
 
-def load_video_features(cfg: ConvertConfig, video_id: str) -> np.ndarray:
-  """[T, dim_2d + dim_3d] float16 at one step per second: 2D next to resampled 3D, each stream
+def load_video_features(cfg: ConvertConfig, video_id: str) -> tuple[np.ndarray, np.ndarray]:
+  """The 2D [T, dim_2d] (one step per second) and 3D [~1.5 T, dim_3d] streams as float16, each
   L2-normalised per step unless `cfg.l2_normalize` is off."""
   path_2d, path_3d = feature_paths(cfg, video_id)
   f2d = load_feature_file(video_id, path_2d, cfg.dim_2d)
@@ -424,21 +444,39 @@ def load_video_features(cfg: ConvertConfig, video_id: str) -> np.ndarray:
     )
   if cfg.l2_normalize:
     f2d, f3d = l2_normalize_steps(f2d), l2_normalize_steps(f3d)
-  combined = np.concatenate([f2d, f3d[resample_indices(len(f3d), len(f2d))]], axis=-1)
-  combined = combined.astype(np.float16)
-  if not np.isfinite(combined).all():
-    raise BadInputError("nonfinite_features", video_id, path_2d, "values overflow float16")
-  return combined
+  streams = []
+  for path, stream in ((path_2d, f2d), (path_3d, f3d)):
+    stream = np.asarray(stream).astype(np.float16)
+    if not np.isfinite(stream).all():
+      raise BadInputError("nonfinite_features", video_id, path, "values overflow float16")
+    streams.append(stream)
+  return streams[0], streams[1]
 
 
-def clip_step_indices(start: float, end: float, num_steps: int, max_steps: int) -> np.ndarray:
-  """Feature steps of the seconds [floor(start), ceil(end)), at least one, subsampled
-  uniformly to `max_steps` when longer."""
-  first = min(int(math.floor(start)), num_steps - 1)
-  stop = max(first + 1, min(int(math.ceil(end)), num_steps))
-  if stop - first > max_steps:
-    return np.linspace(first, stop - 1, max_steps).astype(np.int64)
-  return np.arange(first, stop, dtype=np.int64)
+def _span(start: float, end: float, rate: float, num_steps: int) -> tuple[int, int]:
+  """First and last (included) step of [start, end] at `rate` steps per second, clamped to the
+  stream as the release clamps (first <= num_steps - 2, last <= num_steps - 1), and to 0."""
+  first = max(0, min(int(math.floor(start * rate)), num_steps - 2))
+  last = max(first, min(int(math.ceil(end * rate)), num_steps - 1))
+  return first, last
+
+
+def clip_step_indices(
+    start: float, end: float, num_2d: int, num_3d: int, max_steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """The 2D and 3D steps of the clip [start, end] (the release's
+  `_load_indexed_video_feature_untied`): 2D steps floor(start)..ceil(end) both included, 3D
+  steps by linspace over the clip's own 3D span as many as the 2D ones; both subsampled
+  uniformly to `max_steps` when the 2D span is longer."""
+  first_2d, last_2d = _span(start, end, 1.0, num_2d)
+  first_3d, last_3d = _span(start, end, FEATURES_3D_PER_SECOND, num_3d)
+  steps = last_2d - first_2d + 1
+  if steps > max_steps:
+    steps_2d = np.linspace(first_2d, last_2d, max_steps).astype(np.int64)
+  else:
+    steps_2d = np.arange(first_2d, last_2d + 1, dtype=np.int64)
+  steps_3d = np.linspace(first_3d, last_3d, len(steps_2d)).astype(np.int64)
+  return steps_2d, steps_3d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,8 +491,8 @@ class Clip:
 def make_video_clips(cfg: ConvertConfig, video_id: str, entry: Any) -> tuple[list[Clip], dict]:
   """All clips of one video and counts about them; raises BadInputError on bad input."""
   segments, blank = parse_segments(video_id, entry, cfg.caption_json)
-  features = load_video_features(cfg, video_id)
-  duration = float(len(features))
+  f2d, f3d = load_video_features(cfg, video_id)
+  duration = float(len(f2d))
   late = [s for s in segments if s.end > duration + cfg.time_tolerance]
   if late:
     raise BadInputError(
@@ -465,10 +503,14 @@ def make_video_clips(cfg: ConvertConfig, video_id: str, entry: Any) -> tuple[lis
         f"({feature_paths(cfg, video_id)[0]})",
     )
   clips, subsampled = [], 0
-  for window in join_segments(segments, cfg.word_budget, cfg.pairing):
-    steps = clip_step_indices(window.start, window.end, len(features), cfg.max_steps)
-    subsampled += int(math.ceil(window.end) - math.floor(window.start) > cfg.max_steps)
-    clips.append(Clip(video_id, window.start, window.end, window.text, features[steps]))
+  for window in join_segments(segments, cfg.word_budget, cfg.pairing, cfg.caption_overlap):
+    steps_2d, steps_3d = clip_step_indices(
+        window.start, window.end, len(f2d), len(f3d), cfg.max_steps
+    )
+    first, last = _span(window.start, window.end, 1.0, len(f2d))
+    subsampled += int(last - first + 1 > cfg.max_steps)
+    features = np.concatenate([f2d[steps_2d], f3d[steps_3d]], axis=-1)
+    clips.append(Clip(video_id, window.start, window.end, window.text, features))
   return clips, {"blank_segments": blank, "subsampled_clips": subsampled}
 
 

@@ -16,6 +16,12 @@ Raw corpus formats (`iter_paragraphs`):
   lines      one document per line (plain Wikipedia dumps, news corpora); blank lines skipped.
   mediawiki  a MediaWiki XML dump (`*-pages-articles*.xml[.bz2]`), markup stripped with gensim.
 Files ending in .bz2 or .gz are decompressed on the fly.
+
+Cleaning (`clean=True`, the default), as the released corpora were made (vokenization
+`tokenization/tokenize_dataset.py` lines 33-46): WikiText lines starting " = " (titles and
+section headings) and lines of fewer than 5 space-separated tokens are dropped. Blocks of the
+released English Wikipedia that end inside its FORBIDDEN_RANGE of token offsets are dropped too
+(VidLanKD `vlm/data.py` lines 37-38 and 75-96; `forbidden_range`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ from vidlankd_jax.data import shards as shards_lib
 
 BLOCK_LEN = 126
 FORMATS = ("wikitext", "lines", "mediawiki")
+# Lines with fewer space-separated tokens are dropped by the released tokenization.
+MIN_LINE_TOKENS = 5
+# Token offsets of the released English Wikipedia (`en.train.raw`, bert-base-uncased) whose
+# blocks its loader drops ("Start of iter 3700", "End of iter 5800").
+RELEASED_FORBIDDEN_RANGE = (119_314_944, 187_053_048)
+RELEASED_WIKIPEDIA_FILE = "en.train.raw"
+BERT_BASE_UNCASED_SIZE = 30_522
 
 # A WikiText article title: exactly one '=' on each side (section headings have two or more).
 _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
@@ -84,8 +97,24 @@ class Paragraph:
   offset: int = 0
 
 
-def iter_paragraphs(path: str, fmt: str = "auto") -> Iterator[Paragraph]:
-  """Streams the non-blank paragraphs of a raw corpus with the index of their document."""
+def keep_line(line: str, fmt: str) -> bool:
+  """The released tokenization's line filter: no WikiText title or heading (" = ... = "), no
+  line of fewer than MIN_LINE_TOKENS space-separated tokens (`line.strip().split(' ')`)."""
+  if fmt == "wikitext" and line.startswith(" = "):
+    return False
+  return len(line.strip().split(" ")) >= MIN_LINE_TOKENS
+
+
+def in_forbidden_range(block_index: int, block_len: int, forbidden: tuple[int, int]) -> bool:
+  """Whether the released loader drops block `block_index` of the token stream: its end lies
+  strictly inside `forbidden` (its `intersect`, which keeps a block that straddles the end)."""
+  end = (block_index + 1) * block_len
+  return forbidden[0] < end < forbidden[1]
+
+
+def iter_paragraphs(path: str, fmt: str = "auto", clean: bool = False) -> Iterator[Paragraph]:
+  """Streams the non-blank paragraphs of a raw corpus with the index of their document;
+  `clean` drops the lines the released tokenization drops (`keep_line`)."""
   if fmt not in FORMATS + ("auto",):
     raise ValueError(f"Unknown corpus format {fmt!r}; expected one of {FORMATS} or 'auto'.")
   try:
@@ -94,7 +123,9 @@ def iter_paragraphs(path: str, fmt: str = "auto") -> Iterator[Paragraph]:
     with open(path, "rb") as raw:
       if fmt == "mediawiki":
         try:
-          yield from _iter_mediawiki(_open_binary(path, raw), raw)
+          for para in _iter_mediawiki(_open_binary(path, raw), raw):
+            if not clean or keep_line(para.text, fmt):
+              yield para
         except ValueError as e:  # gensim's own check of the dump's namespace
           raise ValueError(f"{path}: malformed MediaWiki XML ({str(e).strip()}).") from e
         return
@@ -106,7 +137,8 @@ def iter_paragraphs(path: str, fmt: str = "auto") -> Iterator[Paragraph]:
           continue
         if not continued and (fmt == "lines" or _WIKITEXT_TITLE.match(text) or doc < 0):
           doc += 1
-        yield Paragraph(doc, text.strip(), raw.tell())
+        if not clean or keep_line(text, fmt):
+          yield Paragraph(doc, text.strip(), raw.tell())
         continued = not whole
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not UTF-8 text ({e}).") from e
@@ -221,6 +253,8 @@ def convert_text(
     block_len: int = BLOCK_LEN,
     batch_paragraphs: int = 512,
     progress_interval: float = 30.0,
+    clean: bool = True,
+    forbidden_range: str = "auto",
     log=print,
 ) -> dict:
   """Tokenizes raw corpora into contiguous blocks, dealt round-robin into `num_shards` shards.
@@ -229,7 +263,20 @@ def convert_text(
   memory holds one batch of paragraphs. Each shard appears only when complete (a temporary
   file, then a rename); a finished conversion is not redone. Returns the summary, also written
   to `{prefix}-{split}-summary.json` (`blocks` is the number of examples).
+
+  `clean` drops the lines the released tokenization drops; `forbidden_range` "auto" drops the
+  blocks in RELEASED_FORBIDDEN_RANGE where the released loader does (an input named
+  en.train.raw read with a lower-cased 30,522-piece vocabulary: bert-base-uncased), "released"
+  always, "none" never.
   """
+  if forbidden_range not in ("auto", "released", "none"):
+    raise ValueError(f"forbidden_range must be auto, released or none, got {forbidden_range!r}")
+  if forbidden_range == "auto":
+    released_wikipedia = any(os.path.basename(p) == RELEASED_WIKIPEDIA_FILE for p in inputs)
+    # bert-base-uncased: lower-cased, 30,522 word pieces.
+    uncased_bert = vocab.lower_case and len(vocab.tokens) == BERT_BASE_UNCASED_SIZE
+    forbidden_range = "released" if released_wikipedia and uncased_bert else "none"
+  forbidden = RELEASED_FORBIDDEN_RANGE if forbidden_range == "released" else None
   if num_shards <= 0:
     raise ValueError(f"num_shards must be positive, got {num_shards}.")
   for path in inputs:
@@ -243,6 +290,8 @@ def convert_text(
       "vocab_file": os.path.abspath(vocab.vocab_file),
       "lower_case": vocab.lower_case,
       "example_ids": "dense",  # blocks carry example_id 0..N-1 in write order
+      "clean": clean,
+      "forbidden_range": list(forbidden) if forbidden else None,
   }
   with shards_lib.output_lock(output_dir):
     settings["input_files"] = shards_lib.input_fingerprint(inputs)
@@ -265,6 +314,7 @@ def convert_text(
         "tokens": 0,
         "unk_tokens": 0,
         "blocks": 0,
+        "forbidden_blocks": 0,
     }
     per_shard = [0] * num_shards
     with contextlib.ExitStack() as stack:
@@ -275,6 +325,10 @@ def convert_text(
         stats["tokens"] += len(ids)
         stats["unk_tokens"] += int(np.sum(ids == vocab.unk_id))
         for block in packer.add(ids):
+          stream_index = stats["blocks"] + stats["forbidden_blocks"]
+          if forbidden and in_forbidden_range(stream_index, block_len, forbidden):
+            stats["forbidden_blocks"] += 1
+            continue
           shard = stats["blocks"] % num_shards
           writers[shard].write(block_to_example(block, stats["blocks"]))
           per_shard[shard] += 1
@@ -284,7 +338,7 @@ def convert_text(
       for path in inputs:
         batch: list[str] = []
         batch_chars, last_doc = 0, -1
-        for para in iter_paragraphs(path, fmt):
+        for para in iter_paragraphs(path, fmt, clean=clean):
           batch.append(para.text)
           batch_chars += len(para.text)
           stats["paragraphs"] += 1

@@ -229,6 +229,7 @@ def write_world(
           split=split,
           num_shards=1,
           fmt="lines",
+          clean=False,  # generated sentences, not the released corpora: each one is kept
           log=lambda *_: None,
       )["blocks"]
       text[f"{text_folder(fraction)}/{split}"] = blocks

@@ -88,6 +88,7 @@ def make_text_tfrecords(data_dir: str, vocab_file: str, *, max_articles: int, lo
           split=split,
           fmt="lines",
           num_shards=2 if split == "train" else 1,
+          clean=False,  # the demo's own article paragraphs, kept whole (its figures' corpus)
           log=log,
       )
       for split in SPLITS

@@ -1,5 +1,6 @@
 """The feature extraction job: videos -> OUT/howto100m_feature/<vid>.npy (2D, [T, 2048]) and
-OUT/howto100m_feature3d/<vid>.npy (3D, [ceil(24 T / 16), 2048]), L2-normalised float16 rows.
+OUT/howto100m_feature3d/<vid>.npy (3D, [ceil(F / 16), 2048] for the F frames sampled at 24 fps),
+L2-normalised float16 rows (`l2_normalize`, `half_precision`: the reference's flags).
 
 One host's flow: the sorted video list -> this host's share -> minus finished videos ->
 `DecodePool` (worker processes) -> per stream and frame shape, a `Batcher` that packs the model
@@ -69,6 +70,9 @@ class ExtractConfig:
   video_list: str | None = None  # or: a file with one video path per line
   streams: tuple[str, ...] = ("2d", "3d")
   batch_size: int = 64  # model inputs per device per step (the reference's batch: 64)
+  scaler: str = "bilinear"  # the frame scaler (features/streams.py: what the reference ran)
+  l2_normalize: bool = True  # rows divided by their L2 norm (the reference's --l2_normalize 1)
+  half_precision: bool = True  # rows stored as float16 (the reference's --half_precision 1)
   workers: int = 4  # decode processes
   host_index: int = 0
   num_hosts: int = 1
@@ -79,7 +83,7 @@ class ExtractConfig:
   def __post_init__(self):
     if (self.video_dir is None) == (self.video_list is None):
       raise ValueError("give exactly one of video_dir and video_list")
-    streams_lib.parse_streams(",".join(self.streams))
+    streams_lib.parse_streams(",".join(self.streams), self.scaler)
     for name in ("batch_size", "workers", "num_hosts"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -88,7 +92,7 @@ class ExtractConfig:
 
   @property
   def stream_specs(self) -> tuple[streams_lib.Stream, ...]:
-    return streams_lib.parse_streams(",".join(self.streams))
+    return streams_lib.parse_streams(",".join(self.streams), self.scaler)
 
   @property
   def host_tag(self) -> str:
@@ -199,11 +203,20 @@ class Segment:
   count: int
 
 
-class Batcher:
-  """Packs model inputs of one shape, from any number of videos, into batches of `size` rows."""
+def padded_rows(rows: int, size: int, granule: int = 1) -> int:
+  """Rows a partial batch of `rows` is padded to: `granule` (the devices) times the smallest
+  power of two that holds them, at most `size`: a short video's 10 frames run as 16, not 64, at
+  the cost of one compiled shape per power of two."""
+  units = -(-rows // granule)
+  return min(size, granule * (1 << max(units - 1, 0).bit_length()))
 
-  def __init__(self, size: int):
-    self.size = size
+
+class Batcher:
+  """Packs model inputs of one shape, from any number of videos, into batches of `size` rows;
+  a last partial batch is padded to `padded_rows` (a multiple of `granule`)."""
+
+  def __init__(self, size: int, granule: int = 1):
+    self.size, self.granule = size, granule
     self._pieces: collections.deque = collections.deque()  # (video, offset, rows)
     self.rows = 0
 
@@ -215,7 +228,7 @@ class Batcher:
     return any(piece[0] == video for piece in self._pieces)
 
   def take(self, pad: bool = False) -> tuple[np.ndarray, list[Segment]] | None:
-    """The next full batch; with `pad`, also a last partial one, zero-filled."""
+    """The next full batch; with `pad`, also a last partial one, zero-filled to `padded_rows`."""
     if self.rows < self.size and not (pad and self.rows):
       return None
     parts, segments, filled = [], [], 0
@@ -228,8 +241,9 @@ class Batcher:
       segments.append(Segment(video, offset, filled, n))
       filled += n
     self.rows -= filled
-    if filled < self.size:
-      parts.append(np.zeros((self.size - filled,) + parts[0].shape[1:], parts[0].dtype))
+    target = padded_rows(filled, self.size, self.granule)
+    if filled < target:
+      parts.append(np.zeros((target - filled,) + parts[0].shape[1:], parts[0].dtype))
     return np.concatenate(parts), segments
 
 
@@ -239,11 +253,15 @@ def l2_normalize(x):
 
 
 def make_feature_fn(
-    model: resnet.ResNet, stream: streams_lib.Stream, mesh, dtype=jnp.float32
+    model: resnet.ResNet,
+    stream: streams_lib.Stream,
+    mesh,
+    dtype=jnp.float32,
+    normalize: bool = True,
 ) -> Callable[[np.ndarray], jax.Array]:
-  """uint8 model inputs [B, ...] (this host's rows) -> L2-normalised float32 features [B, D]
-  on the devices, B sharded over the mesh's batch axes; the weights replicated. One compiled
-  program per input shape."""
+  """uint8 model inputs [B, ...] (this host's rows) -> float32 features [B, D] (L2-normalised
+  unless not `normalize`) on the devices, B sharded over the mesh's batch axes; the weights
+  replicated. One compiled program per input shape."""
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding.replicated(mesh))
   rows = sharding.batch_sharding(mesh)
@@ -251,7 +269,8 @@ def make_feature_fn(
   @functools.partial(jax.jit, in_shardings=(sharding.replicated(mesh), rows), out_shardings=rows)
   def features(state, pixels):
     net = nnx.merge(graphdef, state)
-    return l2_normalize(net(stream.normalize(pixels), dtype=dtype))
+    features = net(stream.normalize(pixels), dtype=dtype)
+    return l2_normalize(features) if normalize else features
 
   return lambda pixels: features(state, jax.make_array_from_process_local_data(rows, pixels))
 
@@ -262,16 +281,26 @@ def local_mesh():
 
 
 class FeatureModels:
-  """Each stream's model jitted over `mesh` (default: this host's devices) in `dtype`; compiled
-  once per input shape and reusable across runs."""
+  """Each stream's model jitted over `mesh` (default: this host's devices) in `dtype`, its rows
+  L2-normalised unless not `l2_normalize`; compiled once per input shape and reusable across
+  runs."""
 
-  def __init__(self, models: dict[str, resnet.ResNet], dtype: str = "float32", mesh=None):
+  def __init__(
+      self,
+      models: dict[str, resnet.ResNet],
+      dtype: str = "float32",
+      mesh=None,
+      l2_normalize: bool = True,
+  ):
     if dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     self.mesh = mesh or local_mesh()
     self.dtype = dtype
+    self.l2_normalize = l2_normalize
     self.fns = {
-        name: make_feature_fn(model, streams_lib.STREAMS[name], self.mesh, DTYPES[dtype])
+        name: make_feature_fn(
+            model, streams_lib.STREAMS[name], self.mesh, DTYPES[dtype], l2_normalize
+        )
         for name, model in models.items()
     }
 
@@ -316,6 +345,11 @@ def run(
   missing = [s.name for s in streams if s.name not in models.fns]
   if missing:
     raise ValueError(f"no model given for stream(s) {missing}")
+  if models.l2_normalize != cfg.l2_normalize:
+    raise ValueError(
+        f"the models' l2_normalize ({models.l2_normalize}) differs from the config's "
+        f"({cfg.l2_normalize})"
+    )
   start = time.monotonic()
   videos = find_videos(cfg) if videos is None else videos
   share = host_share(videos, cfg.host_index, cfg.num_hosts)
@@ -342,6 +376,9 @@ def run(
       "rows": {s.name: 0 for s in streams},
       "streams": [s.name for s in streams],
       "dtype": models.dtype,
+      "scaler": cfg.scaler,
+      "l2_normalize": cfg.l2_normalize,
+      "half_precision": cfg.half_precision,
   }
   log(
       f"[extract] {cfg.host_tag}: {len(share)} of {len(videos)} videos, "
@@ -377,7 +414,8 @@ def run(
     record = {"video": vid, "path": video.path, "status": "ok", **video.info}
     for stream in streams:
       pieces = sorted(video.pieces[stream.name], key=lambda p: p[0])
-      rows = np.concatenate([p[1] for p in pieces]).astype(np.float16)
+      rows = np.concatenate([p[1] for p in pieces])
+      rows = rows.astype(np.float16 if cfg.half_precision else np.float32)
       assert len(rows) == video.info[f"rows_{stream.name}"], (vid, stream.name, len(rows))
       with shards.atomic_open(
           output_path(cfg.output_dir, stream, vid), "wb", tag=f"-h{cfg.host_index}-{os.getpid()}"
@@ -436,7 +474,7 @@ def run(
         return
       key = (name,) + rows.shape[1:]
       if key not in batchers:
-        batchers[key] = Batcher(global_batch)
+        batchers[key] = Batcher(global_batch, models.mesh.size)
         log(f"[extract] compiling the {name} model for inputs {rows.shape[1:]}")
       batchers[key].add(vid, video.received[name], rows)
       video.received[name] += len(rows)
@@ -460,7 +498,8 @@ def run(
       flush_waiting()
       collect()
       elapsed = max(time.monotonic() - start, 1e-9)
-      progress.set(counts["videos"], extra=_rates(counts["rows"], elapsed, by_name))
+      extra = _rates(counts["rows"], elapsed, by_name) + _unfinished(state, by_name)
+      progress.set(counts["videos"], extra=extra)
   for key in batchers:
     dispatch(key, pad=True)
   collect(drain=True)
@@ -482,6 +521,18 @@ def _rates(rows: collections.Counter, elapsed: float, streams: dict) -> str:
   """Model inputs per second of each stream, in the stream's own units."""
   unit = {name: "frames" if s.clip_frames == 1 else "clips" for name, s in streams.items()}
   return ", ".join(f"{name}: {rows[name] / elapsed:,.1f} {unit[name]}/s" for name in streams)
+
+
+def _unfinished(state: dict, streams: dict) -> str:
+  """How far the videos being extracted are: seconds of video decoded (progress inside a long
+  video, which the video count shows only once it is done)."""
+  if not state:
+    return ""
+  seconds = max(
+      sum(v.received[name] * s.clip_frames / s.fps for v in state.values())
+      for name, s in streams.items()
+  )
+  return f", {len(state)} unfinished video(s): {shards.format_seconds(seconds)} of video decoded"
 
 
 def default_hosts() -> tuple[int, int]:

@@ -4,9 +4,16 @@
     then ImageNet mean and std; ResNet-152 averaged over height and width: [T, 2048].
 3D: ffmpeg `fps=24`, the short side scaled to 112, a centre crop of 112 x 112; pixels (0..255)
     minus (110.6, 103.2, 96.3), std 1; frames zero-padded to a multiple of 16 and cut into
-    non-overlapping 16-frame clips; ResNeXt-101: [ceil(24 T / 16), 2048].
+    non-overlapping 16-frame clips; ResNeXt-101: [ceil(F / 16), 2048] for the F frames the
+    `fps=24` filter gives (about 24 per second of video).
 Both are L2-normalised per row and stored as float16, one `.npy` per video, in the folders that
 tools/convert_howto100m.py reads (`howto100m_feature/`, `howto100m_feature3d/`).
+
+Scaling: the reference builds its chain with ffmpeg-python, which runs it as `-filter_complex`;
+the ffmpeg program's bicubic `-sws_flags` default applies to simple `-vf` chains only, so the
+`scale` filter used its own default, bilinear in the FFmpeg 4.x of 2019 when the released
+features were extracted. `scaler="bilinear"` (the default) reproduces that; "bicubic" is what a
+`-vf` chain (or FFmpeg 5.0+'s `scale` default) gives.
 
 This module has no JAX in it: decode workers import it.
 """
@@ -19,6 +26,7 @@ import numpy as np
 
 # The reference divides by (std + 1e-8).
 STD_EPSILON = 1e-8
+SCALERS = ("bilinear", "bicubic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +42,11 @@ class Stream:
   pixel_divisor: float  # 0..255 pixels are divided by it before the mean is subtracted
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
+  scaler: str = "bilinear"  # the scale filter's flags (see the module docstring)
+
+  def __post_init__(self):
+    if self.scaler not in SCALERS:
+      raise ValueError(f"scaler must be one of {SCALERS}, got {self.scaler!r}")
 
   def scaled_size(self, height: int, width: int) -> tuple[int, int]:
     """(height, width) after scaling: the short side becomes `size`, the other keeps the aspect
@@ -47,13 +60,11 @@ class Stream:
     return (self.size, self.size) if self.center_crop else self.scaled_size(height, width)
 
   def filters(self, height: int, width: int) -> list[tuple[str, str]]:
-    """The reference's FFmpeg filter chain for a `width` x `height` video, as (filter, args).
-
-    The scaler's `flags=bicubic` is what the ffmpeg program sets for every scale filter (its
-    `-sws_flags` default); the crop offsets are truncated as the reference truncates them.
-    """
+    """The reference's FFmpeg filter chain for a `width` x `height` video, as (filter, args),
+    with the scaler's flags explicit (`scaler`); the crop offsets are truncated as the reference
+    truncates them."""
     scaled_h, scaled_w = self.scaled_size(height, width)
-    chain = [("fps", f"fps={self.fps}"), ("scale", f"{scaled_w}:{scaled_h}:flags=bicubic")]
+    chain = [("fps", f"fps={self.fps}"), ("scale", f"{scaled_w}:{scaled_h}:flags={self.scaler}")]
     if self.center_crop:
       x, y = int((scaled_w - self.size) / 2.0), int((scaled_h - self.size) / 2.0)
       chain.append(("crop", f"{self.size}:{self.size}:{x}:{y}"))
@@ -95,10 +106,11 @@ STREAM_3D = Stream(
 STREAMS = {s.name: s for s in (STREAM_2D, STREAM_3D)}
 
 
-def parse_streams(text: str) -> tuple[Stream, ...]:
-  """`"2d,3d"` -> the streams, in the canonical order; a ValueError names an unknown one."""
+def parse_streams(text: str, scaler: str = "bilinear") -> tuple[Stream, ...]:
+  """`"2d,3d"` -> the streams, in the canonical order, scaled with `scaler`; a ValueError names
+  an unknown one."""
   names = [n.strip() for n in text.split(",") if n.strip()]
   unknown = [n for n in names if n not in STREAMS]
   if unknown or not names:
     raise ValueError(f"streams must be a comma-separated subset of 2d,3d, got {text!r}")
-  return tuple(s for s in STREAMS.values() if s.name in names)
+  return tuple(dataclasses.replace(s, scaler=scaler) for s in STREAMS.values() if s.name in names)

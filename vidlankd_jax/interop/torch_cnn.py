@@ -154,9 +154,44 @@ def read_checkpoint(path: str, source: WeightsSource) -> dict[str, np.ndarray]:
     raise ValueError(f"{e}: {source.flag} wants {source.where}") from None
 
 
+KNOWN_WEIGHTS = (RESNET152_WEIGHTS, RESNEXT101_WEIGHTS)
+
+
+def checkpoint_architecture(state_dict: dict[str, np.ndarray]) -> tuple[int, tuple[int, ...]]:
+  """(spatial dims of the stem convolution, blocks per stage) a ResNet state dict holds; (0, ())
+  when it is not one."""
+  state = hf_bert.normalise_keys(state_dict)
+  stem = state.get("conv1.weight")
+  blocks = []
+  while f"layer{len(blocks) + 1}.0.conv1.weight" in state:
+    count = 0
+    while f"layer{len(blocks) + 1}.{count}.conv1.weight" in state:
+      count += 1
+    blocks.append(count)
+  return (stem.ndim - 2 if stem is not None else 0), tuple(blocks)
+
+
+def describe_checkpoint(state_dict: dict[str, np.ndarray]) -> str:
+  """What a state dict holds, in words: a known model (and its flag) or its shape."""
+  dims, blocks = checkpoint_architecture(state_dict)
+  for known in KNOWN_WEIGHTS:
+    if (dims, blocks) == (known.config.spatial_dims, known.config.stage_blocks):
+      return f"the {known.label} weights ({known.flag})"
+  if not dims:
+    return "no ResNet (no conv1.weight)"
+  return f"a {dims}D ResNet with blocks {blocks}"
+
+
 def load_resnet(path: str, source: WeightsSource) -> resnet.ResNet:
-  """The model `source` describes, with the weights of the checkpoint at `path`."""
+  """The model `source` describes, with the weights of the checkpoint at `path`; a file of
+  another model says which model it holds."""
   state = read_checkpoint(path, source)
+  held = checkpoint_architecture(state)
+  if held != (source.config.spatial_dims, source.config.stage_blocks):
+    raise ValueError(
+        f"{path} holds {describe_checkpoint(state)}, not the {source.label} weights that "
+        f"{source.flag} wants: {source.where}"
+    )
   model = nnx.eval_shape(lambda: resnet.ResNet(source.config, seed=None))
   try:
     load_state_dict(model, state, path)

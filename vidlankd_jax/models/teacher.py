@@ -25,6 +25,7 @@ class Teacher(nnx.Module):
       video_max_steps: int,
       clip_mlp_dropout: float,
       video_embedding_passes: int = 1,
+      video_mask_rule: str = "steps",
       rngs: nnx.Rngs,
   ):
     self.language = BertForMaskedLM(language_cfg, rngs=rngs)
@@ -35,6 +36,7 @@ class Teacher(nnx.Module):
         max_steps=video_max_steps,
         clip_mlp_dropout=clip_mlp_dropout,
         embedding_passes=video_embedding_passes,
+        mask_rule=video_mask_rule,
         rngs=rngs,
     )
 
@@ -51,6 +53,7 @@ class Teacher(nnx.Module):
         video_max_steps=config.video.max_steps,
         clip_mlp_dropout=config.video.clip_mlp_dropout,
         video_embedding_passes=config.video.get("embedding_passes", 1),
+        video_mask_rule=config.video.get("mask_rule", "steps"),
         rngs=rngs,
     )
 

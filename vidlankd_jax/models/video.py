@@ -20,6 +20,11 @@ from vidlankd_jax.models.bert import BertConfig, TransformerStack, dense, embedd
 Array = jax.Array
 
 
+# "steps": the clip's stored steps are real; "last_channel": also masks a step whose last feature
+# is 0, as the released training loop (`voken_masks = (voken_labels != 0)[:, :, -1]`).
+MASK_RULES = ("steps", "last_channel")
+
+
 class VideoEncoder(nnx.Module):
   """Returns (clip vector [B, H], L2-normalised; per-step hidden states [B, T, H])."""
 
@@ -32,6 +37,7 @@ class VideoEncoder(nnx.Module):
       max_steps: int,
       clip_mlp_dropout: float = 0.3,
       embedding_passes: int = 1,
+      mask_rule: str = "steps",
       rngs: nnx.Rngs,
   ):
     if embedding_passes not in (1, 2):
@@ -39,7 +45,12 @@ class VideoEncoder(nnx.Module):
           f"embedding_passes must be 1 or 2 (config.video.embedding_passes), "
           f"got {embedding_passes}"
       )
+    if mask_rule not in MASK_RULES:
+      raise ValueError(
+          f"mask_rule {mask_rule!r} is not one of {MASK_RULES} (config.video.mask_rule)"
+      )
     h = cfg.hidden_size
+    self.mask_rule = mask_rule
     self.config = cfg
     self.input_dim = input_dim
     self.embedding_passes = embedding_passes
@@ -71,7 +82,10 @@ class VideoEncoder(nnx.Module):
     return l2_normalize(h), steps
 
   def encode_steps(self, features: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
-    """Per-step hidden states [B, T, H]; padding steps (mask 0) are never attended to."""
+    """Per-step hidden states [B, T, H]; padding steps (mask 0) are never attended to, nor with
+    `mask_rule="last_channel"` steps whose last feature (the 3D stream's last channel) is 0."""
+    if self.mask_rule == "last_channel":
+      mask = mask * (features[..., -1] != 0).astype(mask.dtype)
     x = self.projection_out(self.projection_in(features.astype(self.config.compute_dtype)))
     t = features.shape[1]
     added = self.position_embeddings(jnp.arange(t))[None] + self.token_type_embeddings(

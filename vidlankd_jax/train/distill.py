@@ -422,7 +422,13 @@ def train_step(state, batch, *, models: Models, kd: KDSpec, config, tx, schedule
 
 
 def eval_step(state, batch, *, models: Models, kd: KDSpec, seed: int):
-  """Sums over one held-out batch: MLM, KD losses, head-teacher cosines, CKA moments."""
+  """Sums over one held-out batch: MLM, KD losses, head-teacher cosines, CKA moments.
+
+  The memory-bank CRD term is not evaluated: its memory has one row per training example, so a
+  held-out example has no row of its own (its `example_id` would read an unrelated training
+  block's vectors as its positive), and the term is defined against that memory only.
+  """
+  kd = dataclasses.replace(kd, objectives=tuple(o for o in kd.objectives if o != "crd"))
   student, teacher = merge_models(models, state.params, state.frozen)
   terms, metrics, _, out = distill_terms(
       student, teacher, batch, state.extra, jax.random.key(seed), kd

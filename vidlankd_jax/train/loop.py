@@ -55,7 +55,8 @@ def pretraining_program(
     config, mesh, spec, *, state, train_step, eval_step, evaluate, fingerprint
 ) -> Program:
   """A Program whose training data is `spec`'s train split (a pretraining `InputSpec`) in global
-  batches of `config.train.batch_size`, for `config.train.steps` steps."""
+  batches of `config.train.batch_size`, for `config.train.steps` steps; shuffled unless
+  `config.data.shuffle` is False (then read in the corpus's order)."""
   return Program(
       state=state,
       train_step=train_step,
@@ -68,6 +69,7 @@ def pretraining_program(
           "train",
           global_batch_size=config.train.batch_size,
           seed=config.seed,
+          shuffle=bool(config.data.get("shuffle", True)),
       ),
       steps=config.train.steps,
       batch_size=config.train.batch_size,
