@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None):
       type=int,
       default=0,
       help="feeds every seed of the run: the generated world, initialisation, masking, data "
-      "order (default: %(default)s, the README's numbers)",
+      "order (default: %(default)s, docs/demo.md's numbers)",
   )
   ablate = commands.add_parser(
       "ablate", help="distillation grid (objectives, teacher size, text amount) on the world"
