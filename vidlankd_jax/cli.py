@@ -69,10 +69,11 @@ def parse_args(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command: any error ends as one line (the traceback with --verbosity=1)."""
-  from vidlankd_jax import errors
+  from vidlankd_jax import console, errors
 
   argv = list(sys.argv[1:] if argv is None else argv)
   verbose = errors.pop_verbosity(argv)
+  console.set_verbose(verbose)
   return errors.run_cli(lambda: run_command(argv), verbose=verbose, prog="vidlankd")
 
 
