@@ -6,6 +6,7 @@
       --config.teacher.workdir=runs/teacher_base --workdir=runs/student_base
   python -m vidlankd_jax.main --config=configs/distill.py:size=small,objectives=none \
       --workdir=runs/bert_baseline        # the text-only BERT baseline (no teacher needed)
+  --config.train.profile_steps=10:15   # a jax.profiler trace of steps 11-15 in <workdir>/profile
 
 `size` is the student (tiny|mini|small|base|large), `teacher_size` the teacher's language encoder
 (default: the student's; a different size is distilled through the heads' projection to the

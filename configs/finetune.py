@@ -6,6 +6,7 @@
       --config.data.data_dir=~/tensorflow_datasets --workdir=runs/finetune/squad_v1
   python -m vidlankd_jax.main --config=configs/finetune.py:task=tracie,size=tiny \
       --config.data.tracie_dir=data/tracie --workdir=runs/finetune/tracie
+  --config.train.profile_steps=10:15  # trace of steps 11-15 in <workdir>/seed_<s>/profile
 
 `task` is a registered benchmark (glue_sst2, squad_v1, swag, piqa, tracie_iid, ...) or a GLUE
 short name (sst2, mnli, ...). `init` is `scratch`, `hf:<dir>` or a teacher/student workdir.

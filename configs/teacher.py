@@ -6,6 +6,9 @@
 
   python -m vidlankd_jax.main --config=configs/teacher.py:size=tiny,data=synthetic --workdir=runs/t
 
+`--config.train.profile_steps=10:15` (any stage) writes a jax.profiler trace of steps 11-15 to
+<workdir>/profile for TensorBoard's profile plugin (configlib.base_config; docs/scale.md).
+
 `size` sets the language encoder (tiny|mini|small|base|large); `video_size` the video encoder's
 transformer (default: the same). Defaults follow the released code: lr 5e-5, no warmup, linear
 decay, clipping 1.0, margin 1.0, MLM weight 1.0. `recipe=released` (default `paper`) runs the

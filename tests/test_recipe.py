@@ -49,6 +49,7 @@ NOT_RECIPE_PREFIXES = (
     "train.on_nonfinite",
     "train.max_skips_in_a_row",
     "train.input_timeout_s",
+    "train.profile_steps",
     "eval.every_steps",
     "eval.batches",
     "eval.batch_size",

@@ -18,11 +18,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidlankd_jax import console
 from vidlankd_jax import sharding
 from vidlankd_jax.models import layout
 from vidlankd_jax.train_state import TrainState
@@ -319,10 +319,9 @@ class CheckpointManager:
         else []
     )
     if unfinished and jax.process_index() == 0:
-      print(
+      console.info(
           f"discarding unfinished checkpoint save(s) {', '.join(unfinished)} in "
-          f"{self.directory}",
-          flush=True,
+          f"{self.directory}"
       )
       # Deleted here, before anything else runs, rather than in Orbax's background thread.
       for name in unfinished:
@@ -462,7 +461,7 @@ class CheckpointManager:
         step=jax.device_put(jax.numpy.asarray(meta["step"], jax.numpy.int32), target.step.sharding),
         **restored,
     )
-    logging.info("restored checkpoint step %d from %s", step, self.directory)
+    console.debug("restored checkpoint step %d from %s", step, self.directory)
     return state, meta
 
   def restore_newest_good(self, target: TrainState, *, fall_back: bool) -> tuple[TrainState, dict]:
@@ -476,7 +475,7 @@ class CheckpointManager:
         if not fall_back or not [s for s in self.all_steps() if s < step]:
           raise
         aside = self.directory / f"corrupt-{step}"
-        print(f"{error}; moved aside to {aside}, trying the previous step", flush=True)
+        console.info(f"{error}; moved aside to {aside}, trying the previous step")
         if jax.process_index() == 0:
           (self.directory / str(step)).rename(aside)
         sharding.wait_for_all_processes(f"vidlankd/corrupt_checkpoint/{step}")

@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None):
       type=int,
       default=0,
       help="feeds every seed of the run: the generated world, initialisation, masking, data "
-      "order (default: %(default)s, the README's numbers)",
+      "order (default: %(default)s, docs/demo.md's numbers)",
   )
   ablate = commands.add_parser(
       "ablate", help="distillation grid (objectives, teacher size, text amount) on the world"
@@ -69,10 +69,11 @@ def parse_args(argv: Sequence[str] | None):
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command: any error ends as one line (the traceback with --verbosity=1)."""
-  from vidlankd_jax import errors
+  from vidlankd_jax import console, errors
 
   argv = list(sys.argv[1:] if argv is None else argv)
   verbose = errors.pop_verbosity(argv)
+  console.set_verbose(verbose)
   return errors.run_cli(lambda: run_command(argv), verbose=verbose, prog="vidlankd")
 
 

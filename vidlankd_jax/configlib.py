@@ -160,6 +160,11 @@ def base_config(stage: str, size: str) -> ml_collections.ConfigDict:
       max_skips_in_a_row=5,
       # Seconds the loop waits for a training batch before giving up with an error; 0: forever.
       input_timeout_s=1800,
+      # "start:stop": a jax.profiler trace of the steps that take the state from step `start`
+      # to step `stop` (progress lines [step start+1] to [step stop]) in <workdir>/profile, which
+      # TensorBoard's profile plugin reads; "" (the default): none. Steps are compiled before
+      # the loop, so a trace from step 0 holds no compilation. Fine-tuning: <workdir>/seed_<s>.
+      profile_steps="",
   )
   config.eval = dict(every_steps=1000, batches=20, batch_size=64)
   config.checkpoint = dict(
@@ -233,6 +238,27 @@ def load(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 NONFINITE_POLICIES = ("stop", "skip")
+
+
+def profile_window(text: str) -> tuple[int, int] | None:
+  """`config.train.profile_steps` as (start, stop), or None for "" (no trace)."""
+  text = str(text).strip()
+  if not text:
+    return None
+  start, _, stop = text.partition(":")
+  try:
+    window = (int(start), int(stop))
+  except ValueError:
+    window = None
+  if window is None or not 0 <= window[0] < window[1]:
+    raise _config_error(
+        f"{text!r} is not a step window",
+        "config.train.profile_steps",
+        'use "start:stop" with 0 <= start < stop, e.g. "10:15", or "" for no trace',
+    )
+  return window
+
+
 CORRUPT_POLICIES = ("stop", "previous")
 
 
@@ -286,6 +312,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 
     objectives.check(config)
   _check_choice(config, "train.on_nonfinite", NONFINITE_POLICIES)
+  profile_window(config.train.get("profile_steps", ""))
   _check_choice(config, "checkpoint.on_corrupt", CORRUPT_POLICIES)
   for key in ("train.max_skips_in_a_row", "train.input_timeout_s"):
     section, name = key.split(".")

@@ -15,10 +15,10 @@ import json
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from vidlankd_jax import errors, quiet
+from vidlankd_jax import console, errors, quiet
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, with :arg.", lock_config=True
@@ -61,7 +61,7 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if "," in hosts or not hosts:
       jax.distributed.initialize()
-  logging.info(
+  console.debug(
       "process %d of %d, %d local / %d global devices",
       jax.process_index(),
       jax.process_count(),
@@ -103,6 +103,7 @@ def main(argv):
   """Runs the stage; every error ends as one line (`errors.run_cli`), the traceback only with
   --verbosity=1; exit 2 for a wrong command line or config, 1 for data and storage errors."""
   verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+  console.set_verbose(verbose)
   sys.exit(errors.run_cli(lambda: run_main(argv), verbose=verbose))
 
 
@@ -120,7 +121,7 @@ def run_main(argv) -> None:
     metrics = run(_CONFIG.value, _WORKDIR.value)
   except loop.Preempted:
     return  # checkpoint saved; the same command resumes
-  logging.info("final metrics: %s", json.dumps({k: float(v) for k, v in metrics.items()}))
+  console.debug("final metrics: %s", json.dumps({k: float(v) for k, v in metrics.items()}))
 
 
 if __name__ == "__main__":

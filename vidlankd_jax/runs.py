@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
 from flax import nnx, traverse_util
 
+from vidlankd_jax import console
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import sharding
 from vidlankd_jax.models import layout
@@ -178,7 +178,7 @@ def load_teacher(
   )
   params = nnx.state(teacher, nnx.Param)
   nnx.update(teacher, run.restore_params(params, step, teacher_fingerprint(teacher_cfg)))
-  logging.info("teacher restored from %s", run.checkpoint_dir)
+  console.debug("teacher restored from %s", run.checkpoint_dir)
   return teacher
 
 
@@ -304,7 +304,7 @@ def read_initial_encoder(source: str, step: int | None, default_heads: int) -> I
   arch = architecture_from_params(bert, run.checkpoint_dir)
   num_heads = saved_num_heads(run, arch)
   if num_heads is None:
-    logging.warning(
+    console.warning(
         "%s has no config.json matching its weights: assuming %d attention heads",
         run.workdir,
         default_heads,

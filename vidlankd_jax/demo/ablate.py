@@ -97,7 +97,7 @@ def grid(size: AblationSize) -> list[Cell]:
 def pod_commands(size: str, seed: int) -> list[str]:
   """The grid at a real size as `tpu_launch.sh` commands (teachers first, then students)."""
   lines = [
-      "# The ablation grid at real size: run on a pod (see README, Running on Cloud TPU pods).",
+      "# The ablation grid at real size: run on a pod (see docs/scale.md).",
       "# Text amount: make each fraction's corpus with tools/make_text_tfrecords.py from the same",
       "# dump cut to that fraction, into $BUCKET/text_<fraction>.",
   ]

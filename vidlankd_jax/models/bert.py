@@ -149,6 +149,7 @@ class BertEmbeddings(nnx.Module):
     self.layer_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
+  @jax.named_scope("embeddings")
   def __call__(
       self, input_ids: Array, token_type_ids: Array, *, rngs: nnx.Rngs | None = None
   ) -> Array:
@@ -178,6 +179,7 @@ class BertSelfAttention(nnx.Module):
     self.attention_dropout = cfg.attention_dropout
     self.dropout = nnx.Dropout(cfg.hidden_dropout)
 
+  @jax.named_scope("attention")
   def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
     b, l, h = x.shape
     split = lambda t: t.reshape(b, l, self.num_heads, h // self.num_heads)
@@ -216,9 +218,10 @@ class BertLayer(nnx.Module):
 
   def __call__(self, x: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
     x = self.attention(x, mask, rngs=rngs)
-    y = self.output(gelu(self.intermediate(x)))
-    y = self.dropout(y, deterministic=rngs is None, rngs=rngs)
-    return self.layer_norm(y + x)
+    with jax.named_scope("mlp"):
+      y = self.output(gelu(self.intermediate(x)))
+      y = self.dropout(y, deterministic=rngs is None, rngs=rngs)
+      return self.layer_norm(y + x)
 
 
 class TransformerStack(nnx.Module):
@@ -255,14 +258,17 @@ class TransformerStack(nnx.Module):
     if not self.scan_layers:
       for i in range(self.num_layers):
         state = jax.tree.map(lambda w: w[i], stacked)
-        x = apply(state, x, None if keys is None else keys[i])
+        with jax.named_scope(f"layer_{i}"):
+          x = apply(state, x, None if keys is None else keys[i])
       return x
 
     def body(h, layer_inputs):
       state, key = layer_inputs
-      return apply(state, h, key), None
+      with jax.named_scope("layer"):  # the scanned body: every layer of the stack
+        return apply(state, h, key), None
 
-    x, _ = jax.lax.scan(body, x, (stacked, keys))
+    with jax.named_scope("layers"):
+      x, _ = jax.lax.scan(body, x, (stacked, keys))
     return x
 
 
@@ -286,6 +292,7 @@ class BertModel(nnx.Module):
     hidden = self.encode(input_ids, attention_mask, token_type_ids, rngs=rngs)
     return hidden, self.pool(hidden)
 
+  @jax.named_scope("bert")
   def encode(
       self,
       input_ids: Array,
@@ -300,6 +307,7 @@ class BertModel(nnx.Module):
     x = self.embeddings(input_ids, token_type_ids, rngs=rngs)
     return self.encoder(x, attention_mask, rngs=rngs)
 
+  @jax.named_scope("pooler")
   def pool(self, hidden: Array) -> Array:
     return jnp.tanh(self.pooler(hidden[:, 0]))
 
@@ -321,6 +329,7 @@ class MlmHead(nnx.Module):
         )
     )
 
+  @jax.named_scope("mlm_head")
   def __call__(
       self, hidden: Array, word_embeddings: nnx.Embed, positions: Array | None = None
   ) -> Array:

@@ -44,8 +44,9 @@ class SequenceClassifier(nnx.Module):
       rngs: nnx.Rngs | None = None,
   ) -> dict[str, Array]:
     _, pooled = self.bert(input_ids, attention_mask, token_type_ids, rngs=rngs)
-    pooled = self.dropout(pooled, deterministic=rngs is None, rngs=rngs)
-    return {"logits": self.classifier(pooled).astype(jnp.float32)}
+    with jax.named_scope("classifier"):
+      pooled = self.dropout(pooled, deterministic=rngs is None, rngs=rngs)
+      return {"logits": self.classifier(pooled).astype(jnp.float32)}
 
 
 class SpanExtractor(nnx.Module):
@@ -64,9 +65,10 @@ class SpanExtractor(nnx.Module):
       rngs: nnx.Rngs | None = None,
   ) -> dict[str, Array]:
     hidden = self.bert.encode(input_ids, attention_mask, token_type_ids, rngs=rngs)
-    logits = self.qa_outputs(hidden).astype(jnp.float32)
-    logits = jnp.where(attention_mask[..., None] > 0, logits, _PAD_LOGIT)
-    return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
+    with jax.named_scope("span_head"):
+      logits = self.qa_outputs(hidden).astype(jnp.float32)
+      logits = jnp.where(attention_mask[..., None] > 0, logits, _PAD_LOGIT)
+      return {"start_logits": logits[..., 0], "end_logits": logits[..., 1]}
 
 
 class MultipleChoice(nnx.Module):
@@ -88,8 +90,9 @@ class MultipleChoice(nnx.Module):
     b, c, l = input_ids.shape
     rows = lambda x: None if x is None else x.reshape(b * c, l)
     _, pooled = self.bert(rows(input_ids), rows(attention_mask), rows(token_type_ids), rngs=rngs)
-    pooled = self.dropout(pooled, deterministic=rngs is None, rngs=rngs)
-    return {"logits": self.classifier(pooled).astype(jnp.float32).reshape(b, c)}
+    with jax.named_scope("choice_head"):
+      pooled = self.dropout(pooled, deterministic=rngs is None, rngs=rngs)
+      return {"logits": self.classifier(pooled).astype(jnp.float32).reshape(b, c)}
 
 
 def build_head(kind: str, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -107,4 +107,8 @@ class Student(nnx.Module):
     hidden, mlm_logits = self.language(
         input_ids, attention_mask, token_type_ids, mlm_positions, rngs=rngs
     )
-    return hidden, mlm_logits, {name: head(hidden) for name, head in self.kd_heads.items()}
+    outputs = {}
+    for name, head in self.kd_heads.items():
+      with jax.named_scope(f"{name}_head"):
+        outputs[name] = head(hidden)
+    return hidden, mlm_logits, outputs

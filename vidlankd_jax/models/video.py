@@ -66,6 +66,7 @@ class VideoEncoder(nnx.Module):
     self.clip_mlp_out = dense(cfg, h, h, ("mlp", "embed"), rngs=rngs)
     self.clip_dropout = nnx.Dropout(clip_mlp_dropout)
 
+  @jax.named_scope("video_encoder")
   def __call__(
       self, features: Array, mask: Array, *, rngs: nnx.Rngs | None = None
   ) -> tuple[Array, Array]:
@@ -76,16 +77,22 @@ class VideoEncoder(nnx.Module):
       )
     deterministic = rngs is None
     steps = self.encode_steps(features, mask, rngs=rngs)
-    pooled = jnp.tanh(self.pooler(steps[:, 0]))
-    h = jax.nn.relu(self.clip_mlp_in(pooled))
-    h = self.clip_mlp_out(self.clip_dropout(h, deterministic=deterministic, rngs=rngs))
-    return l2_normalize(h), steps
+    with jax.named_scope("clip_head"):
+      pooled = jnp.tanh(self.pooler(steps[:, 0]))
+      h = jax.nn.relu(self.clip_mlp_in(pooled))
+      h = self.clip_mlp_out(self.clip_dropout(h, deterministic=deterministic, rngs=rngs))
+      return l2_normalize(h), steps
 
   def encode_steps(self, features: Array, mask: Array, *, rngs: nnx.Rngs | None = None) -> Array:
     """Per-step hidden states [B, T, H]; padding steps (mask 0) are never attended to, nor with
     `mask_rule="last_channel"` steps whose last feature (the 3D stream's last channel) is 0."""
     if self.mask_rule == "last_channel":
       mask = mask * (features[..., -1] != 0).astype(mask.dtype)
+    return self.encoder(self.embed(features, rngs), mask, rngs=rngs)
+
+  @jax.named_scope("video_embeddings")
+  def embed(self, features: Array, rngs: nnx.Rngs | None) -> Array:
+    """The projected features plus position and type embeddings, normalised: [B, T, H]."""
     x = self.projection_out(self.projection_in(features.astype(self.config.compute_dtype)))
     t = features.shape[1]
     added = self.position_embeddings(jnp.arange(t))[None] + self.token_type_embeddings(
@@ -93,4 +100,4 @@ class VideoEncoder(nnx.Module):
     )
     for _ in range(self.embedding_passes):
       x = self.dropout(self.layer_norm(x + added), deterministic=rngs is None, rngs=rngs)
-    return self.encoder(x, mask, rngs=rngs)
+    return x

@@ -30,10 +30,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidlankd_jax import console
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
 from vidlankd_jax import objectives as kd_objectives
@@ -166,20 +166,18 @@ def crd_memory_size(config, num_shards: int) -> int:
     if size <= 0:
       raise ValueError("config.kd.crd.hash_rows needs config.kd.crd.memory_size > 0")
     if num_examples is None:
-      print(
+      console.info(
           f"CRD memory rows are token hashes into {size} rows (config.kd.crd.hash_rows); the "
           f"corpus size is unknown (no {summary_path}), so is the share of examples that "
-          "share a row",
-          flush=True,
+          "share a row"
       )
     else:
       sharing = expected_row_sharing(num_examples, size)
-      print(
+      console.info(
           f"CRD memory rows are token hashes (config.kd.crd.hash_rows): {num_examples} examples "
           f"in {size} rows: {sharing['shared']:.1%} of examples share a row; positives written "
           f"by another example: {sharing['first_epoch']:.1%} in the first epoch, "
-          f"{sharing['later_epochs']:.1%} after it (expected)",
-          flush=True,
+          f"{sharing['later_epochs']:.1%} after it (expected)"
       )
   elif summary is not None and summary.get("settings", {}).get("example_ids") != "dense":
     raise ValueError(
@@ -264,9 +262,8 @@ def voken_bank(teacher: Teacher, config, mesh, vocab_file: str) -> jax.Array:
           clips, int(voken.num_vokens), int(voken.kmeans_iters), config.seed
       )
   )
-  print(
-      f"voken bank: {len(bank)} vokens from {len(clips)} teacher clip vectors of {voken.data_dir}",
-      flush=True,
+  console.info(
+      f"voken bank: {len(bank)} vokens from {len(clips)} teacher clip vectors of {voken.data_dir}"
   )
   return jax.device_put(jnp.asarray(bank, jnp.float32), sharding.replicated(mesh))
 
@@ -300,20 +297,21 @@ def objective_terms(
   (terms, metrics, extra_updates), the updates holding the advanced CRD memory.
   """
   terms, metrics, updates = {}, {}, {}
-  for name in kd.objectives:
-    term = kd_objectives.OBJECTIVES[name].term(
-        kd_objectives.TermInputs(
-            head=heads.get(name),
-            targets=targets,
-            batch=batch,
-            settings=kd.settings,
-            extra=extra,
-            key=key,
-            mlm_logits=mlm_logits,
-            teacher_logits=teacher_logits,
-            voken_targets=voken_targets,
-        )
-    )
+  for name in kd.objectives:  # each term under its own name in a profile
+    with jax.named_scope(f"kd_{name}"):
+      term = kd_objectives.OBJECTIVES[name].term(
+          kd_objectives.TermInputs(
+              head=heads.get(name),
+              targets=targets,
+              batch=batch,
+              settings=kd.settings,
+              extra=extra,
+              key=key,
+              mlm_logits=mlm_logits,
+              teacher_logits=teacher_logits,
+              voken_targets=voken_targets,
+          )
+      )
     terms[name] = term.value
     metrics.update(term.metrics)
     if term.update is not None:
@@ -353,23 +351,26 @@ def distill_terms(student, teacher, batch, extra, key, kd: KDSpec, *, rngs=None)
   objective; `extra_updates` the new CRD memory; `outputs` the student's hidden states and head
   outputs and the teacher's token states (what evaluation reads).
   """
-  hidden, mlm_logits, heads = student(
-      batch["input_ids"],
-      batch["attention_mask"],
-      batch["token_type_ids"],
-      batch["mlm_positions"],
-      rngs=rngs,
-  )
-  mlm, accuracy = losses.mlm_loss(mlm_logits, batch["mlm_targets"], batch["mlm_weights"])
+  with jax.named_scope("student"):
+    hidden, mlm_logits, heads = student(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["token_type_ids"],
+        batch["mlm_positions"],
+        rngs=rngs,
+    )
+  with jax.named_scope("mlm_loss"):
+    mlm, accuracy = losses.mlm_loss(mlm_logits, batch["mlm_targets"], batch["mlm_weights"])
   outputs = {"hidden": hidden, "heads": heads}
   if teacher is None:
     return {"mlm": mlm}, {"mlm_accuracy": accuracy}, {}, outputs
-  teacher_hidden, outputs["teacher"], voken_targets = teacher_targets(teacher, batch, kd)
-  teacher_logits = None
-  if kd.needs("logits"):
-    teacher_logits = teacher.mlm(
-        teacher_hidden, teacher.bert.embeddings.word_embeddings, batch["mlm_positions"]
-    )
+  with jax.named_scope("teacher"):
+    teacher_hidden, outputs["teacher"], voken_targets = teacher_targets(teacher, batch, kd)
+    teacher_logits = None
+    if kd.needs("logits"):
+      teacher_logits = teacher.mlm(
+          teacher_hidden, teacher.bert.embeddings.word_embeddings, batch["mlm_positions"]
+      )
   terms, metrics, updates = objective_terms(
       kd,
       heads,
@@ -522,7 +523,7 @@ def init(config, mesh, teacher: Teacher | None = None) -> Setup:
   student_def, params, student_rest = ts.nnx_params(
       runs.build_student(config, mesh, num_vokens=num_vokens)
   )
-  logging.info("student parameters:\n%s", sharding.describe_shardings(params))
+  console.debug("student parameters:\n%s", sharding.describe_shardings(params))
   teacher_def = teacher_rest = frozen = None
   if teacher is not None:
     teacher_def, frozen, teacher_rest = ts.nnx_params(teacher.language)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidlankd_jax import console
 from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as ts
@@ -64,7 +65,8 @@ def forward(graphdef, rest, params, batch, rngs=None) -> dict:
 def loss_fn(graphdef, rest, kind, params, batch, rng):
   """The task loss of one (micro-)batch: (loss, (metrics, no state updates))."""
   outputs = forward(graphdef, rest, params, batch, nnx.Rngs(dropout=rng))
-  loss, aux = heads.task_loss(kind, outputs, batch)
+  with jax.named_scope("task_loss"):
+    loss, aux = heads.task_loss(kind, outputs, batch)
   return loss, ({"loss": loss, **aux}, {})
 
 
@@ -254,10 +256,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   opt_cfg.warmup_steps = int(config.optimizer.warmup_fraction * steps)  # floor, as the reference
   tx = ts.make_optimizer(opt_cfg, steps)
   schedule = ts.learning_rate_schedule(opt_cfg, steps)
-  print(
+  console.info(
       f"{spec.name}: {num_train} training examples, {steps} steps of {batch_size} "
-      f"({opt_cfg.warmup_steps} warmup), seeds {seeds}, init {init.source}",
-      flush=True,
+      f"({opt_cfg.warmup_steps} warmup), seeds {seeds}, init {init.source}"
   )
 
   mesh = sharding.make_mesh(config.mesh)
@@ -362,7 +363,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       "majority_baseline": baseline,
   }
   results_lib.write_results(workdir, results)
-  print(results_lib.results_markdown(results), flush=True)
+  console.info(results_lib.results_markdown(results))
   return {
       f"{name}/{stat}": stats[stat] for name, stats in summary.items() for stat in ("mean", "std")
   }

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from vidlankd_jax import console
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import configlib
 from vidlankd_jax import runs
@@ -96,7 +97,7 @@ def check_finite(step: int, metrics: dict, policy: str) -> bool:
         f"non-finite loss or gradient at step {step}: {shown}; the last good "
         "checkpoint is kept (set config.train.on_nonfinite='skip' to skip such steps)"
     )
-  print(f"[step {step}] skipped: non-finite loss or gradient ({shown})", flush=True)
+  console.info(f"[step {step}] skipped: non-finite loss or gradient ({shown})")
   return False
 
 
@@ -114,7 +115,7 @@ class SkipCounter:
       return
     self.in_a_row += 1
     self.total += 1
-    print(f"[step {step}] {self.in_a_row} skipped in a row, {self.total} in this run", flush=True)
+    console.info(f"[step {step}] {self.in_a_row} skipped in a row, {self.total} in this run")
     if self.limit > 0 and self.in_a_row >= self.limit:
       raise NonFiniteError(
           f"{self.in_a_row} non-finite steps in a row (steps {step - self.in_a_row + 1}-{step}, "
@@ -165,7 +166,7 @@ class MetricsWriter:
       self._tb.flush()
     if echo:
       shown = "  ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-      print(f"[step {int(step)}] {shown}", flush=True)
+      console.info(f"[step {int(step)}] {shown}")
 
   def rewind(self, step: int) -> None:
     """Drops the JSON lines logged after `step`, lines cut short or garbled by a crash, and
@@ -217,6 +218,36 @@ class ProgressMeter:
     }
 
 
+class StepProfiler:
+  """A `jax.profiler` trace of the steps that take the state from step `start` to `stop`
+  (`config.train.profile_steps`), written to `<workdir>/profile` for TensorBoard's profile
+  plugin. A run resumed inside the window traces what is left of it; a run that ends inside it
+  closes the trace."""
+
+  def __init__(self, window: tuple[int, int] | None, workdir: str):
+    self.window = window
+    self.directory = os.path.join(workdir, "profile")
+    self.first = None  # the first step traced, while tracing
+
+  def before(self, step: int) -> None:
+    """Call before dispatching the step that starts from state step `step`."""
+    if self.window and self.first is None and self.window[0] <= step < self.window[1]:
+      jax.profiler.start_trace(self.directory)
+      self.first = step
+
+  def after(self, done: int, state) -> None:
+    """Call after dispatching the step that ends at state step `done`."""
+    if self.first is not None and done >= self.window[1]:
+      jax.block_until_ready(state)  # the trace holds the last step's device work
+      self.stop(done)
+
+  def stop(self, done: int) -> None:
+    if self.first is not None:
+      first, self.first = self.first, None
+      jax.profiler.stop_trace()
+      console.info(f"profile of steps {first + 1}-{done} written to {self.directory}")
+
+
 def checkpoint_manager(config, workdir: str, fingerprint: dict) -> ckpt_lib.CheckpointManager:
   """The run's checkpoints under `<workdir>/checkpoints`."""
   ckpt = config.checkpoint
@@ -266,7 +297,7 @@ def next_batch(batches: pipeline.DevicePrefetch, step: int, on_interrupt) -> dic
   except pipeline.InputWaitInterrupted:
     if on_interrupt is not None:
       on_interrupt(step)
-    print(f"stopped at step {step} on request while waiting for input; rerun to resume", flush=True)
+    console.info(f"stopped at step {step} on request while waiting for input; rerun to resume")
     raise Preempted(f"stopped at step {step} while waiting for input") from None
 
 
@@ -304,11 +335,13 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
   watcher = ckpt_lib.PreemptionWatcher(config.checkpoint.preemption_check_every)
   eval_metrics: dict[str, float] = {}
   batches, failing = None, False
+  profiler = StepProfiler(configlib.profile_window(config.train.get("profile_steps", "")), workdir)
+  done = 0
   try:
     if ckpt.latest_step() is not None:
       fall_back = config.checkpoint.get("on_corrupt", "stop") == "previous"
       state, _ = ckpt.restore_newest_good(state, fall_back=fall_back)
-      print(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}", flush=True)
+      console.info(f"resuming from checkpoint step {int(state.step)} in {ckpt.directory}")
     start_step = int(state.step)
     writer.rewind(start_step)
     runs.write_config(config, config_dir or workdir)
@@ -359,8 +392,11 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
       ckpt.check_saves()  # a failed background save ends the run now, not at the next save
       if step != start_step:
         batch = next_batch(batches, step, save_and_stop_while_waiting)
-      state, metrics = step_fn(state, batch)
+      profiler.before(step)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = step_fn(state, batch)
       done = step + 1
+      profiler.after(done, state)
       if pending is not None:
         settle()  # the previous step, finished or nearly: this one is already queued behind it
       pending = (done, metrics)
@@ -392,17 +428,18 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
         ckpt.save(done, state, metrics=eval_metrics if evaluate else None, force=True)
         saved_step = done
       if stop:
-        print(f"stopped at step {done} on request; checkpoint saved, rerun to resume", flush=True)
+        console.info(f"stopped at step {done} on request; checkpoint saved, rerun to resume")
         raise Preempted(f"stopped at step {done}")
     if pending is not None:
       settle()
     if start_step >= total:  # finished earlier: its final metrics, not logged a second time
-      print(f"run already finished at step {start_step} in {ckpt.directory}", flush=True)
+      console.info(f"run already finished at step {start_step} in {ckpt.directory}")
       eval_metrics = program.evaluate(state, eval_fn)
   except BaseException:
     failing = True
     raise
   finally:
+    profiler.stop(done)
     if batches is not None:
       batches.close()
     try:

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidlankd_jax import console
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
 from vidlankd_jax import sharding
@@ -57,8 +57,10 @@ def loss_fn(graphdef, rest, loss_cfg, params, batch, rng):
   """Contrastive + MLM on one (micro-)batch: (loss, (metrics, no state updates))."""
   model = nnx.merge(graphdef, params, rest)
   out = model(batch, rngs=nnx.Rngs(dropout=rng))
-  mlm, accuracy = losses.mlm_loss(out["mlm_logits"], batch["mlm_targets"], batch["mlm_weights"])
-  contrast = contrastive_loss(loss_cfg, out["tokens"], out["clip"], batch["attention_mask"])
+  with jax.named_scope("mlm_loss"):
+    mlm, accuracy = losses.mlm_loss(out["mlm_logits"], batch["mlm_targets"], batch["mlm_weights"])
+  with jax.named_scope("contrastive_loss"):
+    contrast = contrastive_loss(loss_cfg, out["tokens"], out["clip"], batch["attention_mask"])
   loss = loss_cfg.mlm_weight * mlm + loss_cfg.contrastive_weight * contrast
   metrics = {"loss": loss, "mlm_loss": mlm, "mlm_accuracy": accuracy, "contrastive_loss": contrast}
   return loss, (metrics, {})
@@ -138,7 +140,7 @@ def init(config, mesh) -> Setup:
       lambda: Teacher.from_config(config, rngs=nnx.Rngs(config.seed)), mesh, config.sharding_rules
   )
   graphdef, params, rest = ts.nnx_params(model)
-  logging.info("teacher parameters:\n%s", sharding.describe_shardings(params))
+  console.debug("teacher parameters:\n%s", sharding.describe_shardings(params))
   tx = make_optimizer(config, params)
   schedule = ts.learning_rate_schedule(config.optimizer, config.train.steps)
   return Setup(
