@@ -234,7 +234,7 @@ def second_sigterm(tmp_path):
   done = subprocess.run(
       [sys.executable, "-c", code], env=worker.env(1), capture_output=True, text=True, timeout=60
   )
-  assert done.returncode == 128 + signal.SIGTERM and time.monotonic() - started < 25
+  assert done.returncode == errors.STOPPED_EXIT and time.monotonic() - started < 25
   return done.stderr.strip().splitlines()[-1]
 
 

@@ -23,6 +23,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidlankd_jax import errors
 from vidlankd_jax import sharding
 from vidlankd_jax.models import layout
 from vidlankd_jax.train_state import TrainState
@@ -36,15 +37,15 @@ def checkpoint_path(directory: str) -> epath.Path:
   return path if "://" in str(directory) else epath.Path(os_path.abspath(directory))
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.DataError):
   """The checkpoint was written by a run with another model or objective configuration."""
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(errors.DataError):
   """A finished checkpoint whose files were removed or damaged since it was written."""
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(errors.StorageError):
   """A checkpoint could not be written (a full, read-only or unreachable disk)."""
 
 
@@ -431,7 +432,7 @@ class CheckpointManager:
     """
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      raise errors.MissingFileError(f"no checkpoint in {self.directory}")
     older = [s for s in self.all_steps() if s < step]
     hint = (
         f"; delete {self.directory}/{step} (or set config.checkpoint.on_corrupt='previous') to "
@@ -536,7 +537,7 @@ def restore_params(
   )
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
+    raise errors.MissingFileError(f"no checkpoint in {directory}")
   if expected_fingerprint:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved = meta.get("fingerprint", {})
@@ -571,7 +572,9 @@ class PreemptionWatcher:
 
   def __init__(self, check_every: int = 1):
     if check_every < 1:
-      raise ValueError(f"config.checkpoint.preemption_check_every must be >= 1, got {check_every}")
+      raise errors.ConfigError(
+          f"config.checkpoint.preemption_check_every must be >= 1, got {check_every}"
+      )
     self.check_every = check_every
     self._signalled = threading.Event()
     self._previous = None
@@ -580,8 +583,13 @@ class PreemptionWatcher:
 
   def _on_signal(self, signum, frame):
     if self._signalled.is_set():  # a second notice: the operator will not wait for a boundary
-      print("second SIGTERM: exiting at once without a checkpoint", file=sys.stderr, flush=True)
-      os._exit(128 + signal.SIGTERM)
+      print(
+          "second SIGTERM: exiting at once; the last checkpoint is kept, rerun the same command "
+          f"to resume from it (exit {errors.STOPPED_EXIT})",
+          file=sys.stderr,
+          flush=True,
+      )
+      os._exit(errors.STOPPED_EXIT)
     print(
         "SIGTERM received: will checkpoint and stop at the next step boundary "
         "(send it again to exit at once)",
@@ -620,7 +628,7 @@ def restore_params_numpy(directory: str, step: int | None = None) -> dict:
   step = manager.latest_step() if step is None else step
   if step is None:
     manager.close()
-    raise FileNotFoundError(f"no checkpoint in {directory}")
+    raise errors.MissingFileError(f"no checkpoint in {directory}")
   path = checkpoint_path(directory) / str(step) / "params"
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())  # synchronous: no threads
   metadata = item_metadata(path)

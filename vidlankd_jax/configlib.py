@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from vidlankd_jax import sharding
+from vidlankd_jax import errors, sharding
 
 # name -> (layers, hidden, heads, ffn). `small` and `base` are the paper's two sizes.
 MODEL_SIZES = {
@@ -33,10 +33,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
     if "=" not in item:
-      raise ValueError(f"config argument {item!r} is not of the form key=value")
+      raise errors.ConfigError(f"config argument {item!r} is not of the form key=value")
     key, value = item.split("=", 1)
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      raise errors.ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
     parsed[key] = type(defaults[key])(value) if defaults[key] is not None else value
   return parsed
 
@@ -46,7 +46,7 @@ def bert_config(
 ) -> ml_collections.ConfigDict:
   """A BERT encoder config for one of MODEL_SIZES."""
   if size not in MODEL_SIZES:
-    raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
+    raise errors.ConfigError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
   layers, hidden, heads, ffn = MODEL_SIZES[size]
   return ml_collections.ConfigDict(
       dict(
@@ -188,7 +188,7 @@ def config_file(name: str) -> str:
   """The path of stage config `name` ("teacher", "distill", "finetune") or of a .py file."""
   path = name if name.endswith(".py") else os.path.join(CONFIGS_DIR, f"{name}.py")
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"config file {path} not found: the stage configs live in the repository's configs/ "
         "folder (install from a checkout with `pip install -e .`, or set VIDLANKD_CONFIGS)"
     )
@@ -220,8 +220,6 @@ CORRUPT_POLICIES = ("stop", "previous")
 
 
 def _config_error(what: str, key: str, todo: str):
-  from vidlankd_jax import errors
-
   return errors.ConfigError(what, key, todo)
 
 

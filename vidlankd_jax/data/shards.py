@@ -15,6 +15,8 @@ import sys
 import time
 from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator
 
+from vidlankd_jax import errors
+
 if TYPE_CHECKING:
   import tensorflow as tf  # imported where records are written: the helpers below need no TF
 
@@ -96,7 +98,7 @@ def check_settings(output_dir: str, name: str, settings: dict) -> None:
         if previous.get(k) != v and (k in previous or k not in RECORDED_SINCE)
     }
     if diff:
-      raise ValueError(
+      raise errors.DataError(
           f"{output_dir} holds shards converted with other settings "
           f"(setting: (before, now)) {diff}; use a new output directory."
       )
@@ -129,7 +131,7 @@ def output_lock(output_dir: str) -> Iterator[None]:
     except OSError:
       f.seek(0)
       holder = f.read().strip() or "unknown"
-      raise ValueError(
+      raise errors.DataError(
           f"another converter (pid {holder}) is writing to {output_dir}: wait for it to finish "
           "or use another output directory"
       ) from None

@@ -30,6 +30,7 @@ import os
 import shutil
 import time
 
+from vidlankd_jax import errors
 from vidlankd_jax import configlib
 from vidlankd_jax.demo import data as demo_data
 from vidlankd_jax.demo import report
@@ -256,11 +257,11 @@ def run_demo(
   `seed` feeds every seed of the run: the world's generation, each model's initialisation,
   masking and data order (the students of the transfer experiment take `100 seed + k`)."""
   if size not in SIZES:
-    raise ValueError(f"unknown demo size {size!r}; known: {sorted(SIZES)}")
+    raise errors.DataError(f"unknown demo size {size!r}; known: {sorted(SIZES)}")
   sizes = SIZES[size]
   if steps is not None:
     if steps <= 0:
-      raise ValueError(f"--steps must be positive, got {steps}")
+      raise errors.DataError(f"--steps must be positive, got {steps}")
     sizes = dataclasses.replace(sizes, teacher_steps=steps, distill_steps=steps)
   workdir = os.path.abspath(workdir)
   if fresh:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vidlankd_jax import errors
 from vidlankd_jax import sharding
 from vidlankd_jax.data import shards
 from vidlankd_jax.features import decode as decode_lib
@@ -78,13 +79,13 @@ class ExtractConfig:
 
   def __post_init__(self):
     if (self.video_dir is None) == (self.video_list is None):
-      raise ValueError("give exactly one of video_dir and video_list")
+      raise errors.DataError("give exactly one of video_dir and video_list")
     streams_lib.parse_streams(",".join(self.streams))
     for name in ("batch_size", "workers", "num_hosts"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        raise errors.DataError(f"{name} must be >= 1, got {getattr(self, name)}")
     if not 0 <= self.host_index < self.num_hosts:
-      raise ValueError(f"host_index must be in [0, {self.num_hosts}), got {self.host_index}")
+      raise errors.DataError(f"host_index must be in [0, {self.num_hosts}), got {self.host_index}")
 
   @property
   def stream_specs(self) -> tuple[streams_lib.Stream, ...]:
@@ -108,7 +109,7 @@ def find_videos(cfg: ExtractConfig) -> list[tuple[str, str]]:
   """(video id, path) of every video, sorted by id; two files with one id are an error."""
   if cfg.video_dir is not None:
     if not os.path.isdir(cfg.video_dir):
-      raise FileNotFoundError(
+      raise errors.ConfigError(
           f"video folder not found ({cfg.video_dir}): pass the folder that holds the videos"
       )
     paths = [
@@ -119,7 +120,7 @@ def find_videos(cfg: ExtractConfig) -> list[tuple[str, str]]:
     ]
   else:
     if not os.path.isfile(cfg.video_list):
-      raise FileNotFoundError(
+      raise errors.ConfigError(
           f"video list not found ({cfg.video_list}): pass a file with one video path per line"
       )
     base = os.path.dirname(os.path.abspath(cfg.video_list))
@@ -130,7 +131,7 @@ def find_videos(cfg: ExtractConfig) -> list[tuple[str, str]]:
   for path in paths:
     vid = video_id(path)
     if vid in by_id and by_id[vid] != path:
-      raise ValueError(
+      raise errors.DataError(
           f"two videos would write the same feature files {vid}.npy ({by_id[vid]}, {path}): "
           "rename one of them or leave it out of the list"
       )
@@ -267,7 +268,7 @@ class FeatureModels:
 
   def __init__(self, models: dict[str, resnet.ResNet], dtype: str = "float32", mesh=None):
     if dtype not in DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+      raise errors.DataError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     self.mesh = mesh or local_mesh()
     self.dtype = dtype
     self.fns = {
@@ -315,7 +316,7 @@ def run(
   streams = cfg.stream_specs
   missing = [s.name for s in streams if s.name not in models.fns]
   if missing:
-    raise ValueError(f"no model given for stream(s) {missing}")
+    raise errors.DataError(f"no model given for stream(s) {missing}")
   start = time.monotonic()
   videos = find_videos(cfg) if videos is None else videos
   share = host_share(videos, cfg.host_index, cfg.num_hosts)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vidlankd_jax import errors
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM, dense, gelu, layer_norm
 from vidlankd_jax.ops import l2_normalize
 
@@ -41,7 +42,7 @@ def parse_objectives(spec: str) -> tuple[str, ...]:
     return ()
   unknown = [n for n in names if n not in OBJECTIVES]
   if not names or unknown or len(set(names)) != len(names):
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.kd.objectives {spec!r}: expected 'none' or distinct names from "
         f"{OBJECTIVES} joined by '+'" + (f"; unknown: {unknown}" if unknown else "")
     )
@@ -101,7 +102,7 @@ class Student(nnx.Module):
         heads[name] = DistillationHead(cfg, teacher_hidden_size, rngs=rngs)
       elif name == VOKEN_OBJECTIVE:
         if num_vokens <= 0:
-          raise ValueError(
+          raise errors.ConfigError(
               f"the voken objective needs a positive number of vokens, got {num_vokens}"
           )
         heads[name] = VokenClassifier(cfg, num_vokens, rngs=rngs)

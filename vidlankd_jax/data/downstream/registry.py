@@ -16,6 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import batching
 from vidlankd_jax.data.downstream import encoding
 from vidlankd_jax.evaluation import metrics
@@ -60,11 +61,11 @@ class DownstreamSpec:
 
   def __post_init__(self):
     if self.kind not in encoding.KINDS:
-      raise ValueError(
+      raise errors.DataError(
           f"{self.name}: unknown kind {self.kind!r}; expected one of {encoding.KINDS}."
       )
     if self.label_names and len(self.label_names) != self.num_labels:
-      raise ValueError(
+      raise errors.DataError(
           f"{self.name}: {len(self.label_names)} label names for {self.num_labels} labels."
       )
 
@@ -116,7 +117,7 @@ def register_benchmark(spec: DownstreamSpec, vocab: seqio.Vocabulary) -> seqio.T
 
 def get_downstream_spec(task_name: str) -> DownstreamSpec:
   if task_name not in _SPECS:
-    raise KeyError(
+    raise errors.UnknownNameError(
         f"No downstream benchmark {task_name!r} is registered (known: {sorted(_SPECS)}); "
         "call register_downstream_tasks(...) first."
     )
@@ -150,9 +151,9 @@ def get_downstream_dataset(
   """
   spec = get_downstream_spec(task_name)
   if split not in spec.splits:
-    raise ValueError(f"{task_name} has no split {split!r}; its splits are {spec.splits}.")
+    raise errors.DataError(f"{task_name} has no split {split!r}; its splits are {spec.splits}.")
   if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    raise errors.DataError(f"batch_size must be positive, got {batch_size}.")
   ds = seqio.get_mixture_or_task(task_name).get_dataset(
       sequence_length=spec.sequence_length(seq_len),
       split=split,
@@ -202,13 +203,13 @@ def get_span_examples(task_name: str, split: str) -> dict[str, SpanExample]:
   """Question id -> context and gold answers of a span benchmark's split (no tokenization)."""
   spec = get_downstream_spec(task_name)
   if spec.kind != "span":
-    raise ValueError(f"{task_name} is a {spec.kind} task, not a span task.")
+    raise errors.DataError(f"{task_name} is a {spec.kind} task, not a span task.")
   ds = spec.source.get_dataset(split=split, shuffle=False).map(spec.formatter)
   out = {}
   for ex in ds.as_numpy_iterator():
     qid = ex["example_id"].decode("utf-8")
     if qid in out:
-      raise ValueError(f"{task_name}/{split}: question id {qid!r} occurs twice.")
+      raise errors.DataError(f"{task_name}/{split}: question id {qid!r} occurs twice.")
     out[qid] = SpanExample(
         ex["context"].decode("utf-8"), tuple(a.decode("utf-8") for a in ex["answer_text"])
     )
@@ -247,7 +248,7 @@ def evaluate_span_predictions(
   )
   unseen = [q for q in examples if q not in decoding.predictions]
   if unseen:
-    raise ValueError(
+    raise errors.DataError(
         f"{task_name}/{split}: no windows for {len(unseen)} questions, e.g. {unseen[:5]}."
     )
   targets = {q: list(e.answers) for q, e in examples.items()}
