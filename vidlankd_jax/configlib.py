@@ -10,6 +10,7 @@ line reads them with `--config=configs/<stage>.py:<arg>`; code reads them with `
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -231,6 +232,50 @@ def _check_choice(config, key: str, choices: tuple) -> None:
     )
 
 
+def _number(config, key: str):
+  """config[key] for a dotted key, or None when the config has no such key."""
+  node = config
+  for part in key.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Values that would train on nonsense instead of failing: a learning rate that is not
+  positive (gradient ascent), no training steps (an untrained model evaluated), negative
+  intervals, batches of no examples. Raises `errors.ConfigError` naming the key."""
+  positive = ["optimizer.learning_rate", "train.batch_size", "eval.batch_size"]
+  if config.get("stage") == "finetune":  # train.steps 0: the length is train.epochs
+    steps = _number(config, "train.steps")
+    positive.append("train.steps" if steps else "train.epochs")
+  else:
+    positive.append("train.steps")
+  # 0: only at the end of the run (loop.is_due, CheckpointManager.should_save).
+  not_negative = ["train.log_every", "eval.every_steps", "checkpoint.every_steps"]
+  not_negative += ["optimizer.warmup_steps", "train.steps"]
+  for key in positive + not_negative:
+    value = _number(config, key)
+    if value is None or isinstance(value, str):
+      continue
+    is_positive = key in positive
+    if not math.isfinite(float(value)) or (float(value) <= 0 if is_positive else float(value) < 0):
+      todo = {
+          "optimizer.learning_rate": "use a positive rate, e.g. 1e-4 (a negative one ascends)",
+          "train.steps": "use 1 or more training steps",
+          "train.epochs": "use a positive number of epochs (or train.steps > 0)",
+          "train.batch_size": "use 1 or more examples per step (a multiple of the devices)",
+          "eval.batch_size": "use 1 or more examples per step (a multiple of the devices)",
+          "optimizer.warmup_steps": "use 0 (no warmup) or more",
+      }.get(key, "use 0 (only at the end of the run) or more")
+      raise _config_error(
+          f"{value!r} is {'not positive' if is_positive else 'negative'}",
+          f"config.{key}",
+          todo,
+      )
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Checks, before anything is built, what would otherwise fail late or deep inside JAX: the
   mesh against the devices, batch sizes against the data-parallel size and the accumulation,
@@ -241,6 +286,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise _config_error(
         str(e), "config.mesh", f"make data x fsdp x tensor equal {num_devices} (or one of them -1)"
     ) from None
+  check_values(config)
   parallel = data * fsdp  # the batch axes (sharding.BATCH_AXES)
   accum = int(config.get("optimizer", {}).get("grad_accum_steps", 1))
   if accum < 1:

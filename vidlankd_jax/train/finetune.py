@@ -265,6 +265,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   mesh = sharding.make_mesh(config.mesh)
   eval_sets = {split: read_eval_batches(spec, split, config) for split in spec.eval_splits}
+  for split, batches in eval_sets.items():
+    downstream.check_labels(spec, split, gold_labels(batches))
   span_examples = (
       {split: downstream.get_span_examples(spec.name, split) for split in eval_sets}
       if spec.kind == "span"
