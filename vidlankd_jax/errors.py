@@ -15,6 +15,7 @@ Only the standard library is imported here: every module may raise these errors.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -85,7 +86,8 @@ def storage_error(error: OSError, path: str, doing: str = "writing") -> StorageE
   """`error` (raised while `doing` `path`, often without the file: numpy's `4096 requested and
   4032 written`) as a StorageError naming the file."""
   reason = error.strerror or str(error) or type(error).__name__
-  todo = "free space on that disk" if error.errno == 28 else "check the disk and the permissions"
+  full = error.errno == errno.ENOSPC or "written" in reason  # numpy's short write: a full disk
+  todo = "free space on that disk" if full else "check the disk and the permissions"
   result = StorageError(f"{doing} failed: {reason}", path, f"{todo}, then rerun")
   result.errno, result.filename = error.errno, path
   return result

@@ -165,6 +165,8 @@ def run_main(argv) -> None:
   import jax
 
   errors.set_workdir(_WORKDIR.value, jax.process_index())
+  if jax.process_index() == 0:  # the library records kept off the console, Orbax's included
+    quiet.log_libraries_to(os.path.join(_WORKDIR.value, quiet.LIBRARY_LOG))
   metrics = run(_CONFIG.value, _WORKDIR.value)  # loop.Preempted (errors.Stopped): exit 75
   logging.info("final metrics: %s", json.dumps({k: float(v) for k, v in metrics.items()}))
 

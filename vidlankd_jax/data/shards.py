@@ -9,6 +9,7 @@ never see a partial shard because the glob pattern matches final names only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -157,6 +158,10 @@ def atomic_open(path: str, mode: str = "w", tag: str | None = None) -> Iterator[
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:  # a full disk: numpy says "4096 requested and 4032 written", no file
+    if isinstance(e, errors.UserError) or (e.filename and e.errno != errno.ENOSPC):
+      raise
+    raise errors.storage_error(e, path) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
