@@ -177,7 +177,9 @@ def iter_json_object(
       buf, pos = buf[pos:] + chunk, 0
 
     def error(msg: str) -> ValueError:
-      return ValueError(f"{path}: invalid JSON at character {consumed + pos}: {msg}")
+      if consumed + pos == 0 and buf.startswith("\ufeff"):
+        msg = "the file starts with a byte-order mark (BOM): save it as UTF-8 without a BOM"
+      return errors.DataError(f"{path}: invalid JSON at character {consumed + pos}: {msg}")
 
     def peek() -> str:
       nonlocal pos
@@ -706,6 +708,15 @@ def _convert_locked(cfg: ConvertConfig, log) -> dict:
   summary = summarize(cfg, [done[key] for key in all_shards])
   shards_lib.write_json_atomic(os.path.join(cfg.output_dir, f"{PREFIX}-summary.json"), summary)
   log(f"[{PREFIX}] " + json.dumps({k: summary[k] for k in ("videos", "clips", "skipped")}))
+  train = summary["splits"]["train"]
+  if summary["videos_written"] and not train.get("videos_written", 0):
+    raise errors.DataError(
+        f"every written video went to the validation split ({summary['videos_written']} videos, "
+        f"--num_validation_videos={cfg.num_validation_videos}): the train shards in "
+        f"{cfg.output_dir} are empty",
+        "--num_validation_videos",
+        "use fewer validation videos than the caption file has, with another --output_dir",
+    )
   return summary
 
 

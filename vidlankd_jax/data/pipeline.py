@@ -9,6 +9,7 @@ fine-tuning reads registered downstream benchmarks. TensorFlow is imported only 
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -209,9 +210,17 @@ def prepare_synthetic_video_text(data_cfg, video_cfg) -> None:
   if jax.process_index() == 0:
     from vidlankd_jax.data import synthetic
 
-    synthetic.prepare_video_text(
-        data_cfg.data_dir, word_budget=data_cfg.seq_len // 2, max_steps=video_cfg.max_steps
-    )
+    try:
+      synthetic.prepare_video_text(
+          data_cfg.data_dir, word_budget=data_cfg.seq_len // 2, max_steps=video_cfg.max_steps
+      )
+    except errors.DataError as e:  # the generated data of another size or sequence length
+      raise errors.ConfigError(
+          errors.one_line(e),
+          "config.data.data_dir",
+          f"the folder ({os.path.abspath(data_cfg.data_dir)}, relative to the current folder) "
+          "holds data=synthetic data of other settings: set --config.data.data_dir=<new folder>",
+      ) from e
   sharding.wait_for_all_processes("synthetic video-text data")
 
 

@@ -119,13 +119,14 @@ def input_fingerprint(paths: Iterable[str]) -> dict:
 
 
 @contextlib.contextmanager
-def output_lock(output_dir: str) -> Iterator[None]:
-  """Holds `<output_dir>/.lock` (an advisory `flock`, freed by the OS if the process dies):
-  a second converter on the same output folder is refused instead of writing doubled shards."""
+def output_lock(output_dir: str, name: str = ".lock", job: str = "converter") -> Iterator[None]:
+  """Holds `<output_dir>/<name>` (an advisory `flock`, freed by the OS if the process dies): a
+  second `job` on the same output folder is refused instead of writing doubled output (`name`
+  per host lets the hosts of one job share a folder)."""
   import fcntl
 
   os.makedirs(output_dir, exist_ok=True)
-  path = os.path.join(output_dir, ".lock")
+  path = os.path.join(output_dir, name)
   with open(path, "a+", encoding="utf-8") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -133,7 +134,7 @@ def output_lock(output_dir: str) -> Iterator[None]:
       f.seek(0)
       holder = f.read().strip() or "unknown"
       raise errors.DataError(
-          f"another converter (pid {holder}) is writing to {output_dir}: wait for it to finish "
+          f"another {job} (pid {holder}) is writing to {output_dir}: wait for it to finish "
           "or use another output directory"
       ) from None
     f.seek(0)

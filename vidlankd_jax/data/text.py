@@ -149,7 +149,16 @@ def _iter_mediawiki(f: IO[bytes], raw: IO[bytes]) -> Iterator[Paragraph]:
   except ImportError as e:
     raise ImportError("Reading MediaWiki XML dumps needs gensim: `pip install gensim`.") from e
   doc = -1
-  for _, markup, _ in wikicorpus.extract_pages(f, filter_namespaces=("0",)):
+  pages = wikicorpus.extract_pages(f, filter_namespaces=("0",))
+  while True:
+    try:
+      _, markup, _ = next(pages)
+    except StopIteration:
+      return
+    except AttributeError:  # gensim reads a page's <title>, <ns> and <id> without checking
+      raise ValueError(
+          f"a <page> before byte {raw.tell()} lacks its <title>, <ns> or <id>"
+      ) from None
     plain = wikicorpus.filter_wiki(markup)
     if not plain.strip() or plain.lstrip().lower().startswith("#redirect"):
       continue

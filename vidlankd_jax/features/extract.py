@@ -12,13 +12,22 @@ Pods: host h of n takes the videos i with i % n == h and runs on its own devices
 embarrassingly parallel, so hosts never synchronise: no cross-host collective, nothing to wait
 for, and a slow or failed host delays only its own share (rerun it alone).
 
+Memory: a batch holds the pixels of `batch_size` nominal inputs per device (224 x 224 frames,
+16 x 112 x 112 clips); larger frames (an odd aspect ratio scaled to a short side of 224) make
+batches of fewer rows, and a partial batch is padded only to the next power of two of the devices,
+so a video costs what its pixels cost.
+
 Reruns: a video whose output files all exist is finished; files appear only complete, so a
 killed run leaves at most temporary files (`.npy.tmp-h<host>-<pid>`, removed by the next run of
-that host). Videos the manifest records as skipped are skipped again unless `retry_skipped`.
+that host). Videos the manifest records as skipped are skipped again unless `retry_skipped`,
+except a decoder crash, retried once. One job per host and output folder: a second is refused
+(`shards.output_lock`).
 
-Manifest: OUT/manifest/host-<h>-of-<n>.jsonl, one JSON line per video: `ok` with its duration,
-frames and rows per stream, or `skipped` with the reason and detail. A summary of the run is
-written beside it (`.summary.json`) and returned.
+Manifest: OUT/manifest/host-<h>-of-<n>.jsonl, JSON lines per video: `started` when its first
+rows arrive, then `ok` with its duration, frames and rows per stream, or `skipped` with the
+reason and detail. A video still `started` when a run ended (killed: out of memory?) is retried
+once; in progress when a second run ended, it is skipped as `ended_the_run`. A summary of the run
+is written beside it (`.summary.json`) and returned.
 """
 
 from __future__ import annotations
@@ -61,6 +70,8 @@ VIDEO_EXTENSIONS = (
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MANIFEST_DIR = "manifest"
+# Skips that may not happen again (a worker killed from outside): retried once on a rerun.
+RETRIED_SKIPS = ("decoder_crashed",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,8 +193,29 @@ def iter_manifest(output_dir: str) -> Iterable[dict]:
 
 
 def read_manifests(output_dir: str) -> dict[str, dict]:
-  """The last record of each video in every host's manifest."""
-  return {record["video"]: record for record in iter_manifest(output_dir)}
+  """The last outcome (`ok` or `skipped`) of each video in every host's manifest, with
+  `ended_runs`: how many runs ended while it was in progress since (its `started` records), and
+  `tries`: its records of a retried skip in a row."""
+  last: dict[str, dict] = {}
+  for record in iter_manifest(output_dir):
+    vid = record.get("video")
+    earlier = last.get(vid, {})
+    if record.get("status") == "started":
+      last[vid] = {**earlier, "ended_runs": earlier.get("ended_runs", 0) + 1}
+      continue
+    again = record.get("reason") in RETRIED_SKIPS and record.get("reason") == earlier.get("reason")
+    last[vid] = {**record, "ended_runs": 0, "tries": earlier.get("tries", 0) + 1 if again else 1}
+  return last
+
+
+def batch_rows(global_batch: int, stream: streams_lib.Stream, input_shape, devices: int) -> int:
+  """Rows per batch for model inputs of `input_shape` ([H, W, 3] or [T, H, W, 3]): the global
+  batch at the stream's nominal frame size, fewer for larger frames so that a batch holds the
+  pixels of a nominal one (a 2560x16 video's 35840x224 frames: one per device, not 64); a
+  multiple of the devices."""
+  nominal = stream.size * stream.size
+  pixels = max(int(input_shape[-3]) * int(input_shape[-2]), nominal)
+  return max(devices, global_batch * nominal // pixels // devices * devices)
 
 
 # ------------------------------------------------------------------------------------------
@@ -203,8 +235,9 @@ class Segment:
 class Batcher:
   """Packs model inputs of one shape, from any number of videos, into batches of `size` rows."""
 
-  def __init__(self, size: int):
+  def __init__(self, size: int, quantum: int = 1):
     self.size = size
+    self.quantum = quantum  # a padded batch has quantum x 2^k rows (the devices; few programs)
     self._pieces: collections.deque = collections.deque()  # (video, offset, rows)
     self.rows = 0
 
@@ -216,7 +249,8 @@ class Batcher:
     return any(piece[0] == video for piece in self._pieces)
 
   def take(self, pad: bool = False) -> tuple[np.ndarray, list[Segment]] | None:
-    """The next full batch; with `pad`, also a last partial one, zero-filled."""
+    """The next full batch; with `pad`, also a last partial one, zero-filled to the smallest
+    `quantum` x 2^k rows that hold it (padding costs at most as much as the real rows)."""
     if self.rows < self.size and not (pad and self.rows):
       return None
     parts, segments, filled = [], [], 0
@@ -229,8 +263,12 @@ class Batcher:
       segments.append(Segment(video, offset, filled, n))
       filled += n
     self.rows -= filled
-    if filled < self.size:
-      parts.append(np.zeros((self.size - filled,) + parts[0].shape[1:], parts[0].dtype))
+    padded = self.quantum
+    while padded < filled:
+      padded *= 2
+    padded = min(padded, self.size)
+    if filled < padded:
+      parts.append(np.zeros((padded - filled,) + parts[0].shape[1:], parts[0].dtype))
     return np.concatenate(parts), segments
 
 
@@ -298,8 +336,11 @@ class _Manifest:
     self.path = os.path.join(cfg.output_dir, MANIFEST_DIR, cfg.host_tag + ".jsonl")
 
   def append(self, record: dict) -> None:
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+    try:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    except OSError as e:  # a full disk: name the manifest
+      raise errors.storage_error(e, self.path) from e
 
 
 def run(
@@ -312,7 +353,14 @@ def run(
 ) -> dict:
   """Extracts this host's share of the videos; returns the summary (also written beside the
   manifest). `videos` is `find_videos(cfg)` when already listed; `pool` replaces the default
-  DecodePool (tests inject failing decoders)."""
+  DecodePool (tests inject failing decoders). A second job of this host on `cfg.output_dir` is
+  refused while this one runs."""
+  lock_dir = os.path.join(cfg.output_dir, MANIFEST_DIR)
+  with shards.output_lock(lock_dir, f".lock-{cfg.host_tag}", "feature extraction job"):
+    return _run_locked(cfg, models, log=log, pool=pool, videos=videos)
+
+
+def _run_locked(cfg: ExtractConfig, models: FeatureModels, *, log, pool, videos) -> dict:
   streams = cfg.stream_specs
   missing = [s.name for s in streams if s.name not in models.fns]
   if missing:
@@ -328,9 +376,24 @@ def run(
   previously_skipped = (
       set()
       if cfg.retry_skipped
-      else {vid for vid, rec in earlier.items() if rec.get("status") == "skipped"}
+      else {
+          vid
+          for vid, rec in earlier.items()
+          if rec.get("status") == "skipped"
+          and (rec.get("reason") not in RETRIED_SKIPS or rec.get("tries", 1) >= 2)
+          and not rec.get("ended_runs")
+      }
   )
-  todo = [(v, p) for v, p in share if v not in finished and v not in previously_skipped]
+  ended_twice = {
+      vid
+      for vid, rec in earlier.items()
+      if rec.get("ended_runs", 0) >= 2 and vid not in finished and not cfg.retry_skipped
+  }
+  todo = [
+      (v, p)
+      for v, p in share
+      if v not in finished and v not in previously_skipped and v not in ended_twice
+  ]
   summary = {
       "host": cfg.host_tag,
       "videos_listed": len(videos),
@@ -353,6 +416,19 @@ def run(
   global_batch = cfg.batch_size * models.mesh.size
   by_name = {s.name: s for s in streams}
   manifest = _Manifest(cfg)
+  for vid in (v for v, _ in share if v in ended_twice):
+    path = dict(share)[vid]
+    log(f"[extract] {vid}: the last two runs ended while it was in progress")
+    _skip_record(
+        summary,
+        manifest,
+        log,
+        vid,
+        path,
+        "ended_the_run",
+        "two runs ended (killed, out "
+        "of memory?) while it was in progress; --retry_skipped tries it again",
+    )
   progress = shards.Progress("extract", len(todo), "videos", cfg.progress_interval)
   pool = pool or decode_lib.DecodePool(streams, cfg.workers, stall_timeout=cfg.stall_timeout)
 
@@ -364,14 +440,7 @@ def run(
   counts = {"videos": 0, "rows": collections.Counter(), "dispatched": 0}
 
   def skip(vid: str, path: str, reason: str, detail: str) -> None:
-    summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
-    message = f"{vid} ({path}): {reason}: {detail}"
-    if len(summary["skipped_examples"]) < 50:
-      summary["skipped_examples"].append(message)
-    log(f"[extract] skipped {message}")
-    manifest.append(
-        {"video": vid, "path": path, "status": "skipped", "reason": reason, "detail": detail}
-    )
+    _skip_record(summary, manifest, log, vid, path, reason, detail)
     counts["videos"] += 1
 
   def write(vid: str, video: _Video) -> None:
@@ -430,6 +499,8 @@ def run(
           dispatch(key, pad=True)
 
   def on_event(vid: str, kind: str, payload) -> None:
+    if vid not in state:  # recorded first: a run that dies on this video leaves its name
+      manifest.append({"video": vid, "path": paths[vid], "status": "started"})
     video = state.setdefault(vid, _Video(paths[vid], {s.name: 0 for s in streams}))
     if kind == "rows":
       name, rows = payload
@@ -437,8 +508,9 @@ def run(
         return
       key = (name,) + rows.shape[1:]
       if key not in batchers:
-        batchers[key] = Batcher(global_batch)
-        log(f"[extract] compiling the {name} model for inputs {rows.shape[1:]}")
+        size = batch_rows(global_batch, by_name[name], rows.shape[1:], models.mesh.size)
+        batchers[key] = Batcher(size, quantum=models.mesh.size)
+        log(f"[extract] compiling the {name} model for inputs {rows.shape[1:]} ({size} a batch)")
       batchers[key].add(vid, video.received[name], rows)
       video.received[name] += len(rows)
       video.outstanding += len(rows)
@@ -477,6 +549,18 @@ def run(
       f"{summary['skipped'] or ''}; manifest {manifest.path}"
   )
   return summary
+
+
+def _skip_record(summary, manifest, log, vid: str, path: str, reason: str, detail: str) -> None:
+  """Counts a skipped video in `summary`, logs it and records it in the manifest."""
+  summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
+  message = f"{vid} ({path}): {reason}: {detail}"
+  if len(summary["skipped_examples"]) < 50:
+    summary["skipped_examples"].append(message)
+  log(f"[extract] skipped {message}")
+  manifest.append(
+      {"video": vid, "path": path, "status": "skipped", "reason": reason, "detail": detail}
+  )
 
 
 def _rates(rows: collections.Counter, elapsed: float, streams: dict) -> str:
