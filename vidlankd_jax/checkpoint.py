@@ -520,7 +520,13 @@ def read_meta(directory: str, step: int | None = None) -> dict | None:
     step = manager.latest_step() if step is None else step
     if step is None:
       return None
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except (ValueError, OSError) as e:  # garbled JSON: json's message names no file
+      raise CorruptCheckpointError(
+          f"checkpoint {checkpoint_path(directory) / str(step) / 'meta'} is damaged: its JSON "
+          f"cannot be read ({_short(e)}); restore it from a copy or rerun the run that wrote it"
+      ) from e
   finally:
     manager.close()
 

@@ -105,6 +105,11 @@ def flag_error(error: Exception, argv) -> errors.ConfigError:
   `:arg` or value, a missing file) as a ConfigError naming the flag and the key, with the
   project's own message (the innermost cause) when there is one."""
   text = str(error)
+  config = next((a for a in argv if a.startswith("--config=")), "--config")
+  if isinstance(error, OSError) and "Configuration is not available" in text:
+    return errors.ConfigError(
+        "config file not found", config, "use configs/teacher.py, distill.py or finetune.py"
+    )
   if isinstance(error, flags.UnrecognizedFlagError) or not isinstance(error, flags.Error):
     overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     name = getattr(error, "flagname", None) or next(
@@ -123,24 +128,15 @@ def flag_error(error: Exception, argv) -> errors.ConfigError:
   return errors.ConfigError(what, flag[1] if flag else "flags", "fix the command line")
 
 
-def parse_flags(argv):
+def parse_flags(argv, flag_values=flags.FLAGS):
   """absl's flag parsing with a wrong flag or config given as one line and exit 2 (absl alone
   prints a FATAL line or a traceback and exits 1); --verbosity=1 adds the traceback."""
   try:
-    remaining = flags.FLAGS(argv)
+    remaining = flag_values(argv)
+    _ = flag_values.config and flag_values.config.stage  # ml_collections defers load errors
+    return remaining
   except Exception as e:  # noqa: BLE001  (any error while parsing is the command line's)
     error = flag_error(e, argv)
-  else:
-    path = flags.FLAGS["config"].config_filename if _CONFIG.present else None
-    try:
-      _ = _CONFIG.value and _CONFIG.value.stage  # ml_collections defers a load error to here
-      return remaining
-    except OSError:
-      error = errors.ConfigError(
-          "config file not found",
-          f"--config={path}",
-          "use configs/teacher.py, distill.py or " "finetune.py (with :arg)",
-      )
   verbose = any(a.startswith("--verbosity=") and a[12:] not in ("0", "-1") for a in argv)
   sys.exit(errors.report(error, verbose=verbose))
 
