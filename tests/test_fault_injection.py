@@ -808,6 +808,17 @@ def garbled_teacher_metadata(tmp_path):
   return str(error.value)
 
 
+def tensorstore_error_with_its_spec(tmp_path):
+  """Was: a damaged data file's message embedding TensorStore's 700-character JSON spec."""
+  spec = '{"context":{"cache_pool":{}},"driver":"zarr3","kvstore":' + '"x' * 350 + '"}'
+  error = ValueError(
+      'DATA_LOSS: Error reading "w/0.0" in OCDBT database at local file "/r/ck/2/params/": '
+      "checksum mismatch [source locations='tensorstore/kvstore/ocdbt/io.cc:12'] "
+      f"[tensorstore_spec='{spec}']"
+  )
+  return ckpt_lib._short(error)
+
+
 def converter_with_every_video_in_validation(tmp_path):
   """Was: 0-byte train shards, exit 0; the teacher then blamed "empty input"."""
   root = howto_layout(tmp_path)
@@ -876,6 +887,7 @@ FAULT_CASES = [
     (sigterm_during_a_demo_stage, r"rerun: \{'resumed': True\}"),
     (sigterm_outside_a_training_step, r"^stopped: SIGTERM outside a training step.*exit 75"),
     (garbled_teacher_metadata, r"checkpoint .*ck/2/meta is damaged: its JSON cannot be read"),
+    (tensorstore_error_with_its_spec, r'^DATA_LOSS: Error reading "w/0.0" .*checksum mismatch$'),
     (
         converter_with_every_video_in_validation,
         r"every written video went to the validation split .*--num_validation_videos",

@@ -9,6 +9,7 @@ wanted shardings, so a run resumes on another mesh or device count.
 from __future__ import annotations
 
 import os
+import re
 import os.path as os_path
 import signal
 import sys
@@ -63,8 +64,10 @@ def writable_problem(directory) -> str:
 
 
 def _short(error: Exception) -> str:
-  """The first sentence of an Orbax/TensorStore error, without its long JSON spec."""
-  return str(error).split(" [tensorstore_spec")[0].strip()[:600]
+  """An Orbax/TensorStore error on one line, without its source locations and JSON spec
+  (TensorStore appends hundreds of characters of each)."""
+  text = re.split(r"\s*\[(?:tensorstore_spec|source locations)=|\s*\{\"", errors.one_line(error))[0]
+  return text.strip()[:300]
 
 
 def fingerprint(config) -> dict:
