@@ -885,7 +885,7 @@ FAULT_CASES = [
     (demo_with_another_seed, r"demo holds the demo of seed 0; .*demo.json\): give this run"),
     (demo_stage_with_other_settings, r"moved/a holds a finished run of this stage with other"),
     (sigterm_during_a_demo_stage, r"rerun: \{'resumed': True\}"),
-    (sigterm_outside_a_training_step, r"^stopped: SIGTERM outside a training step.*exit 75"),
+    (sigterm_outside_a_training_step, r"^stopped by SIGTERM outside a training step.*exit 75"),
     (garbled_teacher_metadata, r"checkpoint .*ck/2/meta is damaged: its JSON cannot be read"),
     (tensorstore_error_with_its_spec, r'^DATA_LOSS: Error reading "w/0.0" .*checksum mismatch$'),
     (

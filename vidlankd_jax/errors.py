@@ -160,14 +160,14 @@ def report(error: BaseException, *, verbose: bool, prog: str = "") -> int:
   kept = write_error_file(error)
   if kept:
     message += f" [traceback in {kept}]"
-  kind = "stopped" if isinstance(error, Stopped) else "error"
-  print(f"{prog + ': ' if prog else ''}{kind}: {message}", file=sys.stderr, flush=True)
+  kind = "" if isinstance(error, Stopped) else "error: "  # its message says "stopped ..."
+  print(f"{prog + ': ' if prog else ''}{kind}{message}", file=sys.stderr, flush=True)
   return exit_code(error)
 
 
 def _raise_stopped(signum, frame):
   raise Stopped(
-      f"SIGTERM outside a training step: what was saved is kept; rerun the same command to "
+      f"stopped by SIGTERM outside a training step, what was saved is kept; rerun the same command to "
       f"resume (exit {STOPPED_EXIT})"
   )
 
