@@ -67,7 +67,7 @@ def _short(error: Exception) -> str:
   """An Orbax/TensorStore error on one line, without its source locations and JSON spec
   (TensorStore appends hundreds of characters of each)."""
   text = re.split(r"\s*\[(?:tensorstore_spec|source locations)=|\s*\{\"", errors.one_line(error))[0]
-  return text.strip()[:300]
+  return text.strip()[:600]
 
 
 def fingerprint(config) -> dict:
