@@ -101,6 +101,15 @@ Example: the full VidLanKD pipeline on a v4-32 pod slice.
 Multi-slice: add '--num-slices 2' (or NUM_SLICES=2) to every command; 'create' then requests a
 queued resource with --node-count=2 and 'setup', 'run', 'logs' reach every worker of every slice.
 Check any command first with --dry-run.
+
+Exit status of 'run' (the command's own, through ssh): 0 finished; 75 stopped by SIGTERM or a
+preemption notice with its checkpoint kept (EX_TEMPFAIL: run the same command again, it resumes);
+2 a wrong command line or config; 1 a data or storage error, or a bug (its traceback is in the
+workdir's error.txt). A controller restarts while the status is 75, e.g.
+  until ./$PROG run --workdir \$BUCKET/teacher -- python -m vidlankd_jax.main ...; do
+    [[ \$? == 75 ]] || break; sleep 60; done
+(a Kubernetes Job: a podFailurePolicy rule 'onExitCodes: {operator: In, values: [75]}' with
+action Ignore restarts a preempted pod without counting it as a failure).
 EOF
 }
 

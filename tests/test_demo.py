@@ -11,6 +11,7 @@ import pytest
 from matplotlib import image
 
 from vidlankd_jax import cli
+from vidlankd_jax import errors
 from vidlankd_jax.demo import pipeline
 from vidlankd_jax.demo import stages as stages_lib
 
@@ -181,7 +182,7 @@ def test_a_stage_that_did_not_finish_is_redone_through_the_command(demo, capfd):
     assert stages_lib.read_marker(os.path.join(workdir, name))["run_id"] == first[name]["run_id"]
 
 
-def test_stage_runner_redoes_changed_or_broken_stages_and_their_dependents(tmp_path):
+def test_stage_runner_keeps_changed_stages_and_redoes_broken_ones_and_their_dependents(tmp_path):
   calls = []
 
   def stage(name, value):
@@ -203,9 +204,13 @@ def test_stage_runner_redoes_changed_or_broken_stages_and_their_dependents(tmp_p
   assert calls == ["a", "b"]
   records = run_all(1, [])
   assert calls == ["a", "b"] and records["b"].reused and records["a"].result == {"value": 1}
+  with pytest.raises(errors.ConfigError, match=r"a holds a finished run .* other settings \(v\)"):
+    run_all(2, [])  # a's settings changed: its finished run is kept, not redone
+  assert calls == ["a", "b"]
+  os.remove(tmp_path / "a" / stages_lib.MARKER)  # as if a had not finished
   log = []
-  run_all(2, log)  # a's settings changed: a is redone from scratch, and b, which reads it
-  assert calls == ["a", "b", "a", "b"] and "its settings changed" in "\n".join(log)
+  run_all(2, log)  # a is redone, and b, which reads it
+  assert calls == ["a", "b", "a", "b"] and "a stage it reads was redone" in "\n".join(log)
   with open(tmp_path / "b" / stages_lib.MARKER, "w") as f:
     f.write("{truncated")  # a marker cut short is no marker
   log = []

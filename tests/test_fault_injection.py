@@ -234,7 +234,7 @@ def second_sigterm(tmp_path):
   done = subprocess.run(
       [sys.executable, "-c", code], env=worker.env(1), capture_output=True, text=True, timeout=60
   )
-  assert done.returncode == 128 + signal.SIGTERM and time.monotonic() - started < 25
+  assert done.returncode == errors.STOPPED_EXIT and time.monotonic() - started < 25
   return done.stderr.strip().splitlines()[-1]
 
 
@@ -244,6 +244,9 @@ def disk_full_during_a_background_save(tmp_path):
   code = (
       "import resource, signal, sys, time\n"
       "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+      "from vidlankd_jax import quiet\n"
+      "quiet.quiet_libraries()  # as every command without --verbosity=1\n"
+      f"quiet.log_libraries_to({str(tmp_path / 'library.log')!r})\n"
       "import jax\n"
       "from vidlankd_jax import checkpoint as ck, configlib, sharding, train_state as ts\n"
       "mesh = sharding.single_device_mesh()\n"
@@ -269,6 +272,9 @@ def disk_full_during_a_background_save(tmp_path):
   lines = done.stdout.strip().splitlines()
   assert done.returncode == 0 and lines, done.stderr[-2000:]
   assert float(lines[-1].split(" s:")[0]) < 30
+  # Orbax's own tracebacks (hundreds of lines) go to the library log, not to the console.
+  assert "Traceback" not in done.stderr, done.stderr[-2000:]
+  assert "Traceback" in (tmp_path / "library.log").read_text()
   return lines[-1]
 
 
@@ -507,6 +513,398 @@ DATA_CASES = [
 
 
 # ---------------------------------------------------------------------------------------------
+# Bad input that once became a plausible number or threw finished work away: each is now a
+# named error, a counted skip, or kept work.
+
+
+def tsv_benchmark(directory, rows, name="custom_labels"):
+  """A two-label classification benchmark over `{split: [(sentence, label)]}` TSV files."""
+  from vidlankd_jax.data import downstream
+  from vidlankd_jax.evaluation import metrics
+
+  os.makedirs(directory, exist_ok=True)
+  for split, split_rows in rows.items():
+    with open(os.path.join(directory, f"{split}.tsv"), "w", encoding="utf-8") as f:
+      f.writelines(f"{sentence}\t{label}\n" for sentence, label in split_rows)
+
+  def read(path):
+    lines = [line.rstrip("\n").split("\t") for line in open(path, encoding="utf-8")]
+    return {
+        "sentence": np.asarray([s for s, _ in lines], dtype=object),
+        "label": np.asarray([int(label) for _, label in lines], np.int32),
+    }
+
+  return downstream.DownstreamSpec(
+      name=name,
+      kind="classification",
+      num_labels=2,
+      metric_fn=metrics.accuracy_metric,
+      source=downstream.file_source(
+          {s: os.path.join(directory, f"{s}.tsv") for s in rows}, read, lambda s, p: str(p)
+      ),
+      formatter=lambda ex: {"text_a": ex["sentence"], "label": ex["label"]},
+      description="a test benchmark",
+      seq_len=16,
+  )
+
+
+def finetune_on_an_empty_train_tsv(tmp_path):
+  """Was: 0 steps, results.md with accuracy 50.0, exit 0."""
+  from vidlankd_jax.data import downstream
+
+  spec = tsv_benchmark(tmp_path, {"train": [], "validation": [("fine", 1)]}, "empty_train")
+  with pytest.raises(errors.DataError) as error:
+    downstream.training_stats(spec, 16)
+  return str(error.value)
+
+
+def finetune_label_outside_the_label_set(tmp_path):
+  """Was: label 7 of 2 left out of the training statistics and scored as wrong, exit 0."""
+  from vidlankd_jax.data import downstream
+
+  rows = {"train": [("good", 1), ("odd", 7), ("bad", 0)], "validation": [("x", 1), ("y", -1)]}
+  spec = tsv_benchmark(tmp_path, rows)
+  with pytest.raises(errors.DataError, match=r"validation split .*\(row 1: -1\)"):
+    downstream.check_labels(spec, "validation", np.array([1, -1]))
+  with pytest.raises(errors.DataError) as error:
+    downstream.training_stats(spec, 16)
+  return str(error.value)
+
+
+def config_values_that_train_on_nonsense(tmp_path):
+  """Was: gradient ascent, 0 or -5 steps "finished", negative intervals accepted, exit 0."""
+  messages = []
+  for key, value in (
+      ("train.steps", 0),
+      ("train.steps", -5),
+      ("checkpoint.every_steps", -3),
+      ("train.batch_size", 0),
+      ("optimizer.learning_rate", -1e-3),
+  ):
+    config = configlib.load("teacher", "size=tiny")
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(errors.ConfigError, match=rf"\(config\.{key}\)") as error:
+      configlib.validate(config, 1)
+    assert error.value.exit_code == errors.USAGE_EXIT
+    messages.append(str(error.value))
+  return messages[-1]
+
+
+def fake_models(devices=8):
+  """What `extract.run` reads of FeatureModels, without a model (no video reaches it here)."""
+  import types
+
+  return types.SimpleNamespace(
+      fns={"2d": None},
+      mesh=types.SimpleNamespace(size=devices),
+      dtype="float32",
+      l2_normalize=True,
+  )
+
+
+def odd_aspect_ratio_video(tmp_path):
+  """Was: a 1 s 2560x16 video padded to the whole batch: 14 GB, 6m43s at batch 8."""
+  from vidlankd_jax.features import extract
+  from vidlankd_jax.features import streams as streams_lib
+
+  stream = streams_lib.STREAM_2D
+  frame = (*stream.frame_shape(16, 2560), 3)  # the short side scaled to 224: 224 x 35840
+  assert extract.batch_rows(64 * 8, stream, (224, 224, 3), 8) == 512
+  rows = extract.batch_rows(64 * 8, stream, frame, 8)
+  batcher = extract.Batcher(rows, 8)
+  batcher.add("odd", 0, np.zeros((1, 1, 1, 3), np.uint8))  # one real frame
+  pixels, _ = batcher.take(pad=True)
+  assert rows == 8 and len(pixels) == 8  # one frame per device, not 64
+  small = extract.Batcher(512, 8)
+  small.add("v", 0, np.zeros((20, 1, 1, 3), np.uint8))
+  assert len(small.take(pad=True)[0]) == 32  # a partial batch: the next power of two
+  return f"{frame[:2]} frames: {rows} a batch on 8 devices, padded to {len(pixels)}"
+
+
+def video_that_ended_two_runs(tmp_path):
+  """Was: a video that killed the job left no manifest line, so every rerun met it again."""
+  from vidlankd_jax.features import extract
+
+  (tmp_path / "videos").mkdir()
+  for name in ("killer", "good"):
+    (tmp_path / "videos" / f"{name}.mp4").write_bytes(b"")
+  cfg = extract.ExtractConfig(
+      output_dir=str(tmp_path / "out"), video_dir=str(tmp_path / "videos"), streams=("2d",)
+  )
+  os.makedirs(tmp_path / "out" / extract.MANIFEST_DIR)
+  path = str(tmp_path / "videos" / "killer.mp4")
+  with open(tmp_path / "out" / extract.MANIFEST_DIR / f"{cfg.host_tag}.jsonl", "w") as f:
+    for _ in range(2):  # what two runs that died while decoding it left
+      f.write(json.dumps({"video": "killer", "path": path, "status": "started"}) + "\n")
+  given = []
+
+  def run(todo):
+    given.extend(v for v, _ in todo)
+    yield from ()
+
+  summary = extract.run(cfg, fake_models(), log=lambda _: None, pool=types_namespace(run=run))
+  assert given == ["good"] and summary["skipped"] == {"ended_the_run": 1}
+  return summary["skipped_examples"][0]
+
+
+def types_namespace(**kwargs):
+  import types
+
+  return types.SimpleNamespace(**kwargs)
+
+
+def decoder_crash_is_retried_once(tmp_path):
+  """Was: a decode worker killed from outside recorded its video as a permanent skip."""
+  from vidlankd_jax.features import extract
+
+  manifest = tmp_path / extract.MANIFEST_DIR
+  manifest.mkdir()
+  record = {"video": "v", "status": "skipped", "reason": "decoder_crashed", "detail": "exit -9"}
+  (manifest / "host-00000-of-00001.jsonl").write_text(json.dumps(record) + "\n")
+  assert extract.read_manifests(str(tmp_path))["v"]["tries"] == 1  # retried by the next run
+  (manifest / "host-00000-of-00001.jsonl").write_text(2 * (json.dumps(record) + "\n"))
+  return f"decoder_crashed tries: {extract.read_manifests(str(tmp_path))['v']['tries']}"
+
+
+def truncated_download(tmp_path):
+  """Was: half of a 6 s faststart mp4 recorded `ok` with 2 rows, "2 extracted, 0 skipped"."""
+  import imageio_ffmpeg
+
+  from vidlankd_jax.features import decode
+  from vidlankd_jax.features import streams as streams_lib
+
+  full = str(tmp_path / "full.mp4")
+  subprocess.run(
+      [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i"]
+      + ["testsrc2=size=160x120:rate=10:duration=6", "-c:v", "libx264", "-pix_fmt", "yuv420p"]
+      + ["-movflags", "+faststart", full],
+      check=True,
+  )
+  data = open(full, "rb").read()
+  (tmp_path / "half.mp4").write_bytes(data[: len(data) // 2])
+  assert list(decode.decode_video(full, (streams_lib.STREAM_2D,)))[-1][1]["rows_2d"] == 6
+  with pytest.raises(decode.DecodeError) as error:
+    list(decode.decode_video(str(tmp_path / "half.mp4"), (streams_lib.STREAM_2D,)))
+  assert error.value.reason == "truncated"
+  return str(error.value)
+
+
+def second_extraction_job_on_one_output(tmp_path):
+  """Was: both jobs ran, doubling the manifest; the second deleted the first's temporaries."""
+  from vidlankd_jax.features import extract
+
+  (tmp_path / "videos").mkdir()
+  cfg = extract.ExtractConfig(
+      output_dir=str(tmp_path / "out"), video_dir=str(tmp_path / "videos"), streams=("2d",)
+  )
+  in_flight = tmp_path / "out" / "howto100m_feature" / "v.npy.tmp-h0-1"
+  in_flight.parent.mkdir(parents=True)
+  in_flight.write_bytes(b"the first job's")
+  lock_dir = str(tmp_path / "out" / extract.MANIFEST_DIR)
+  with shards.output_lock(lock_dir, f".lock-{cfg.host_tag}", "feature extraction job"):
+    with pytest.raises(errors.DataError) as error:
+      extract.run(cfg, fake_models(), log=lambda _: None, pool=types_namespace(run=None))
+  assert in_flight.exists()
+  return str(error.value)
+
+
+def extraction_on_a_full_disk(tmp_path):
+  """Was: `4096 requested and 4032 written`, naming no file."""
+  target = tmp_path / "v.npy"
+  code = (
+      "import resource, signal\n"
+      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+      "import numpy as np\n"
+      "from vidlankd_jax.data import shards\n"
+      "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+      f"with shards.atomic_open({str(target)!r}, 'wb') as f:\n"
+      "  np.save(f, np.zeros((64, 2048), np.float16))\n"
+  )
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert done.returncode == 1 and not target.exists()
+  return done.stderr.strip().splitlines()[-1]
+
+
+def demo_with_another_seed(tmp_path):
+  """Was: `vidlankd demo --seed 1` on a seed-0 workdir removed every finished stage."""
+  from vidlankd_jax.demo import pipeline
+
+  workdir = str(tmp_path / "demo")
+  os.makedirs(workdir)
+  pipeline.claim_workdir(workdir, {"size": "demo", "seed": 0, "steps": None}, fresh=False)
+  with pytest.raises(errors.ConfigError) as error:
+    pipeline.claim_workdir(workdir, {"size": "demo", "seed": 1, "steps": None}, fresh=False)
+  return str(error.value)
+
+
+def stage_runs(workdir, calls, value=1, stop=False):
+  """Stage `a` (settings hold a path inside `workdir`) of a StageRunner; a resumable stage `b`
+  that is stopped (as by SIGTERM) when `stop`, keeping what it wrote."""
+  from vidlankd_jax.demo import stages
+
+  def a(stage_dir):
+    calls.append("a")
+    return {"value": value}
+
+  def b(stage_dir):
+    calls.append("b")
+    kept = os.path.exists(os.path.join(stage_dir, "checkpoint"))
+    open(os.path.join(stage_dir, "checkpoint"), "w").close()
+    if stop:
+      raise loop.Preempted("stopped at step 3 on request")
+    return {"resumed": kept}
+
+  runner = stages.StageRunner(workdir, 2, log=lambda _: None)
+  runner.run("a", "a", {"v": value, "data_dir": os.path.join(workdir, "data")}, a)
+  return runner.run("b", "b", {}, b, after=("a",), resumable=True)
+
+
+def demo_stage_with_other_settings(tmp_path):
+  """Was: a finished stage of other settings deleted; a moved workdir redid every stage."""
+  import shutil
+
+  calls = []
+  stage_runs(str(tmp_path / "w"), calls)
+  shutil.move(str(tmp_path / "w"), str(tmp_path / "moved"))
+  assert stage_runs(str(tmp_path / "moved"), calls).reused and calls == ["a", "b"]
+  with pytest.raises(errors.ConfigError) as error:
+    stage_runs(str(tmp_path / "moved"), calls, value=2)
+  assert os.path.exists(tmp_path / "moved" / "a" / "stage_done.json")  # kept
+  return str(error.value)
+
+
+def sigterm_during_a_demo_stage(tmp_path):
+  """Was: exit 1 "an internal error", and the rerun deleted the stage's checkpoint."""
+  calls = []
+  with pytest.raises(errors.Stopped) as error:
+    stage_runs(str(tmp_path), calls, stop=True)
+  assert errors.exit_code(error.value) == errors.STOPPED_EXIT
+  record = stage_runs(str(tmp_path), calls)
+  assert calls == ["a", "b", "b"] and record.result == {"resumed": True}
+  return f"rerun: {record.result}"
+
+
+def sigterm_outside_a_training_step(tmp_path):
+  """Was: 0 for a preempted run, 143 between fine-tuning seeds: a controller saw "done"."""
+  code = (
+      "import os, signal, sys, time\n"
+      "from vidlankd_jax import errors\n"
+      "errors.stop_on_sigterm()\n"
+      "sys.exit(errors.run_cli(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30))))\n"
+  )
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert done.returncode == errors.STOPPED_EXIT == 75, done.stderr[-2000:]
+  return done.stderr.strip().splitlines()[-1]
+
+
+def garbled_teacher_metadata(tmp_path):
+  """Was: a raw JSON error naming no file when distilling from such a teacher."""
+  directory = saved_steps(tmp_path / "ck")
+  files = glob.glob(os.path.join(directory, "2", "meta", "*"))
+  assert files, os.listdir(os.path.join(directory, "2"))
+  for path in files:
+    if os.path.isfile(path):
+      open(path, "w").write("{garbled")
+  with pytest.raises(ckpt_lib.CorruptCheckpointError) as error:
+    ckpt_lib.read_meta(directory)
+  return str(error.value)
+
+
+def tensorstore_error_with_its_spec(tmp_path):
+  """Was: a damaged data file's message embedding TensorStore's 700-character JSON spec."""
+  spec = '{"context":{"cache_pool":{}},"driver":"zarr3","kvstore":' + '"x' * 350 + '"}'
+  error = ValueError(
+      'DATA_LOSS: Error reading "w/0.0" in OCDBT database at local file "/r/ck/2/params/": '
+      "checksum mismatch [source locations='tensorstore/kvstore/ocdbt/io.cc:12'] "
+      f"[tensorstore_spec='{spec}']"
+  )
+  return ckpt_lib._short(error)
+
+
+def converter_with_every_video_in_validation(tmp_path):
+  """Was: 0-byte train shards, exit 0; the teacher then blamed "empty input"."""
+  root = howto_layout(tmp_path)
+  with pytest.raises(errors.DataError) as error:
+    convert(root, num_validation_videos=len(VIDEOS))
+  return str(error.value)
+
+
+def caption_file_with_a_bom(tmp_path):
+  root = howto_layout(tmp_path)
+  path = os.path.join(root, "caption.json")
+  data = open(path, "rb").read()
+  open(path, "wb").write(b"\xef\xbb\xbf" + data)
+  with pytest.raises(errors.DataError) as error:
+    convert(root)
+  return str(error.value)
+
+
+def mediawiki_page_without_an_id(tmp_path):
+  """Was: an AttributeError "internal error"."""
+  path = tmp_path / "dump.xml"
+  path.write_text(
+      '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10">'
+      "<page><title>A</title><ns>0</ns><revision><text>Some text.</text></revision></page>"
+      "</mediawiki>"
+  )
+  with pytest.raises(errors.DataError) as error:
+    list(text.iter_paragraphs(str(path)))
+  return str(error.value)
+
+
+def a_bug_keeps_its_traceback_and_the_workdir_keeps_it_too(tmp_path, capsys):
+  """Was: a KeyError of ours printed as one line, like a config mistake; no trace on a pod."""
+  errors.set_workdir(str(tmp_path))
+  try:
+    code = errors.run_cli(lambda: {}["missing"])
+    bug = capsys.readouterr().err
+    user = errors.run_cli(lambda: (_ for _ in ()).throw(errors.ConfigError("bad", "config.x", "y")))
+    line = capsys.readouterr().err
+  finally:
+    errors.set_workdir(None)
+  assert code == 1 and "Traceback" in bug and "internal error" in bug
+  assert user == 2 and "Traceback" not in line and line.count("\n") == 1
+  assert open(tmp_path / "error.txt").read().count("Traceback") == 2
+  return line.strip()
+
+
+FAULT_CASES = [
+    (finetune_on_an_empty_train_tsv, r"the train split holds no example \(empty_train\)"),
+    (
+        finetune_label_outside_the_label_set,
+        r"1 label\(s\) of the train split are outside 0..1 \(row 1: 7\) \(custom_labels\)",
+    ),
+    (config_values_that_train_on_nonsense, r"-0.001 is not positive .*a negative one ascends"),
+    (odd_aspect_ratio_video, r"\(224, 35840\) frames: 8 a batch on 8 devices, padded to 8"),
+    (video_that_ended_two_runs, r"killer .*: ended_the_run: two runs ended"),
+    (decoder_crash_is_retried_once, r"tries: 2"),
+    (truncated_download, r"truncated: frames end at 2.\d s of the container's 6.0 s"),
+    (
+        second_extraction_job_on_one_output,
+        r"another feature extraction job \(pid \d+\) is writing to .*manifest",
+    ),
+    (extraction_on_a_full_disk, r"StorageError: writing failed: .* \(.*v.npy\): free space"),
+    (demo_with_another_seed, r"demo holds the demo of seed 0; .*demo.json\): give this run"),
+    (demo_stage_with_other_settings, r"moved/a holds a finished run of this stage with other"),
+    (sigterm_during_a_demo_stage, r"rerun: \{'resumed': True\}"),
+    (sigterm_outside_a_training_step, r"^stopped by SIGTERM outside a training step.*exit 75"),
+    (garbled_teacher_metadata, r"checkpoint .*ck/2/meta is damaged: its JSON cannot be read"),
+    (tensorstore_error_with_its_spec, r'^DATA_LOSS: Error reading "w/0.0" .*checksum mismatch$'),
+    (
+        converter_with_every_video_in_validation,
+        r"every written video went to the validation split .*--num_validation_videos",
+    ),
+    (caption_file_with_a_bom, r"starts with a byte-order mark \(BOM\)"),
+    (mediawiki_page_without_an_id, r"dump.xml: malformed MediaWiki XML \(a <page> .* <id>\)"),
+    (
+        a_bug_keeps_its_traceback_and_the_workdir_keeps_it_too,
+        r"^error: bad \(config.x\): y \[traceback in .*error.txt\]$",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------
 # The commands: one line, exit 2 for usage and config, 1 for data; the traceback on request.
 
 
@@ -551,7 +949,58 @@ def tool_with_a_missing_caption_file(tmp_path):
   return stderr.splitlines()[-1]
 
 
+def main_with_a_misspelled_config_key(tmp_path):
+  """Was: a 55-line ml_collections traceback, exit 1."""
+  args = ["-m", "vidlankd_jax.main", "--config=configs/teacher.py:size=tiny,data=synthetic"]
+  code, stderr = command(args + ["--config.train.stepz=10", f"--workdir={tmp_path}"], tmp_path)
+  assert code == 2 and "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+  return stderr
+
+
+def main_with_a_value_of_the_wrong_type(tmp_path):
+  """Was: absl's FATAL line, exit 1."""
+  args = ["-m", "vidlankd_jax.main", "--config=configs/teacher.py:size=tiny,data=synthetic"]
+  code, stderr = command(args + ["--config.train.steps=abc", f"--workdir={tmp_path}"], tmp_path)
+  assert code == 2 and "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+  return stderr
+
+
+def flag_errors_name_the_flag(tmp_path, capsys):
+  """Was: absl's FATAL line or a traceback, exit 1, for a bad `:arg`, value type, size or a
+  missing config file. Now one line naming the flag, exit 2 (main.parse_flags on fresh flags)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  from vidlankd_jax import main as main_lib
+
+  lines = []
+  for arg in (
+      ["--config=configs/teacher.py:size=huge"],
+      ["--config=configs/teacher.py:sise=tiny"],
+      ["--config=configs/nope.py"],
+  ):
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+    with pytest.raises(SystemExit) as exit_status:
+      main_lib.parse_flags(["prog", *arg], values)
+    err = capsys.readouterr().err
+    assert exit_status.value.code == errors.USAGE_EXIT and "Traceback" not in err, err
+    assert arg[-1].split(":")[0] in err.splitlines()[-1]
+    lines.append(err.splitlines()[-1])
+  assert "unknown model size 'huge'" in lines[0] and "'sise'" in lines[1], lines
+  return lines[-1]
+
+
 COMMAND_CASES = [
+    (
+        main_with_a_misspelled_config_key,
+        r'^error: unknown flag or config key \(--config.train.stepz\): did you mean "steps"\?$',
+    ),
+    (
+        main_with_a_value_of_the_wrong_type,
+        r"^error: invalid literal for int\(\) with base 10: 'abc' \(--config.train.steps=abc\)",
+    ),
+    (flag_errors_name_the_flag, r"^error: config file not found \(--config=configs/nope.py\)"),
     (
         main_with_indivisible_batch,
         r"^error: global batch 12 is not divisible by the data-parallel "
@@ -567,8 +1016,8 @@ COMMAND_CASES = [
 
 @pytest.mark.parametrize(
     "case, expected",
-    CASES + DATA_CASES + COMMAND_CASES,
-    ids=[c.__name__ for c, _ in CASES + DATA_CASES + COMMAND_CASES],
+    CASES + DATA_CASES + FAULT_CASES + COMMAND_CASES,
+    ids=[c.__name__ for c, _ in CASES + DATA_CASES + FAULT_CASES + COMMAND_CASES],
 )
 def test_fault(case, expected, tmp_path, capsys):
   kwargs = {"capsys": capsys} if "capsys" in case.__code__.co_varnames else {}

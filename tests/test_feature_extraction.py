@@ -529,28 +529,34 @@ def test_features_feed_the_converter_and_the_teacher_input_pipeline(extraction, 
 
 
 def test_cli_errors_name_the_file_and_what_to_do(load_tool, tmp_path, capsys):
+  from vidlankd_jax import errors
+
   tool = load_tool("extract_video_features")
+
+  def run(argv):  # as the script runs: errors.run_tool around main
+    return errors.run_cli(lambda: tool.main(argv))
+
   videos = tmp_path / "videos"
   videos.mkdir()
   base = ["--video_dir", str(videos), "--output_dir", str(tmp_path / "out")]
-  assert tool.main(base + ["--streams", "2d"]) == 2
+  assert run(base + ["--streams", "2d"]) == 2
   err = capsys.readouterr().err
   assert "--resnet152_weights" in err and "--streams 3d" in err
-  assert tool.main(base + ["--resnet152_weights", "r.pth"]) == 2  # 3d by default, no weights
+  assert run(base + ["--resnet152_weights", "r.pth"]) == 2  # 3d by default, no weights
   assert "--resnext101_weights" in (err := capsys.readouterr().err) and "--streams 2d" in err
-  assert tool.main(base + ["--streams", "3d", "--resnext101_weights", "absent.pth"]) == 2
+  assert run(base + ["--streams", "3d", "--resnext101_weights", "absent.pth"]) == 1  # missing file
   err = capsys.readouterr().err
   assert err.startswith("error: ResNeXt-101 3D (Kinetics) weights not found (absent.pth)")
   assert "resnext101.pth" in err
-  assert tool.main(base + ["--streams", "4d"]) == 2
+  assert run(base + ["--streams", "4d"]) == 2
   assert "(--streams)" in capsys.readouterr().err
   weights = tmp_path / "empty.pth"
   torch.save({}, str(weights))
   with_weights = ["--streams", "3d", "--resnext101_weights", str(weights)]
   absent = ["--video_dir", str(tmp_path / "absent"), "--output_dir", str(tmp_path / "out")]
-  assert tool.main(absent + with_weights) == 2  # checked before the weights load
+  assert run(absent + with_weights) == 2  # checked before the weights load
   assert "video folder not found" in capsys.readouterr().err
-  assert tool.main(base + with_weights) == 1  # a checkpoint without the weights: a data error
+  assert run(base + with_weights) == 1  # a checkpoint without the weights: a data error
   assert "empty.pth" in capsys.readouterr().err
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import configlib
+from vidlankd_jax import errors
 from vidlankd_jax import sharding
 from vidlankd_jax.data import synthetic
 from vidlankd_jax.models import layout
@@ -90,7 +91,9 @@ def teacher_runs(shared):
   worker.wait_for_step(two_hosts, 3, procs)
   procs[1].send_signal(signal.SIGTERM)
   first_logs = worker.wait(procs, two_hosts)
-  assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in first_logs)
+  assert [p.returncode for p in procs] == [errors.STOPPED_EXIT] * 2, "\n".join(
+      log[-3000:] for log in first_logs
+  )
   stopped = worker.checkpoint_steps(two_hosts)[0][-1]
   second_logs = worker.run(
       TEACHER, two_hosts, overrides, processes=2, devices=4, cache_dir=shared["cache"]

@@ -46,8 +46,10 @@ def test_start_up_noise_is_dropped_and_other_output_kept(capfd, tmp_path, monkey
   assert not quiet.LibraryNoiseFilter().filter(record)  # a library's warning: noise
   record.pathname = "/work/vidlankd_jax/train/loop.py"
   assert quiet.LibraryNoiseFilter().filter(record)  # the project's own warning stays
-  record.pathname, record.levelno = "/x/site-packages/orbax/checkpoint/m.py", 40
+  record.pathname, record.levelno = "/x/site-packages/tensorflow/python/m.py", 40
   assert quiet.LibraryNoiseFilter().filter(record)  # a library's error stays
+  record.pathname = "/x/site-packages/orbax/checkpoint/m.py"
+  assert not quiet.LibraryNoiseFilter().filter(record)  # Orbax's: a CheckpointSaveError says it
 
 
 def test_library_warnings_are_dropped_from_the_absl_log(capfd):

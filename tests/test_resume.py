@@ -1,9 +1,9 @@
 """Exact resume of `python -m vidlankd_jax.main` (the teacher) after SIGTERM and after SIGKILL.
 
 Each run is a real process. A run stopped by SIGTERM checkpoints at the next step boundary and
-exits 0; one killed by SIGKILL while its asynchronous save is in flight leaves the previous
-checkpoint usable. Started again with the same command, both end with the parameters and the
-metrics (bit for bit, on CPU) of a run that was never stopped.
+exits 75 (resumable); one killed by SIGKILL while its asynchronous save is in flight leaves the
+previous checkpoint usable. Started again with the same command, both end with the parameters and
+the metrics (bit for bit, on CPU) of a run that was never stopped.
 """
 
 import os
@@ -13,6 +13,8 @@ import time
 import jax
 import numpy as np
 import pytest
+
+from vidlankd_jax import errors
 
 import multihost_worker as worker
 
@@ -81,7 +83,7 @@ def test_sigterm_checkpoints_and_rerun_continues_exactly(shared, uninterrupted):
   worker.wait_for_step(workdir, 3, procs)
   procs[0].send_signal(signal.SIGTERM)
   log = worker.wait(procs, workdir)[0]
-  assert procs[0].returncode == 0, log[-3000:]
+  assert procs[0].returncode == errors.STOPPED_EXIT, log[-3000:]
   steps, unfinished = worker.checkpoint_steps(workdir)
   stopped = steps[-1]
   assert 3 <= stopped < STEPS and not unfinished, (steps, unfinished)

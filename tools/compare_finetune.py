@@ -28,7 +28,7 @@ if __name__ == "__main__":
 from vidlankd_jax import configlib
 
 
-class UsageError(ValueError):
+class UsageError(errors.ConfigError):
   """A malformed command-line value."""
 
 

@@ -43,7 +43,7 @@ def export(
   )
   size = len(vocab_lib.read_vocab_file(vocab_file))
   if size > model.config.vocab_size:
-    raise ValueError(
+    raise errors.DataError(
         f"vocabulary {vocab_file} has {size} entries, the model's embeddings "
         f"{model.config.vocab_size}: not the vocabulary this model was trained with"
     )

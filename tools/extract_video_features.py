@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 from typing import Sequence
 
 from vidlankd_jax import errors
@@ -94,21 +93,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  errors.set_workdir(args.output_dir)  # the traceback of whatever ends the job is kept there
   try:
     return _extract(args)
   except KeyboardInterrupt:
     print("interrupted: finished videos are kept; run the same command to go on", file=sys.stderr)
     return 130
-  except Exception as e:
-    if args.verbose:
-      traceback.print_exc()
-    # Usage errors (a missing file or flag) exit 2; data errors (a bad checkpoint) exit 1.
-    usage = isinstance(e, (FileNotFoundError, ImportError, _UsageError))
-    print(f"error: {e}", file=sys.stderr)
-    return 2 if usage else 1
 
 
-class _UsageError(ValueError):
+class _UsageError(errors.ConfigError):
   pass
 
 
@@ -156,7 +149,10 @@ def _extract(args: argparse.Namespace) -> int:
   except ValueError as e:
     raise _UsageError(f"{e} (command line): see --help") from None
   videos = extract.find_videos(cfg)  # a wrong folder or list fails before the weights load
-  models = {s.name: torch_cnn.load_resnet(*sources[s.name]) for s in streams}
+  try:
+    models = {s.name: torch_cnn.load_resnet(*sources[s.name]) for s in streams}
+  except ImportError as e:
+    raise _UsageError(f"{e}: the weights' import needs torch (pip install torch)") from None
   features = extract.FeatureModels(models, args.dtype, l2_normalize=args.l2_normalize)
   summary = extract.run(cfg, features, videos=videos)
   return 0 if summary["extracted"] or not summary["skipped"] else 1

@@ -70,7 +70,7 @@ def held_out_clips(
   pattern = tasks.task_file_pattern(data_dir, tasks.VIDEO_TEXT_TASK, "validation")
   files = sorted(glob.glob(pattern))
   if not files:
-    raise FileNotFoundError(f"no held-out clips: nothing matches {pattern}")
+    raise errors.MissingFileError(f"no held-out clips: nothing matches {pattern}")
   parsed = tf.data.TFRecordDataset(files).map(
       lambda r: tf.io.parse_single_example(r, video_text.FEATURE_SPEC)
   )
@@ -83,7 +83,7 @@ def held_out_clips(
     masks.append(clip["video_mask"])
     captions.append(caption.decode("utf-8"))
   if not captions:
-    raise ValueError(f"{pattern}: the validation shards hold no clips")
+    raise errors.DataError(f"{pattern}: the validation shards hold no clips")
   return np.stack(features), np.stack(masks), captions
 
 
@@ -140,14 +140,14 @@ def run(args) -> dict:
     with open(args.sentences_file, encoding="utf-8") as f:
       sentences += [line.strip() for line in f if line.strip()]
   if not sentences:
-    raise ValueError("no sentences: pass --sentence (repeatable) or --sentences_file")
+    raise errors.DataError("no sentences: pass --sentence (repeatable) or --sentences_file")
   step = None if args.step < 0 else args.step
   mesh = sharding.single_device_mesh()
   teacher, config = runs.load_teacher_run(args.teacher_workdir, mesh, step=step)
   student = None
   if args.student_workdir:
     if args.head not in FEATURE_OBJECTIVES:
-      raise ValueError(
+      raise errors.DataError(
           f"--head {args.head!r}: heads map tokens to the teacher for {FEATURE_OBJECTIVES}"
       )
     student = runs.load_student(args.student_workdir, mesh, heads=(args.head,), step=step)

@@ -117,7 +117,7 @@ def write_workdir(config, model: nnx.Module, tx, workdir: str) -> None:
   )
   try:
     if ckpt.latest_step() is not None:
-      raise FileExistsError(
+      raise errors.ConfigError(
           f"{manager_dir} already holds checkpoints (step {ckpt.latest_step()}); "
           "import into a new workdir"
       )
@@ -144,7 +144,7 @@ def import_teacher(model_dir: str, workdir: str, language_file: str = "", video_
       language.num_layers,
       language.intermediate_size,
   ):
-    raise ValueError(
+    raise errors.DataError(
         f"{video_path}: video model of hidden {video['hidden_size']}, "
         f"{video['num_layers']} layers, FFN {video['intermediate_size']} does not share "
         f"{model_dir}/config.json's sizes (the released video model uses the language config)"

@@ -54,9 +54,9 @@ def write_vocab(tokens: Sequence[str], path: str) -> None:
   from vidlankd_jax.data import vocab as vocab_lib
 
   if list(tokens[: len(vocab_lib.SPECIAL_TOKENS)]) != list(vocab_lib.SPECIAL_TOKENS):
-    raise ValueError(f"The vocabulary must start with {vocab_lib.SPECIAL_TOKENS}.")
+    raise errors.DataError(f"The vocabulary must start with {vocab_lib.SPECIAL_TOKENS}.")
   if len(set(tokens)) != len(tokens):
-    raise ValueError("The vocabulary has duplicate tokens.")
+    raise errors.DataError("The vocabulary has duplicate tokens.")
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
     f.write("".join(t + "\n" for t in tokens))

@@ -9,6 +9,7 @@ wanted shardings, so a run resumes on another mesh or device count.
 from __future__ import annotations
 
 import os
+import re
 import os.path as os_path
 import signal
 import sys
@@ -23,6 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vidlankd_jax import console
+from vidlankd_jax import errors
 from vidlankd_jax import sharding
 from vidlankd_jax.models import layout
 from vidlankd_jax.train_state import TrainState
@@ -36,15 +38,15 @@ def checkpoint_path(directory: str) -> epath.Path:
   return path if "://" in str(directory) else epath.Path(os_path.abspath(directory))
 
 
-class IncompatibleCheckpointError(ValueError):
+class IncompatibleCheckpointError(errors.DataError):
   """The checkpoint was written by a run with another model or objective configuration."""
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(errors.DataError):
   """A finished checkpoint whose files were removed or damaged since it was written."""
 
 
-class CheckpointSaveError(OSError):
+class CheckpointSaveError(errors.StorageError):
   """A checkpoint could not be written (a full, read-only or unreachable disk)."""
 
 
@@ -62,8 +64,10 @@ def writable_problem(directory) -> str:
 
 
 def _short(error: Exception) -> str:
-  """The first sentence of an Orbax/TensorStore error, without its long JSON spec."""
-  return str(error).split(" [tensorstore_spec")[0].strip()[:600]
+  """An Orbax/TensorStore error on one line, without its source locations and JSON spec
+  (TensorStore appends hundreds of characters of each)."""
+  text = re.split(r"\s*\[(?:tensorstore_spec|source locations)=|\s*\{\"", errors.one_line(error))[0]
+  return text.strip()[:600]
 
 
 def fingerprint(config) -> dict:
@@ -430,7 +434,7 @@ class CheckpointManager:
     """
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      raise errors.MissingFileError(f"no checkpoint in {self.directory}")
     older = [s for s in self.all_steps() if s < step]
     hint = (
         f"; delete {self.directory}/{step} (or set config.checkpoint.on_corrupt='previous') to "
@@ -518,7 +522,13 @@ def read_meta(directory: str, step: int | None = None) -> dict | None:
     step = manager.latest_step() if step is None else step
     if step is None:
       return None
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except (ValueError, OSError) as e:  # garbled JSON: json's message names no file
+      raise CorruptCheckpointError(
+          f"checkpoint {checkpoint_path(directory) / str(step) / 'meta'} is damaged: its JSON "
+          f"cannot be read ({_short(e)}); restore it from a copy or rerun the run that wrote it"
+      ) from e
   finally:
     manager.close()
 
@@ -535,7 +545,7 @@ def restore_params(
   )
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
+    raise errors.MissingFileError(f"no checkpoint in {directory}")
   if expected_fingerprint:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved = meta.get("fingerprint", {})
@@ -570,7 +580,9 @@ class PreemptionWatcher:
 
   def __init__(self, check_every: int = 1):
     if check_every < 1:
-      raise ValueError(f"config.checkpoint.preemption_check_every must be >= 1, got {check_every}")
+      raise errors.ConfigError(
+          f"config.checkpoint.preemption_check_every must be >= 1, got {check_every}"
+      )
     self.check_every = check_every
     self._signalled = threading.Event()
     self._previous = None
@@ -579,8 +591,13 @@ class PreemptionWatcher:
 
   def _on_signal(self, signum, frame):
     if self._signalled.is_set():  # a second notice: the operator will not wait for a boundary
-      print("second SIGTERM: exiting at once without a checkpoint", file=sys.stderr, flush=True)
-      os._exit(128 + signal.SIGTERM)
+      print(
+          "second SIGTERM: exiting at once; the last checkpoint is kept, rerun the same command "
+          f"to resume from it (exit {errors.STOPPED_EXIT})",
+          file=sys.stderr,
+          flush=True,
+      )
+      os._exit(errors.STOPPED_EXIT)
     print(
         "SIGTERM received: will checkpoint and stop at the next step boundary "
         "(send it again to exit at once)",
@@ -619,7 +636,7 @@ def restore_params_numpy(directory: str, step: int | None = None) -> dict:
   step = manager.latest_step() if step is None else step
   if step is None:
     manager.close()
-    raise FileNotFoundError(f"no checkpoint in {directory}")
+    raise errors.MissingFileError(f"no checkpoint in {directory}")
   path = checkpoint_path(directory) / str(step) / "params"
   checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())  # synchronous: no threads
   metadata = item_metadata(path)

@@ -16,6 +16,7 @@ once; the heavy modules load when a command runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -78,11 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(argv: Sequence[str]) -> int:
+  from vidlankd_jax import errors
+
   parser, args = parse_args(argv)
   if getattr(args, "steps", None) is not None and args.steps <= 0:
     parser.error(f"--steps must be positive, got {args.steps}")
   if args.seed < 0:
     parser.error(f"--seed must be non-negative, got {args.seed}")
+  errors.set_workdir(args.workdir)  # the traceback of whatever ends the run is kept there
+  quiet.log_libraries_to(os.path.join(args.workdir, quiet.LIBRARY_LOG))
+  errors.stop_on_sigterm()  # between training steps too: exit 75, finished stages kept
   quiet.quiet_tensorflow_runtime()  # before anything loads jax or TensorFlow
   if args.command == "ablate":
     from vidlankd_jax.demo import ablate

@@ -10,11 +10,12 @@ line reads them with `--config=configs/<stage>.py:<arg>`; code reads them with `
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
 
-from vidlankd_jax import sharding
+from vidlankd_jax import errors, sharding
 
 # name -> (layers, hidden, heads, ffn). `small` and `base` are the paper's two sizes.
 MODEL_SIZES = {
@@ -44,10 +45,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   parsed = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
     if "=" not in item:
-      raise ValueError(f"config argument {item!r} is not of the form key=value")
+      raise errors.ConfigError(f"config argument {item!r} is not of the form key=value")
     key, value = item.split("=", 1)
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+      raise errors.ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
     parsed[key] = type(defaults[key])(value) if defaults[key] is not None else value
   return parsed
 
@@ -57,7 +58,7 @@ def bert_config(
 ) -> ml_collections.ConfigDict:
   """A BERT encoder config for one of MODEL_SIZES."""
   if size not in MODEL_SIZES:
-    raise ValueError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
+    raise errors.ConfigError(f"unknown model size {size!r}; known: {sorted(MODEL_SIZES)}")
   layers, hidden, heads, ffn = MODEL_SIZES[size]
   return ml_collections.ConfigDict(
       dict(
@@ -210,7 +211,7 @@ def config_file(name: str) -> str:
   """The path of stage config `name` ("teacher", "distill", "finetune") or of a .py file."""
   path = name if name.endswith(".py") else os.path.join(CONFIGS_DIR, f"{name}.py")
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"config file {path} not found: the stage configs live in the repository's configs/ "
         "folder (install from a checkout with `pip install -e .`, or set VIDLANKD_CONFIGS)"
     )
@@ -263,8 +264,6 @@ CORRUPT_POLICIES = ("stop", "previous")
 
 
 def _config_error(what: str, key: str, todo: str):
-  from vidlankd_jax import errors
-
   return errors.ConfigError(what, key, todo)
 
 
@@ -274,6 +273,50 @@ def _check_choice(config, key: str, choices: tuple) -> None:
     raise _config_error(
         f"{config[section][name]!r} is not a valid value", f"config.{key}", f"use one of {choices}"
     )
+
+
+def _number(config, key: str):
+  """config[key] for a dotted key, or None when the config has no such key."""
+  node = config
+  for part in key.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Values that would train on nonsense instead of failing: a learning rate that is not
+  positive (gradient ascent), no training steps (an untrained model evaluated), negative
+  intervals, batches of no examples. Raises `errors.ConfigError` naming the key."""
+  positive = ["optimizer.learning_rate", "train.batch_size", "eval.batch_size"]
+  if config.get("stage") == "finetune":  # train.steps 0: the length is train.epochs
+    steps = _number(config, "train.steps")
+    positive.append("train.steps" if steps else "train.epochs")
+  else:
+    positive.append("train.steps")
+  # 0: only at the end of the run (loop.is_due, CheckpointManager.should_save).
+  not_negative = ["train.log_every", "eval.every_steps", "checkpoint.every_steps"]
+  not_negative += ["optimizer.warmup_steps", "train.steps"]
+  for key in positive + not_negative:
+    value = _number(config, key)
+    if value is None or isinstance(value, str):
+      continue
+    is_positive = key in positive
+    if not math.isfinite(float(value)) or (float(value) <= 0 if is_positive else float(value) < 0):
+      todo = {
+          "optimizer.learning_rate": "use a positive rate, e.g. 1e-4 (a negative one ascends)",
+          "train.steps": "use 1 or more training steps",
+          "train.epochs": "use a positive number of epochs (or train.steps > 0)",
+          "train.batch_size": "use 1 or more examples per step (a multiple of the devices)",
+          "eval.batch_size": "use 1 or more examples per step (a multiple of the devices)",
+          "optimizer.warmup_steps": "use 0 (no warmup) or more",
+      }.get(key, "use 0 (only at the end of the run) or more")
+      raise _config_error(
+          f"{value!r} is {'not positive' if is_positive else 'negative'}",
+          f"config.{key}",
+          todo,
+      )
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -286,6 +329,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise _config_error(
         str(e), "config.mesh", f"make data x fsdp x tensor equal {num_devices} (or one of them -1)"
     ) from None
+  check_values(config)
   parallel = data * fsdp  # the batch axes (sharding.BATCH_AXES)
   accum = int(config.get("optimizer", {}).get("grad_accum_steps", 1))
   if accum < 1:

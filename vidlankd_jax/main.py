@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -99,11 +100,54 @@ def verbosity_given(argv) -> bool:
   return any(a.split("=", 1)[0] in ("--verbosity", "-verbosity", "--v", "-v") for a in argv[1:])
 
 
+def flag_error(error: Exception, argv) -> errors.ConfigError:
+  """absl's or ml_collections' error for a wrong flag or config file (an unknown key, a bad
+  `:arg` or value, a missing file) as a ConfigError naming the flag and the key, with the
+  project's own message (the innermost cause) when there is one."""
+  text = str(error)
+  config = next((a for a in argv if a.startswith("--config=")), "--config")
+  if isinstance(error, OSError) and "Configuration is not available" in text:
+    return errors.ConfigError(
+        "config file not found", config, "use configs/teacher.py, distill.py or finetune.py"
+    )
+  if isinstance(error, flags.UnrecognizedFlagError) or not isinstance(error, flags.Error):
+    overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    name = getattr(error, "flagname", None) or next(
+        (o for o in overrides for key in o.split(".")[1:] if re.search(rf"\b{key}\b", text)), None
+    )
+    if name:
+      hint = re.search(r'Did you mean "(\w+)"', text)
+      todo = f'did you mean "{hint[1]}"?' if hint else "see --help and --config's file"
+      return errors.ConfigError("unknown flag or config key", f"--{name}", todo)
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  first = errors.one_line(error).split("; ")[0]
+  flag = re.match(r"flag (--[^=]+=\S+): ", first)
+  what = str(cause) if isinstance(cause, errors.UserError) else errors.one_line(cause)
+  return errors.ConfigError(what, flag[1] if flag else "flags", "fix the command line")
+
+
+def parse_flags(argv, flag_values=flags.FLAGS):
+  """absl's flag parsing with a wrong flag or config given as one line and exit 2 (absl alone
+  prints a FATAL line or a traceback and exits 1); --verbosity=1 adds the traceback."""
+  try:
+    remaining = flag_values(argv)
+    _ = flag_values.config and flag_values.config.stage  # ml_collections defers load errors
+    return remaining
+  except Exception as e:  # noqa: BLE001  (any error while parsing is the command line's)
+    error = flag_error(e, argv)
+  verbose = any(a.startswith("--verbosity=") and a[12:] not in ("0", "-1") for a in argv)
+  sys.exit(errors.report(error, verbose=verbose))
+
+
 def main(argv):
-  """Runs the stage; every error ends as one line (`errors.run_cli`), the traceback only with
-  --verbosity=1; exit 2 for a wrong command line or config, 1 for data and storage errors."""
+  """Runs the stage; a fault of the input ends as one line (`errors.run_cli`), a bug with its
+  traceback; exit 2 for a wrong command line or config, 1 for data and storage errors, 75
+  (`errors.STOPPED_EXIT`) for a run stopped by SIGTERM that the same command resumes."""
   verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
   console.set_verbose(verbose)
+  errors.stop_on_sigterm()  # outside the training loop SIGTERM stops at once, exit 75
   sys.exit(errors.run_cli(lambda: run_main(argv), verbose=verbose))
 
 
@@ -115,16 +159,16 @@ def run_main(argv) -> None:
   if not flags.FLAGS["verbosity"].present:  # with --verbosity the libraries' logs are wanted
     quiet.quiet_libraries()  # before anything loads TensorFlow
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from vidlankd_jax.train import loop
+  import jax
 
-  try:
-    metrics = run(_CONFIG.value, _WORKDIR.value)
-  except loop.Preempted:
-    return  # checkpoint saved; the same command resumes
+  errors.set_workdir(_WORKDIR.value, jax.process_index())
+  if jax.process_index() == 0:  # the library records kept off the console, Orbax's included
+    quiet.log_libraries_to(os.path.join(_WORKDIR.value, quiet.LIBRARY_LOG))
+  metrics = run(_CONFIG.value, _WORKDIR.value)  # loop.Preempted (errors.Stopped): exit 75
   console.debug("final metrics: %s", json.dumps({k: float(v) for k, v in metrics.items()}))
 
 
 if __name__ == "__main__":
   if not verbosity_given(sys.argv):
     quiet.quiet_tensorflow_runtime()  # before the config files load jax
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -118,7 +118,7 @@ def memory_rows(batch, num_rows: int, hash_rows: bool = False):
   if hash_rows:
     return (sequence_hash(batch["unmasked_ids"]) % jnp.uint32(num_rows)).astype(jnp.int32)
   if "example_id" not in batch:
-    raise ValueError(
+    raise errors.ConfigError(
         "the CRD memory needs each text block's example_id, which this batch lacks: write the "
         "text with tools/make_text_tfrecords.py, or set config.kd.crd.hash_rows=True"
     )
@@ -216,7 +216,7 @@ def _cos(x: TermInputs) -> Term:
 
 def _voken(x: TermInputs) -> Term:
   if x.voken_targets is None:
-    raise ValueError("voken labels need the teacher's token states on the unmasked text")
+    raise errors.ConfigError("voken labels need the teacher's token states on the unmasked text")
   labels = voken_labels(x.voken_targets, x.extra["voken_bank"])
   content = content_token_mask(x.batch["attention_mask"])
   return Term(
@@ -406,7 +406,7 @@ def parse_objectives(spec: str) -> tuple[str, ...]:
     return ()
   unknown = [n for n in names if n not in OBJECTIVES]
   if not names or unknown or len(set(names)) != len(names):
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.kd.objectives {spec!r}: expected 'none' or distinct names from "
         f"{NAMES} joined by '+'" + (f"; unknown: {unknown}" if unknown else "")
     )

@@ -51,11 +51,38 @@ def import_quietly(modules: Sequence[str]) -> None:
           print(line, file=sys.stderr)
 
 
+# Libraries whose errors are reported by the project's own message (a failed checkpoint save is
+# a `CheckpointSaveError`): their tracebacks, hundreds of lines, stay off the console too.
+REPORTED_LIBRARIES = ("/orbax/",)
+LIBRARY_LOG = "library.log"  # its name in a run's workdir
+_LIBRARY_LOG: list[str] = []  # where the dropped records go (`log_libraries_to`)
+
+
+def log_libraries_to(path: str | None) -> None:
+  """Appends the library records kept off the console (with their tracebacks) to `path`."""
+  _LIBRARY_LOG[:] = [path] if path else []
+
+
 class LibraryNoiseFilter:
-  """Drops library log records below ERROR; the project's own warnings stay."""
+  """Drops library log records below ERROR, and Orbax's errors, from the console (into the
+  library log when there is one); the project's own warnings and other errors stay."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= 40 or not any(p in record.pathname for p in NOISY_LIBRARIES)
+    if not any(p in record.pathname for p in NOISY_LIBRARIES):
+      return True
+    if record.levelno >= 40 and not any(p in record.pathname for p in REPORTED_LIBRARIES):
+      return True
+    if _LIBRARY_LOG and not getattr(record, "library_logged", False):
+      record.library_logged = True  # both filtered handlers see it: written once
+      try:  # a workdir that does not exist yet (or a gs:// one) gets no log
+        with open(_LIBRARY_LOG[0], "a", encoding="utf-8") as f:
+          f.write(_FORMAT.format(record) + "\n")
+      except OSError:  # a full disk is often why the library logged
+        pass
+    return False
+
+
+_FORMAT = std_logging.Formatter("%(asctime)s %(levelname)s %(pathname)s:%(lineno)d] %(message)s")
 
 
 def quiet_tensorflow_runtime() -> None:

@@ -20,6 +20,7 @@ from etils import epath
 from flax import nnx, traverse_util
 
 from vidlankd_jax import console
+from vidlankd_jax import errors
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import sharding
 from vidlankd_jax.models import layout
@@ -48,7 +49,7 @@ class Run:
 
   def __init__(self, path: str):
     if not path:
-      raise ValueError("empty run directory: name a teacher, student or fine-tuning workdir")
+      raise errors.DataError("empty run directory: name a teacher, student or fine-tuning workdir")
     path = epath.Path(str(path).rstrip("/"))
     self.path = str(path)
     if (path / "checkpoints").is_dir():
@@ -64,7 +65,7 @@ class Run:
 
   def check_exists(self, what: str = "run") -> None:
     if not self.exists():
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"{self.path}: no checkpoints folder (is it a {what} workdir? training writes "
           "<workdir>/checkpoints)"
       )
@@ -83,9 +84,9 @@ class Run:
     """The run's config; an error naming the file when it is missing or of another stage."""
     config = self.config()
     if config is None:
-      raise FileNotFoundError(f"{self.config_path}: missing; is {self.path} a run's workdir?")
+      raise errors.MissingFileError(f"{self.config_path}: missing; is {self.path} a run's workdir?")
     if stage is not None and config.get("stage") != stage:
-      raise ValueError(
+      raise errors.DataError(
           f"{self.config_path}: a {config.get('stage')!r} run, not a {stage!r} run as expected"
       )
     self.check_config_describes_weights(config)
@@ -149,9 +150,9 @@ def load_flat_params(module: nnx.Module, flat: dict, source: str) -> None:
     elif per_layer and all(k in flat for k in per_layer):
       value = np.stack([np.asarray(flat[k]) for k in per_layer])
     else:
-      raise ValueError(f"{source}: the checkpoint lacks {per_layer[0] if per_layer else key}")
+      raise errors.DataError(f"{source}: the checkpoint lacks {per_layer[0] if per_layer else key}")
     if tuple(value.shape) != tuple(current.shape):
-      raise ValueError(f"{source}: {key} has shape {value.shape}, the model {current.shape}")
+      raise errors.DataError(f"{source}: {key} has shape {value.shape}, the model {current.shape}")
     var.set_value(jax.device_put(jnp.asarray(value, current.dtype), current.sharding))
 
 
@@ -217,7 +218,7 @@ def load_student(path: str, mesh, *, heads=None, step: int | None = None) -> Stu
   objectives = parse_objectives(config.kd.objectives)
   missing = [h for h in heads or () if h not in objectives]
   if missing:
-    raise ValueError(
+    raise errors.DataError(
         f"{run.path}: the student has no {missing} head(s); its objectives are "
         f"{'+'.join(objectives) or 'none'}"
     )
@@ -256,7 +257,9 @@ def architecture_from_params(bert: dict, where: str) -> dict:
         "type_vocab_size": bert["embeddings/token_type_embeddings/embedding"].shape[0],
     }
   except KeyError as e:
-    raise ValueError(f"{where}: the language encoder lacks {e}; is this a BERT checkpoint?") from e
+    raise errors.DataError(
+        f"{where}: the language encoder lacks {e}; is this a BERT checkpoint?"
+    ) from e
 
 
 def saved_num_heads(run: Run, shapes: dict) -> int | None:
@@ -275,7 +278,7 @@ def language_params(run: Run, step: int | None = None) -> dict:
   """The flat params of a teacher's or student's language model (`params["language"]`)."""
   params = run.params_numpy(step)
   if "language" not in params or "bert" not in params["language"]:
-    raise ValueError(
+    raise errors.DataError(
         f"{run.checkpoint_dir}: the checkpoint's params have no language/bert encoder "
         f"(top-level keys: {sorted(params)}); only teacher and student runs carry one"
     )
@@ -295,7 +298,7 @@ def read_initial_encoder(source: str, step: int | None, default_heads: int) -> I
     return InitialEncoder(source, arch, hf_state=hf_bert.read_state_dict(model_dir))
   run = Run(source)
   if not run.exists():
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"config.init.source {source!r}: no such run; expected 'scratch', "
         "'hf:<Hugging Face BERT dir>' or a teacher/student workdir"
     )
@@ -322,7 +325,7 @@ def encoder_config(model_cfg, init: InitialEncoder, dtype: str | None = None) ->
   cfg = BertConfig.from_config(model_cfg, dtype=dtype)
   if init.architecture is None:
     if model_cfg.size == AUTO_SIZE:
-      raise ValueError(
+      raise errors.DataError(
           "config.model.size 'auto' takes the size from the initial weights, but "
           "config.init.source is 'scratch': pass a size (e.g. size=small)"
       )
@@ -334,7 +337,7 @@ def encoder_config(model_cfg, init: InitialEncoder, dtype: str | None = None) ->
         if init.architecture[k] != getattr(cfg, k)
     ]
     if diffs:
-      raise ValueError(
+      raise errors.DataError(
           f"config.model (size={model_cfg.size}) does not match the encoder in "
           f"{init.source}:\n  "
           + "\n  ".join(diffs)
@@ -361,15 +364,17 @@ def load_language_model(
   run = Run(path)
   flat = language_params(run, step)
   if not any(k.startswith("mlm/") for k in flat):
-    raise ValueError(f"{run.checkpoint_dir}: the language model has no MLM head")
+    raise errors.DataError(f"{run.checkpoint_dir}: the language model has no MLM head")
   bert = {k[len("bert/") :]: v for k, v in flat.items() if k.startswith("bert/")}
   arch = architecture_from_params(bert, run.checkpoint_dir)
   saved_heads = saved_num_heads(run, arch)
   if num_heads and saved_heads and num_heads != saved_heads:
-    raise ValueError(f"--num_heads {num_heads} differs from {run.config_path}'s {saved_heads}")
+    raise errors.DataError(
+        f"--num_heads {num_heads} differs from {run.config_path}'s {saved_heads}"
+    )
   arch["num_heads"] = num_heads or saved_heads
   if not arch["num_heads"]:
-    raise ValueError(f"{run.config_path} does not describe these weights: pass --num_heads")
+    raise errors.DataError(f"{run.config_path} does not describe these weights: pass --num_heads")
   config = run.config() or ml_collections.ConfigDict()
   eps = config.get("model", {}).get("layer_norm_eps", BertConfig.layer_norm_eps)
   model = sharding.create_sharded(

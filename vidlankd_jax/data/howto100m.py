@@ -46,6 +46,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.data import video_text
 
@@ -72,7 +73,7 @@ BAD_REASONS = (
 )
 
 
-class BadInputError(ValueError):
+class BadInputError(errors.DataError):
   """A video whose captions or features cannot make a correct record."""
 
   def __init__(self, reason: str, video_id: str, path: str, detail: str):
@@ -118,9 +119,9 @@ class ConvertConfig:
 
   def __post_init__(self):
     if self.pairing not in PAIRINGS:
-      raise ValueError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}.")
+      raise errors.DataError(f"pairing must be one of {PAIRINGS}, got {self.pairing!r}.")
     if self.caption_overlap not in CAPTION_OVERLAPS:
-      raise ValueError(
+      raise errors.DataError(
           f"caption_overlap must be one of {CAPTION_OVERLAPS}, got {self.caption_overlap!r}."
       )
     for field in (
@@ -133,9 +134,9 @@ class ConvertConfig:
         "workers",
     ):
       if getattr(self, field) <= 0:
-        raise ValueError(f"{field} must be positive, got {getattr(self, field)}.")
+        raise errors.DataError(f"{field} must be positive, got {getattr(self, field)}.")
     if self.num_validation_videos < 0:
-      raise ValueError("num_validation_videos must be >= 0.")
+      raise errors.DataError("num_validation_videos must be >= 0.")
 
   def num_shards(self, split: str) -> int:
     return self.train_shards if split == "train" else self.validation_shards
@@ -179,7 +180,7 @@ def iter_json_object(
   try:
     raw = open(path, "rb")
   except OSError as e:
-    raise ValueError(f"{path}: cannot open the caption file ({e}).") from e
+    raise errors.DataError(f"{path}: cannot open the caption file ({e}).") from e
   with raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
     buf, pos, consumed, eof = "", 0, 0, False
 
@@ -191,7 +192,9 @@ def iter_json_object(
       buf, pos = buf[pos:] + chunk, 0
 
     def error(msg: str) -> ValueError:
-      return ValueError(f"{path}: invalid JSON at character {consumed + pos}: {msg}")
+      if consumed + pos == 0 and buf.startswith("\ufeff"):
+        msg = "the file starts with a byte-order mark (BOM): save it as UTF-8 without a BOM"
+      return errors.DataError(f"{path}: invalid JSON at character {consumed + pos}: {msg}")
 
     def peek() -> str:
       nonlocal pos
@@ -244,7 +247,7 @@ def iter_json_object(
           raise error("expected ',' or '}'")
         pos += 1
     except UnicodeDecodeError as e:
-      raise ValueError(f"{path}: not UTF-8 ({e}).") from None
+      raise errors.DataError(f"{path}: not UTF-8 ({e}).") from None
 
 
 # ------------------------------------------------------------------------------------------
@@ -385,7 +388,7 @@ def check_npy_size(path: str) -> None:
     data_bytes = math.prod(shape) * dtype.itemsize
     available = os.path.getsize(path) - f.tell()
   if not dtype.hasobject and data_bytes > available:
-    raise ValueError(
+    raise errors.DataError(
         f"the header claims shape {shape} of {dtype} ({data_bytes} bytes) but the file holds "
         f"{available} bytes of data (truncated or a damaged header)"
     )
@@ -571,7 +574,7 @@ def route_captions(cfg: ConvertConfig, flush_every: int = 20_000) -> dict:
   buffered, seen = 0, set()
   for video_id, entry in iter_json_object(cfg.caption_json):
     if video_id in seen:
-      raise ValueError(
+      raise errors.DataError(
           f"{cfg.caption_json}: video id {video_id!r} appears twice; keep one entry per video"
       )
     seen.add(video_id)
@@ -656,7 +659,7 @@ def _convert_shard_task(args) -> dict:
   return convert_shard(*args)
 
 
-class WorkerDiedError(RuntimeError):
+class WorkerDiedError(errors.UserError, RuntimeError):
   """A converter worker process ended without finishing its shard (killed, out of memory)."""
 
 
@@ -712,9 +715,9 @@ def convert(cfg: ConvertConfig, log=print) -> dict:
   """
   for path in (cfg.features_2d_dir, cfg.features_3d_dir):
     if not os.path.isdir(path):
-      raise ValueError(f"feature directory {path} does not exist.")
+      raise errors.DataError(f"feature directory {path} does not exist.")
   if not os.path.isfile(cfg.caption_json):
-    raise ValueError(f"caption file {cfg.caption_json} does not exist.")
+    raise errors.DataError(f"caption file {cfg.caption_json} does not exist.")
   with shards_lib.output_lock(cfg.output_dir):
     return _convert_locked(cfg, log)
 
@@ -747,6 +750,15 @@ def _convert_locked(cfg: ConvertConfig, log) -> dict:
   summary = summarize(cfg, [done[key] for key in all_shards])
   shards_lib.write_json_atomic(os.path.join(cfg.output_dir, f"{PREFIX}-summary.json"), summary)
   log(f"[{PREFIX}] " + json.dumps({k: summary[k] for k in ("videos", "clips", "skipped")}))
+  train = summary["splits"]["train"]
+  if summary["videos_written"] and not train.get("videos_written", 0):
+    raise errors.DataError(
+        f"every written video went to the validation split ({summary['videos_written']} videos, "
+        f"--num_validation_videos={cfg.num_validation_videos}): the train shards in "
+        f"{cfg.output_dir} are empty",
+        "--num_validation_videos",
+        "use fewer validation videos than the caption file has, with another --output_dir",
+    )
   return summary
 
 

@@ -9,6 +9,7 @@ fine-tuning reads registered downstream benchmarks. TensorFlow is imported only 
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
+from vidlankd_jax import errors
 from vidlankd_jax import sharding
 
 
@@ -28,7 +30,7 @@ def resolve_vocab(data_cfg, model_vocab_size: int) -> str:
   path = data_cfg.vocab_file or vocab_lib.default_vocab_file()
   size = len(vocab_lib.read_vocab_file(path))
   if size > model_vocab_size:
-    raise ValueError(
+    raise errors.DataError(
         f"vocabulary {path} has {size} entries but config.model.vocab_size is "
         f"{model_vocab_size}: set --config.model.vocab_size={size}"
     )
@@ -156,7 +158,9 @@ def in_lockstep(batches):
     if not np.any(more):
       return
     if batch is None and last is None:
-      raise ValueError(f"process {jax.process_index()} has no data in its shard of this split")
+      raise errors.DataError(
+          f"process {jax.process_index()} has no data in its shard of this split"
+      )
     last = batch if batch is not None else last
     yield batch if batch is not None else jax.tree.map(np.zeros_like, last)
 
@@ -206,10 +210,22 @@ def prepare_synthetic_video_text(data_cfg, video_cfg) -> None:
   if jax.process_index() == 0:
     from vidlankd_jax.data import synthetic
 
-    synthetic.prepare_video_text(
-        data_cfg.data_dir, word_budget=data_cfg.seq_len // 2, max_steps=video_cfg.max_steps
-    )
+    try:
+      synthetic.prepare_video_text(
+          data_cfg.data_dir, word_budget=data_cfg.seq_len // 2, max_steps=video_cfg.max_steps
+      )
+    except errors.DataError as e:  # the generated data of another size or sequence length
+      raise errors.ConfigError(
+          errors.one_line(e),
+          "config.data.data_dir",
+          f"the folder ({os.path.abspath(data_cfg.data_dir)}, relative to the current folder) "
+          "holds data=synthetic data of other settings: set --config.data.data_dir=<new folder>",
+      ) from e
   sharding.wait_for_all_processes("synthetic video-text data")
+
+
+class InputTimeoutError(errors.UserError, TimeoutError):
+  """No batch came within `config.train.input_timeout_s`: stuck input or unreachable storage."""
 
 
 class InputWaitInterrupted(Exception):
@@ -279,7 +295,7 @@ class DevicePrefetch:
           raise InputWaitInterrupted("stopped on request while waiting for the next batch")
         waited = time.monotonic() - started
         if self._timeout_s > 0 and waited > self._timeout_s:
-          raise TimeoutError(
+          raise InputTimeoutError(
               f"no training batch within {waited:.0f} s (config.train.input_timeout_s="
               f"{self._timeout_s:g}): the input pipeline is stuck or its storage is unreachable"
           )

@@ -9,11 +9,14 @@ never see a partial shard because the glob pattern matches final names only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
 import time
 from typing import IO, TYPE_CHECKING, Callable, Iterable, Iterator
+
+from vidlankd_jax import errors
 
 if TYPE_CHECKING:
   import tensorflow as tf  # imported where records are written: the helpers below need no TF
@@ -96,7 +99,7 @@ def check_settings(output_dir: str, name: str, settings: dict) -> None:
         if previous.get(k) != v and (k in previous or k not in RECORDED_SINCE)
     }
     if diff:
-      raise ValueError(
+      raise errors.DataError(
           f"{output_dir} holds shards converted with other settings "
           f"(setting: (before, now)) {diff}; use a new output directory."
       )
@@ -116,21 +119,22 @@ def input_fingerprint(paths: Iterable[str]) -> dict:
 
 
 @contextlib.contextmanager
-def output_lock(output_dir: str) -> Iterator[None]:
-  """Holds `<output_dir>/.lock` (an advisory `flock`, freed by the OS if the process dies):
-  a second converter on the same output folder is refused instead of writing doubled shards."""
+def output_lock(output_dir: str, name: str = ".lock", job: str = "converter") -> Iterator[None]:
+  """Holds `<output_dir>/<name>` (an advisory `flock`, freed by the OS if the process dies): a
+  second `job` on the same output folder is refused instead of writing doubled output (`name`
+  per host lets the hosts of one job share a folder)."""
   import fcntl
 
   os.makedirs(output_dir, exist_ok=True)
-  path = os.path.join(output_dir, ".lock")
+  path = os.path.join(output_dir, name)
   with open(path, "a+", encoding="utf-8") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
       f.seek(0)
       holder = f.read().strip() or "unknown"
-      raise ValueError(
-          f"another converter (pid {holder}) is writing to {output_dir}: wait for it to finish "
+      raise errors.DataError(
+          f"another {job} (pid {holder}) is writing to {output_dir}: wait for it to finish "
           "or use another output directory"
       ) from None
     f.seek(0)
@@ -155,6 +159,10 @@ def atomic_open(path: str, mode: str = "w", tag: str | None = None) -> Iterator[
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:  # a full disk: numpy says "4096 requested and 4032 written", no file
+    if isinstance(e, errors.UserError) or (e.filename and e.errno != errno.ENOSPC):
+      raise
+    raise errors.storage_error(e, path) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)

@@ -25,6 +25,8 @@ import math
 import os
 import re
 
+from vidlankd_jax import errors
+
 import numpy as np
 
 CONCEPT_NAMES = (
@@ -128,7 +130,7 @@ def write_corpus(
   """
   if concepts is None:
     if num_concepts > len(CONCEPT_NAMES):
-      raise ValueError(f"at most {len(CONCEPT_NAMES)} concepts, got {num_concepts}")
+      raise errors.DataError(f"at most {len(CONCEPT_NAMES)} concepts, got {num_concepts}")
     concepts = CONCEPT_NAMES[:num_concepts]
   num_concepts = len(concepts)
   rng = np.random.default_rng(seed)
@@ -137,7 +139,7 @@ def write_corpus(
   proto_2d, proto_3d = prototypes
   for proto in prototypes:
     if proto.shape != (num_concepts, dim):
-      raise ValueError(f"prototypes of shape {proto.shape}, expected {(num_concepts, dim)}")
+      raise errors.DataError(f"prototypes of shape {proto.shape}, expected {(num_concepts, dim)}")
   sentences = sentences or real_sentences(text_path, limit=num_sentences)
   dirs = {k: os.path.join(out_dir, f"features_{k}") for k in ("2d", "3d")}
   for d in dirs.values():

@@ -39,6 +39,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import batching
 from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.data import text as text_lib
@@ -205,7 +206,7 @@ def mask_tokens(
     num_predict = tf.cast(tf.round(tf.cast(num_candidates, tf.float32) * mask_prob), tf.int32)
     num_predict = tf.maximum(num_predict, tf.minimum(num_candidates, 1))
   else:
-    raise ValueError(f"masking {masking!r} is not one of {MASKINGS}")
+    raise errors.DataError(f"masking {masking!r} is not one of {MASKINGS}")
   num_predict = tf.minimum(num_predict, max_predictions)
   scores = tf.where(candidate, draw, -1.0)
   _, top = tf.math.top_k(scores, k=max_predictions)
@@ -444,7 +445,7 @@ def check_not_empty(name: str, split: str, files: Sequence[str]) -> None:
   """An endless stream over files without a record would spin forever: a start-up error."""
   if not any(has_records(path) for path in files):
     shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    raise ValueError(
+    raise errors.DataError(
         f"Task {name}: the {split} split has no records ({shown}); its input was empty: "
         "convert non-empty data with tools/convert_howto100m.py or tools/make_text_tfrecords.py"
     )
@@ -453,7 +454,7 @@ def check_not_empty(name: str, split: str, files: Sequence[str]) -> None:
 def _host_files(files: Sequence[str], shard_index: int, num_shards: int):
   """File-level host sharding when there are enough files, else record-level."""
   if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index {shard_index} not in [0, {num_shards}).")
+    raise errors.DataError(f"shard_index {shard_index} not in [0, {num_shards}).")
   if len(files) >= num_shards:
     return list(files[shard_index::num_shards]), False
   return list(files), True
@@ -515,13 +516,15 @@ class InputSpec:
 
   def __post_init__(self):
     if self.task not in TASK_FILES:
-      raise ValueError(
+      raise errors.DataError(
           f"unknown pretraining task {self.task!r}; expected one of {sorted(TASK_FILES)}"
       )
     if self.masking not in MASKINGS:
-      raise ValueError(f"masking {self.masking!r} is not one of {MASKINGS} (config.data.masking)")
+      raise errors.DataError(
+          f"masking {self.masking!r} is not one of {MASKINGS} (config.data.masking)"
+      )
     if not 0 < self.max_predictions <= self.seq_len - 2:
-      raise ValueError(
+      raise errors.DataError(
           f"max_predictions {self.max_predictions} must be in [1, seq_len - 2 = {self.seq_len - 2}]"
       )
 
@@ -546,7 +549,7 @@ def make_dataset(
   """
   name = spec.task
   if split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
+    raise errors.DataError(f"Unknown split {split!r}; expected one of {SPLITS}.")
   register_pretraining_tasks(
       spec.data_dir,
       spec.vocab_file or None,
@@ -558,7 +561,7 @@ def make_dataset(
   task = seqio.get_mixture_or_task(name)
   files = sorted(task.source.list_shards(split))
   if not files:
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"Task {name}: no {split} shards match {task_file_pattern(spec.data_dir, name, split)}"
         f" (convert the data with tools/convert_howto100m.py or tools/make_text_tfrecords.py)."
     )
@@ -583,7 +586,7 @@ def make_dataset(
         sum(counts) if not record_level else len(range(shard_index, sum(counts), num_shards))
     )
     if epoch_size == 0:
-      raise ValueError(f"Task {name}: shard {shard_index}/{num_shards} of {split} is empty.")
+      raise errors.DataError(f"Task {name}: shard {shard_index}/{num_shards} of {split} is empty.")
     start_epoch, skip = divmod(start_example, epoch_size)
   records = epoch_fn(tf.constant(start_epoch, tf.int64)).skip(skip)
   if repeat:

@@ -40,6 +40,7 @@ from xml.etree import ElementTree
 import numpy as np
 import tensorflow as tf
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import shards as shards_lib
 
 BLOCK_LEN = 126
@@ -116,7 +117,7 @@ def iter_paragraphs(path: str, fmt: str = "auto", clean: bool = False) -> Iterat
   """Streams the non-blank paragraphs of a raw corpus with the index of their document;
   `clean` drops the lines the released tokenization drops (`keep_line`)."""
   if fmt not in FORMATS + ("auto",):
-    raise ValueError(f"Unknown corpus format {fmt!r}; expected one of {FORMATS} or 'auto'.")
+    raise errors.DataError(f"Unknown corpus format {fmt!r}; expected one of {FORMATS} or 'auto'.")
   try:
     if fmt == "auto":
       fmt = detect_format(path)
@@ -127,7 +128,7 @@ def iter_paragraphs(path: str, fmt: str = "auto", clean: bool = False) -> Iterat
             if not clean or keep_line(para.text, fmt):
               yield para
         except ValueError as e:  # gensim's own check of the dump's namespace
-          raise ValueError(f"{path}: malformed MediaWiki XML ({str(e).strip()}).") from e
+          raise errors.DataError(f"{path}: malformed MediaWiki XML ({str(e).strip()}).") from e
         return
       f = io.TextIOWrapper(_open_binary(path, raw), encoding="utf-8", errors="strict")
       doc, continued = -1, False
@@ -141,11 +142,11 @@ def iter_paragraphs(path: str, fmt: str = "auto", clean: bool = False) -> Iterat
           yield Paragraph(doc, text.strip(), raw.tell())
         continued = not whole
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text ({e}).") from e
+    raise errors.DataError(f"{path}: not UTF-8 text ({e}).") from e
   except ElementTree.ParseError as e:
-    raise ValueError(f"{path}: malformed MediaWiki XML ({e}).") from e
+    raise errors.DataError(f"{path}: malformed MediaWiki XML ({e}).") from e
   except (OSError, EOFError) as e:
-    raise ValueError(f"{path}: cannot read the corpus ({e}).") from e
+    raise errors.DataError(f"{path}: cannot read the corpus ({e}).") from e
 
 
 # A line longer than this is cut (at a space where there is one) into paragraphs of at most this
@@ -180,7 +181,16 @@ def _iter_mediawiki(f: IO[bytes], raw: IO[bytes]) -> Iterator[Paragraph]:
   except ImportError as e:
     raise ImportError("Reading MediaWiki XML dumps needs gensim: `pip install gensim`.") from e
   doc = -1
-  for _, markup, _ in wikicorpus.extract_pages(f, filter_namespaces=("0",)):
+  pages = wikicorpus.extract_pages(f, filter_namespaces=("0",))
+  while True:
+    try:
+      _, markup, _ = next(pages)
+    except StopIteration:
+      return
+    except AttributeError:  # gensim reads a page's <title>, <ns> and <id> without checking
+      raise ValueError(
+          f"a <page> before byte {raw.tell()} lacks its <title>, <ns> or <id>"
+      ) from None
     plain = wikicorpus.filter_wiki(markup)
     if not plain.strip() or plain.lstrip().lower().startswith("#redirect"):
       continue
@@ -196,7 +206,7 @@ class BlockPacker:
 
   def __init__(self, block_len: int = BLOCK_LEN):
     if block_len <= 0:
-      raise ValueError(f"block_len must be positive, got {block_len}.")
+      raise errors.DataError(f"block_len must be positive, got {block_len}.")
     self.block_len = block_len
     self._buffer = np.zeros([0], np.int64)
 
@@ -278,10 +288,10 @@ def convert_text(
     forbidden_range = "released" if released_wikipedia and uncased_bert else "none"
   forbidden = RELEASED_FORBIDDEN_RANGE if forbidden_range == "released" else None
   if num_shards <= 0:
-    raise ValueError(f"num_shards must be positive, got {num_shards}.")
+    raise errors.DataError(f"num_shards must be positive, got {num_shards}.")
   for path in inputs:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"corpus file {path} does not exist.")
+      raise errors.MissingFileError(f"corpus file {path} does not exist.")
   settings = {
       "inputs": [os.path.abspath(p) for p in inputs],
       "format": fmt,
@@ -353,7 +363,7 @@ def convert_text(
         done_bytes += os.path.getsize(path)
       stats["dropped_tail_tokens"] = packer.leftover
       if stats["blocks"] == 0:  # raised inside the writers' block: no empty shard is kept
-        raise ValueError(
+        raise errors.DataError(
             f"{', '.join(inputs)}: no {block_len}-token block in {stats['paragraphs']} paragraphs "
             f"({stats['tokens']} tokens): the input is empty or too short to train on"
         )

@@ -13,6 +13,8 @@ Float16 halves storage against float32 and loses nothing: the released features 
 
 from __future__ import annotations
 
+from vidlankd_jax import errors
+
 import numpy as np
 import tensorflow as tf
 
@@ -26,14 +28,14 @@ def clip_to_example(
   """Serializes one clip; rejects anything that would make a wrong record."""
   features = np.asarray(features)
   if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
-    raise ValueError(f"video {video_id}: features must be [T>0, D>0], got {features.shape}.")
+    raise errors.DataError(f"video {video_id}: features must be [T>0, D>0], got {features.shape}.")
   as_half = features.astype(_FLOAT16_LE)
   if not np.isfinite(as_half).all():
-    raise ValueError(f"video {video_id}: features have NaN/inf (or overflow float16).")
+    raise errors.DataError(f"video {video_id}: features have NaN/inf (or overflow float16).")
   if not isinstance(caption, str) or not caption.strip():
-    raise ValueError(f"video {video_id}: empty caption for clip [{start}, {end}].")
+    raise errors.DataError(f"video {video_id}: empty caption for clip [{start}, {end}].")
   if not (np.isfinite(start) and np.isfinite(end) and 0 <= start <= end):
-    raise ValueError(f"video {video_id}: bad clip times start={start} end={end}.")
+    raise errors.DataError(f"video {video_id}: bad clip times start={start} end={end}.")
 
   def _bytes(v: bytes) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))

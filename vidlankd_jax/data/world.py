@@ -32,6 +32,7 @@ import os
 
 import numpy as np
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.data import synthetic
 
@@ -74,7 +75,7 @@ def check_single_pieces(words, vocab_file: str) -> None:
     entries = {line.rstrip("\n") for line in f}
   split = [w for w in words if w not in entries]
   if split:
-    raise ValueError(f"{vocab_file}: concept words {split} are not single WordPieces")
+    raise errors.DataError(f"{vocab_file}: concept words {split} are not single WordPieces")
 
 
 def make_world(num_concepts: int, seed: int) -> World:
@@ -83,7 +84,7 @@ def make_world(num_concepts: int, seed: int) -> World:
   learned nothing then sits at chance on held-out concepts, where an uneven split would put a
   class that is common in training rare at test time and such a probe below chance."""
   if not len(ATTRIBUTES["shape"]) * 2 <= num_concepts <= len(CONCEPT_WORDS):
-    raise ValueError(f"num_concepts must be in [8, {len(CONCEPT_WORDS)}], got {num_concepts}")
+    raise errors.DataError(f"num_concepts must be in [8, {len(CONCEPT_WORDS)}], got {num_concepts}")
   rng = np.random.default_rng([seed, 1])
   concepts = tuple(
       CONCEPT_WORDS[i] for i in sorted(rng.permutation(len(CONCEPT_WORDS))[:num_concepts])
@@ -125,7 +126,7 @@ def sentence_pools(count: int) -> tuple[list[str], list[str], list[str]]:
   """Three disjoint pools of real word sequences: captions, student text, probe sentences."""
   sentences = [" ".join(s.split()[:7]) for s in synthetic.real_sentences(limit=count * 3)]
   if len(sentences) < 3 * count:
-    raise ValueError(
+    raise errors.DataError(
         f"the world needs {3 * count} real sentences, gensim's Lee corpus gave {len(sentences)}: "
         "install gensim (a dependency of this project) with its test data"
     )
@@ -213,7 +214,7 @@ def write_world(
   text = {}
   for fraction in text_fractions:
     if not 0 < fraction <= 1:
-      raise ValueError(f"text fractions must be in (0, 1], got {fraction}")
+      raise errors.DataError(f"text fractions must be in (0, 1], got {fraction}")
     folder = os.path.join(out_dir, text_folder(fraction))
     os.makedirs(folder, exist_ok=True)
     for split, count in (("train", student_sentences), ("validation", student_sentences // 10)):
@@ -264,6 +265,6 @@ def read_world(out_dir: str) -> tuple[World, dict]:
     with open(os.path.join(out_dir, PROBE_FILE), encoding="utf-8") as f:
       probe = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{out_dir}: not a finished world ({e})") from e
+    raise errors.DataError(f"{out_dir}: not a finished world ({e})") from e
   world = World(tuple(raw["concepts"]), raw["attributes"], tuple(raw["held_out"]), raw["seed"])
   return world, probe

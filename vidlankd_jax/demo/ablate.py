@@ -19,6 +19,7 @@ import dataclasses
 import os
 import time
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.demo import stage_configs
 from vidlankd_jax.demo import stages as stages_lib
@@ -152,7 +153,7 @@ def run_ablation(workdir: str, *, size: str = "demo", seed: int = 0, log=print) 
     log("\n".join(pod_commands(size, seed)))
     return None
   if size not in LOCAL_SIZES:
-    raise ValueError(
+    raise errors.DataError(
         f"unknown ablation size {size!r}; known: {sorted(LOCAL_SIZES) + list(POD_SIZES)}"
     )
   from vidlankd_jax import main as main_lib

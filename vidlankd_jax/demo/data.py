@@ -16,6 +16,8 @@ from __future__ import annotations
 import csv
 import os
 
+from vidlankd_jax import errors
+
 import numpy as np
 
 BENCHMARK = "movie_polarity"
@@ -37,7 +39,7 @@ def gensim_test_file(name: str) -> str:
     ) from e
   path = gensim_test.datapath(name)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: not in this gensim installation's test data")
+    raise errors.MissingFileError(f"{path}: not in this gensim installation's test data")
   return path
 
 
@@ -65,7 +67,7 @@ def write_wikipedia_lines(
     lines[split].append(" ".join(paragraphs))
   for split, path in paths.items():
     if not lines[split]:
-      raise ValueError(f"{source}: no {split} articles among the first {max_articles}")
+      raise errors.DataError(f"{source}: no {split} articles among the first {max_articles}")
     with open(path, "w", encoding="utf-8") as f:
       f.write("".join(line + "\n" for line in lines[split]))
   return paths
@@ -108,7 +110,7 @@ def read_polarity(path: str) -> tuple[list[str], list[int]]:
       tag, _, sentence = line.strip().partition(" ")
       label = tag.removeprefix("__label__")
       if label not in POLARITY_LABELS or not sentence:
-        raise ValueError(
+        raise errors.DataError(
             f"{path}:{lineno}: expected '__label__neg|pos <sentence>', got {line[:60]!r}"
         )
       sentences.append(sentence)
@@ -147,7 +149,7 @@ def read_polarity_tsv(path: str) -> dict[str, np.ndarray]:
         csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\"), 1
     ):
       if len(row) != 2 or row[1] not in ("0", "1"):
-        raise ValueError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {row!r}")
+        raise errors.DataError(f"{path}:{lineno}: expected 'sentence<TAB>0|1', got {row!r}")
       sentences.append(row[0])
       labels.append(int(row[1]))
   return {"sentence": np.asarray(sentences, dtype=object), "label": np.asarray(labels, np.int32)}

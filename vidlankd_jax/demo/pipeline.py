@@ -30,7 +30,9 @@ import os
 import shutil
 import time
 
+from vidlankd_jax import errors
 from vidlankd_jax import configlib
+from vidlankd_jax.data import shards as shards_lib
 from vidlankd_jax.demo import data as demo_data
 from vidlankd_jax.demo import report
 from vidlankd_jax.demo import stage_configs
@@ -236,6 +238,29 @@ def records_world(runner) -> dict:
     return json.load(f)
 
 
+DEMO_FILE = "demo.json"  # which demo a workdir holds: its size, seed and steps
+
+
+def claim_workdir(workdir: str, identity: dict, *, fresh: bool) -> None:
+  """Records which demo `workdir` holds; another size, seed or step count is refused, naming the
+  folder, rather than replacing the finished stages (--fresh replaces them on purpose)."""
+  path = os.path.join(workdir, DEMO_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      held = json.load(f)
+  except (OSError, ValueError):
+    held = None
+  if held is not None and held != identity and not fresh:
+    what = ", ".join(f"{k} {held.get(k)}" for k in identity if held.get(k) != identity[k])
+    raise errors.ConfigError(
+        f"{workdir} holds the demo of {what}; its finished stages are kept",
+        path,
+        "give this run another --workdir (or --fresh to replace that demo)",
+    )
+  if held != identity:
+    shards_lib.write_json_atomic(path, identity)
+
+
 def run_demo(
     workdir: str,
     *,
@@ -250,17 +275,18 @@ def run_demo(
   `seed` feeds every seed of the run: the world's generation, each model's initialisation,
   masking and data order (the students of the transfer experiment take `100 seed + k`)."""
   if size not in SIZES:
-    raise ValueError(f"unknown demo size {size!r}; known: {sorted(SIZES)}")
+    raise errors.DataError(f"unknown demo size {size!r}; known: {sorted(SIZES)}")
   sizes = SIZES[size]
   if steps is not None:
     if steps <= 0:
-      raise ValueError(f"--steps must be positive, got {steps}")
+      raise errors.DataError(f"--steps must be positive, got {steps}")
     sizes = dataclasses.replace(sizes, teacher_steps=steps, distill_steps=steps)
   workdir = os.path.abspath(workdir)
   if fresh:
     for name in STAGES:
       shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
   os.makedirs(workdir, exist_ok=True)
+  claim_workdir(workdir, {"size": size, "seed": seed, "steps": steps}, fresh=fresh)
   started = time.perf_counter()
   runner = StageRunner(workdir, len(STAGES) + 1, log)
   log(f"VidLanKD demo ({size}, seed {seed}): every stage at tiny size in {workdir}")
@@ -279,6 +305,7 @@ def run_demo(
       config_settings(tcfg),
       lambda d: run_stage_config(tcfg, d),
       after=("data",),
+      resumable=True,
   )
   shuffled_cfg = teacher_config(workdir, sizes, seed=seed, pairs="video_shuffled")
   runner.run(
@@ -287,6 +314,7 @@ def run_demo(
       config_settings(shuffled_cfg),
       lambda d: run_stage_config(shuffled_cfg, d),
       after=("data",),
+      resumable=True,
   )
   transfer_settings = ("transfer_steps", "transfer_seeds", "transfer_objectives")
 
@@ -329,6 +357,7 @@ def run_demo(
         config_settings(cfg),
         lambda d, cfg=cfg: run_stage_config(cfg, d),
         after=("data", "teacher"),
+        resumable=True,
     )
   for name in ("nst", "base"):
     cfg = finetune_config(workdir, sizes, STUDENTS[name], seed=seed)
@@ -338,6 +367,7 @@ def run_demo(
         config_settings(cfg),
         lambda d, cfg=cfg: finetune_stage(cfg, d),
         after=("data", STUDENTS[name]),
+        resumable=True,
     )
 
   def probe_stage(stage_dir):

@@ -22,6 +22,7 @@ import re
 import numpy as np
 from flax import nnx
 
+from vidlankd_jax import errors
 from vidlankd_jax import runs
 from vidlankd_jax.data import pipeline
 from vidlankd_jax.data import synthetic
@@ -87,7 +88,7 @@ def read_clips(
     if count >= max_clips:
       break
   if not count:
-    raise ValueError(f"no {split} clips in {spec.data_dir}")
+    raise errors.DataError(f"no {split} clips in {spec.data_dir}")
   return {k: np.concatenate(v)[:max_clips] for k, v in out.items()}
 
 
@@ -151,7 +152,7 @@ def grounding_examples(
       chosen.append(i)
       seen.add(named[i][0])
   if not chosen:
-    raise ValueError("no held-out caption names exactly one concept: too few held-out clips")
+    raise errors.DataError("no held-out caption names exactly one concept: too few held-out clips")
   sentences = chosen[:num_sentences]
   columns = chosen[:num_clips]
   labels = [f"{named[j][0]} #{j}" for j in columns]

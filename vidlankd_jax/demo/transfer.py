@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import world as world_lib
 from vidlankd_jax.demo import stage_configs
 from vidlankd_jax.evaluation import ridge
@@ -64,7 +65,7 @@ def encode_sentences(vocab, sentences: list[dict], seq_len: int) -> dict[str, np
     pieces = [vocab.cls_id] + list(vocab.encode(sentence["text"]))[: seq_len - 2] + [vocab.sep_id]
     concept = vocab.encode(sentence["concept"])
     if len(concept) != 1 or concept[0] not in pieces:
-      raise ValueError(
+      raise errors.DataError(
           f"probe sentence {sentence['text']!r}: concept {sentence['concept']!r} is not one token of it"
       )
     ids[row, : len(pieces)] = pieces

@@ -20,6 +20,8 @@ import re
 import string
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from vidlankd_jax import errors
+
 import numpy as np
 
 MetricFn = Callable[..., dict[str, float]]
@@ -164,7 +166,7 @@ GLUE_METRICS: dict[str, MetricFn] = {
 def glue_metrics(task: str, targets: Sequence, predictions: Sequence) -> dict[str, float]:
   """The official metrics of GLUE `task` ('cola', 'sst2', ..., 'ax')."""
   if task not in GLUE_METRICS:
-    raise KeyError(f"Unknown GLUE task {task!r}; known: {sorted(GLUE_METRICS)}.")
+    raise errors.UnknownNameError(f"Unknown GLUE task {task!r}; known: {sorted(GLUE_METRICS)}.")
   return GLUE_METRICS[task](targets, predictions)
 
 
@@ -239,12 +241,12 @@ def _label_names(predictions: Iterable, label_names: Sequence[str], where: str) 
     if isinstance(p, (str, bytes)):
       p = p.decode() if isinstance(p, bytes) else p
       if p not in label_names:
-        raise ValueError(f"{where}: prediction {i} is {p!r}, not one of {list(label_names)}.")
+        raise errors.DataError(f"{where}: prediction {i} is {p!r}, not one of {list(label_names)}.")
       names.append(p)
     else:
       k = int(p)
       if not 0 <= k < len(label_names):
-        raise ValueError(
+        raise errors.DataError(
             f"{where}: prediction {i} is label id {k}, outside 0..{len(label_names) - 1}."
         )
       names.append(label_names[k])
@@ -264,9 +266,9 @@ def write_glue_ax_predictions(
   """
   indices = [int(i) for i in indices]
   if len(indices) != len(predictions):
-    raise ValueError(f"{len(indices)} indices but {len(predictions)} predictions for {path}.")
+    raise errors.DataError(f"{len(indices)} indices but {len(predictions)} predictions for {path}.")
   if len(set(indices)) != len(indices):
-    raise ValueError(f"Duplicate indices in the AX predictions for {path}.")
+    raise errors.DataError(f"Duplicate indices in the AX predictions for {path}.")
   names = _label_names(predictions, label_names, path)
   with open(path, "w", encoding="utf-8", newline="") as f:
     f.write("index\tprediction\n")
@@ -279,7 +281,7 @@ def read_glue_diagnostics(path: str) -> list[dict[str, str]]:
   try:
     f = open(path, encoding="utf-8", newline="")
   except OSError as e:
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"Cannot read the GLUE diagnostic file {path!r} ({e}). It is diagnostic-full.tsv "
         "from the GLUE benchmark site (gluebenchmark.com/diagnostics)."
     ) from e
@@ -287,11 +289,13 @@ def read_glue_diagnostics(path: str) -> list[dict[str, str]]:
     reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
     missing = [c for c in _DIAGNOSTIC_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
-      raise ValueError(f"{path}: header lacks the columns {missing}; found {reader.fieldnames}.")
+      raise errors.DataError(
+          f"{path}: header lacks the columns {missing}; found {reader.fieldnames}."
+      )
     rows = []
     for line, row in enumerate(reader, start=2):
       if row["Label"] not in MNLI_LABELS:
-        raise ValueError(
+        raise errors.DataError(
             f"{path}:{line}: Label {row['Label']!r} is not one of {list(MNLI_LABELS)}."
         )
       rows.append({k: (row[k] or "").strip() for k in _DIAGNOSTIC_COLUMNS})
@@ -315,12 +319,12 @@ def glue_diagnostic_breakdown(
   if isinstance(predictions, Mapping):
     missing = [i for i in range(len(rows)) if i not in predictions]
     if missing:
-      raise ValueError(
+      raise errors.DataError(
           f"No prediction for diagnostic rows {missing[:10]} ({len(missing)} missing)."
       )
     predictions = [predictions[i] for i in range(len(rows))]
   if len(predictions) != len(rows):
-    raise ValueError(f"{len(predictions)} predictions for {len(rows)} diagnostic rows.")
+    raise errors.DataError(f"{len(predictions)} predictions for {len(rows)} diagnostic rows.")
   predicted = np.asarray(_label_names(predictions, label_names, "AX predictions"))
   gold = np.asarray([r["Label"] for r in rows])
 
@@ -450,13 +454,13 @@ def squad_v2_metrics(
   targets, predictions = _keyed(targets, "targets"), _keyed(predictions, "predictions")
   missing = [q for q in targets if q not in predictions]
   if missing:
-    raise ValueError(f"No prediction for {len(missing)} questions, e.g. {missing[:5]}.")
+    raise errors.DataError(f"No prediction for {len(missing)} questions, e.g. {missing[:5]}.")
   if not targets:
     raise ValueError("Cannot score SQuAD over zero questions.")
   probs = {q: 0.0 for q in predictions} if na_probs is None else _keyed(na_probs, "na_probs")
   missing = [q for q in targets if q not in probs]
   if missing:
-    raise ValueError(f"No na_prob for {len(missing)} questions, e.g. {missing[:5]}.")
+    raise errors.DataError(f"No na_prob for {len(missing)} questions, e.g. {missing[:5]}.")
   has_answer = {q: bool(len(golds)) for q, golds in targets.items()}
 
   exact_raw, f1_raw = {}, {}

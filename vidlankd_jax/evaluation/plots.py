@@ -19,12 +19,14 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vidlankd_jax import errors
+
 METRICS_FILE = "metrics.jsonl"
 LOSSES, LEARNING_RATE, THROUGHPUT = "losses", "learning rate", "throughput"
 LINE_STYLES = ("-", "--", ":", "-.")
 
 
-class MetricsError(ValueError):
+class MetricsError(errors.DataError):
   """A workdir without metrics, or a metrics file that cannot be read."""
 
 

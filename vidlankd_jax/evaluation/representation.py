@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 
 import jax
+
+from vidlankd_jax import errors
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,7 +52,9 @@ def spherical_kmeans(vectors: np.ndarray, k: int, iters: int, seed: int) -> np.n
   """`k` unit centroids of unit `vectors` [N, D] by cosine k-means (an empty cluster keeps its
   centroid); initialised from `k` distinct vectors drawn with `seed`."""
   if k > len(vectors):
-    raise ValueError(f"config.kd.voken.num_vokens={k} exceeds the {len(vectors)} clips read")
+    raise errors.ConfigError(
+        f"config.kd.voken.num_vokens={k} exceeds the {len(vectors)} clips read"
+    )
   rng = np.random.default_rng(seed)
   centroids = vectors[rng.choice(len(vectors), k, replace=False)]
   for _ in range(iters):

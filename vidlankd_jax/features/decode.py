@@ -44,6 +44,7 @@ SKIP_REASONS = (
     "decoder_error",
     "decoder_crashed",
     "decode_timeout",
+    "truncated",
 )
 
 # FFmpeg's AV_TIME_BASE: container start times are in microseconds.
@@ -168,6 +169,7 @@ def decode_video(
     offset = start_offset(container.start_time, video.time_base)
     info = {"width": codec.width, "height": codec.height, "source_frames": 0, "decode_errors": 0}
     info["read_error"] = None
+    last_pts = None
     packets = container.demux(video)
     while True:
       try:
@@ -187,6 +189,7 @@ def decode_video(
         if pts is None:  # the fps filter drops frames without a timestamp
           continue
         frame.pts = pts - offset
+        last_pts = frame.pts if last_pts is None else max(last_pts, frame.pts)
         info["source_frames"] += 1
         for out in outputs:
           out.push(frame)
@@ -197,6 +200,7 @@ def decode_video(
       for chunk in out.chunks(final=True):
         yield ("rows", (out.stream.name, chunk))
     info["duration"] = _duration(container, video)
+    check_complete(info, last_pts, video)
     for out in outputs:
       if out.frames == 0:
         raise DecodeError(
@@ -205,6 +209,28 @@ def decode_video(
       info[f"frames_{out.stream.name}"] = out.frames
       info[f"rows_{out.stream.name}"] = out.stream.rows(out.frames)
   yield ("done", info)
+
+
+# A decode that ends this much before the container's duration is a truncated file.
+TRUNCATED_SLACK_S, TRUNCATED_SLACK_FRACTION = 1.0, 0.05
+
+
+def check_complete(info: dict, last_pts: int | None, video) -> None:
+  """Raises DecodeError("truncated") when the decoded frames end well before the duration the
+  container declares (a download cut short: the index promises frames the file lacks)."""
+  duration = info["duration"]
+  if not duration or last_pts is None or not video.time_base:
+    return
+  rate = video.average_rate or video.guessed_rate
+  frame = float(1 / rate) if rate else 0.0
+  covered = float(last_pts * video.time_base) + frame
+  if covered < duration - max(TRUNCATED_SLACK_S, TRUNCATED_SLACK_FRACTION * duration):
+    why = f"; read error: {info['read_error']}" if info["read_error"] else ""
+    raise DecodeError(
+        "truncated",
+        f"frames end at {covered:.1f} s of the container's {duration:.1f} s "
+        f"({info['decode_errors']} undecodable packets{why}): download the file again",
+    )
 
 
 def _duration(container, video) -> float | None:

@@ -13,13 +13,22 @@ Pods: host h of n takes the videos i with i % n == h and runs on its own devices
 embarrassingly parallel, so hosts never synchronise: no cross-host collective, nothing to wait
 for, and a slow or failed host delays only its own share (rerun it alone).
 
+Memory: a batch holds the pixels of `batch_size` nominal inputs per device (224 x 224 frames,
+16 x 112 x 112 clips); larger frames (an odd aspect ratio scaled to a short side of 224) make
+batches of fewer rows, and a partial batch is padded only to the next power of two of the devices,
+so a video costs what its pixels cost.
+
 Reruns: a video whose output files all exist is finished; files appear only complete, so a
 killed run leaves at most temporary files (`.npy.tmp-h<host>-<pid>`, removed by the next run of
-that host). Videos the manifest records as skipped are skipped again unless `retry_skipped`.
+that host). Videos the manifest records as skipped are skipped again unless `retry_skipped`,
+except a decoder crash, retried once. One job per host and output folder: a second is refused
+(`shards.output_lock`).
 
-Manifest: OUT/manifest/host-<h>-of-<n>.jsonl, one JSON line per video: `ok` with its duration,
-frames and rows per stream, or `skipped` with the reason and detail. A summary of the run is
-written beside it (`.summary.json`) and returned.
+Manifest: OUT/manifest/host-<h>-of-<n>.jsonl, JSON lines per video: `started` when its first
+rows arrive, then `ok` with its duration, frames and rows per stream, or `skipped` with the
+reason and detail. A video still `started` when a run ended (killed: out of memory?) is retried
+once; in progress when a second run ended, it is skipped as `ended_the_run`. A summary of the run
+is written beside it (`.summary.json`) and returned.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vidlankd_jax import errors
 from vidlankd_jax import sharding
 from vidlankd_jax.data import shards
 from vidlankd_jax.features import decode as decode_lib
@@ -61,6 +71,8 @@ VIDEO_EXTENSIONS = (
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MANIFEST_DIR = "manifest"
+# Skips that may not happen again (a worker killed from outside): retried once on a rerun.
+RETRIED_SKIPS = ("decoder_crashed",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +94,13 @@ class ExtractConfig:
 
   def __post_init__(self):
     if (self.video_dir is None) == (self.video_list is None):
-      raise ValueError("give exactly one of video_dir and video_list")
+      raise errors.DataError("give exactly one of video_dir and video_list")
     streams_lib.parse_streams(",".join(self.streams), self.scaler)
     for name in ("batch_size", "workers", "num_hosts"):
       if getattr(self, name) < 1:
-        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        raise errors.DataError(f"{name} must be >= 1, got {getattr(self, name)}")
     if not 0 <= self.host_index < self.num_hosts:
-      raise ValueError(f"host_index must be in [0, {self.num_hosts}), got {self.host_index}")
+      raise errors.DataError(f"host_index must be in [0, {self.num_hosts}), got {self.host_index}")
 
   @property
   def stream_specs(self) -> tuple[streams_lib.Stream, ...]:
@@ -112,7 +124,7 @@ def find_videos(cfg: ExtractConfig) -> list[tuple[str, str]]:
   """(video id, path) of every video, sorted by id; two files with one id are an error."""
   if cfg.video_dir is not None:
     if not os.path.isdir(cfg.video_dir):
-      raise FileNotFoundError(
+      raise errors.ConfigError(
           f"video folder not found ({cfg.video_dir}): pass the folder that holds the videos"
       )
     paths = [
@@ -123,7 +135,7 @@ def find_videos(cfg: ExtractConfig) -> list[tuple[str, str]]:
     ]
   else:
     if not os.path.isfile(cfg.video_list):
-      raise FileNotFoundError(
+      raise errors.ConfigError(
           f"video list not found ({cfg.video_list}): pass a file with one video path per line"
       )
     base = os.path.dirname(os.path.abspath(cfg.video_list))
@@ -134,7 +146,7 @@ def find_videos(cfg: ExtractConfig) -> list[tuple[str, str]]:
   for path in paths:
     vid = video_id(path)
     if vid in by_id and by_id[vid] != path:
-      raise ValueError(
+      raise errors.DataError(
           f"two videos would write the same feature files {vid}.npy ({by_id[vid]}, {path}): "
           "rename one of them or leave it out of the list"
       )
@@ -185,8 +197,29 @@ def iter_manifest(output_dir: str) -> Iterable[dict]:
 
 
 def read_manifests(output_dir: str) -> dict[str, dict]:
-  """The last record of each video in every host's manifest."""
-  return {record["video"]: record for record in iter_manifest(output_dir)}
+  """The last outcome (`ok` or `skipped`) of each video in every host's manifest, with
+  `ended_runs`: how many runs ended while it was in progress since (its `started` records), and
+  `tries`: its records of a retried skip in a row."""
+  last: dict[str, dict] = {}
+  for record in iter_manifest(output_dir):
+    vid = record.get("video")
+    earlier = last.get(vid, {})
+    if record.get("status") == "started":
+      last[vid] = {**earlier, "ended_runs": earlier.get("ended_runs", 0) + 1}
+      continue
+    again = record.get("reason") in RETRIED_SKIPS and record.get("reason") == earlier.get("reason")
+    last[vid] = {**record, "ended_runs": 0, "tries": earlier.get("tries", 0) + 1 if again else 1}
+  return last
+
+
+def batch_rows(global_batch: int, stream: streams_lib.Stream, input_shape, devices: int) -> int:
+  """Rows per batch for model inputs of `input_shape` ([H, W, 3] or [T, H, W, 3]): the global
+  batch at the stream's nominal frame size, fewer for larger frames so that a batch holds the
+  pixels of a nominal one (a 2560x16 video's 35840x224 frames: one per device, not 64); a
+  multiple of the devices."""
+  nominal = stream.size * stream.size
+  pixels = max(int(input_shape[-3]) * int(input_shape[-2]), nominal)
+  return max(devices, global_batch * nominal // pixels // devices * devices)
 
 
 # ------------------------------------------------------------------------------------------
@@ -293,7 +326,7 @@ class FeatureModels:
       l2_normalize: bool = True,
   ):
     if dtype not in DTYPES:
-      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+      raise errors.DataError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     self.mesh = mesh or local_mesh()
     self.dtype = dtype
     self.l2_normalize = l2_normalize
@@ -326,8 +359,11 @@ class _Manifest:
     self.path = os.path.join(cfg.output_dir, MANIFEST_DIR, cfg.host_tag + ".jsonl")
 
   def append(self, record: dict) -> None:
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+    try:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    except OSError as e:  # a full disk: name the manifest
+      raise errors.storage_error(e, self.path) from e
 
 
 def run(
@@ -340,11 +376,18 @@ def run(
 ) -> dict:
   """Extracts this host's share of the videos; returns the summary (also written beside the
   manifest). `videos` is `find_videos(cfg)` when already listed; `pool` replaces the default
-  DecodePool (tests inject failing decoders)."""
+  DecodePool (tests inject failing decoders). A second job of this host on `cfg.output_dir` is
+  refused while this one runs."""
+  lock_dir = os.path.join(cfg.output_dir, MANIFEST_DIR)
+  with shards.output_lock(lock_dir, f".lock-{cfg.host_tag}", "feature extraction job"):
+    return _run_locked(cfg, models, log=log, pool=pool, videos=videos)
+
+
+def _run_locked(cfg: ExtractConfig, models: FeatureModels, *, log, pool, videos) -> dict:
   streams = cfg.stream_specs
   missing = [s.name for s in streams if s.name not in models.fns]
   if missing:
-    raise ValueError(f"no model given for stream(s) {missing}")
+    raise errors.DataError(f"no model given for stream(s) {missing}")
   if models.l2_normalize != cfg.l2_normalize:
     raise ValueError(
         f"the models' l2_normalize ({models.l2_normalize}) differs from the config's "
@@ -361,9 +404,24 @@ def run(
   previously_skipped = (
       set()
       if cfg.retry_skipped
-      else {vid for vid, rec in earlier.items() if rec.get("status") == "skipped"}
+      else {
+          vid
+          for vid, rec in earlier.items()
+          if rec.get("status") == "skipped"
+          and (rec.get("reason") not in RETRIED_SKIPS or rec.get("tries", 1) >= 2)
+          and not rec.get("ended_runs")
+      }
   )
-  todo = [(v, p) for v, p in share if v not in finished and v not in previously_skipped]
+  ended_twice = {
+      vid
+      for vid, rec in earlier.items()
+      if rec.get("ended_runs", 0) >= 2 and vid not in finished and not cfg.retry_skipped
+  }
+  todo = [
+      (v, p)
+      for v, p in share
+      if v not in finished and v not in previously_skipped and v not in ended_twice
+  ]
   summary = {
       "host": cfg.host_tag,
       "videos_listed": len(videos),
@@ -389,6 +447,19 @@ def run(
   global_batch = cfg.batch_size * models.mesh.size
   by_name = {s.name: s for s in streams}
   manifest = _Manifest(cfg)
+  for vid in (v for v, _ in share if v in ended_twice):
+    path = dict(share)[vid]
+    log(f"[extract] {vid}: the last two runs ended while it was in progress")
+    _skip_record(
+        summary,
+        manifest,
+        log,
+        vid,
+        path,
+        "ended_the_run",
+        "two runs ended (killed, out "
+        "of memory?) while it was in progress; --retry_skipped tries it again",
+    )
   progress = shards.Progress("extract", len(todo), "videos", cfg.progress_interval)
   pool = pool or decode_lib.DecodePool(streams, cfg.workers, stall_timeout=cfg.stall_timeout)
 
@@ -400,14 +471,7 @@ def run(
   counts = {"videos": 0, "rows": collections.Counter(), "dispatched": 0}
 
   def skip(vid: str, path: str, reason: str, detail: str) -> None:
-    summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
-    message = f"{vid} ({path}): {reason}: {detail}"
-    if len(summary["skipped_examples"]) < 50:
-      summary["skipped_examples"].append(message)
-    log(f"[extract] skipped {message}")
-    manifest.append(
-        {"video": vid, "path": path, "status": "skipped", "reason": reason, "detail": detail}
-    )
+    _skip_record(summary, manifest, log, vid, path, reason, detail)
     counts["videos"] += 1
 
   def write(vid: str, video: _Video) -> None:
@@ -467,6 +531,8 @@ def run(
           dispatch(key, pad=True)
 
   def on_event(vid: str, kind: str, payload) -> None:
+    if vid not in state:  # recorded first: a run that dies on this video leaves its name
+      manifest.append({"video": vid, "path": paths[vid], "status": "started"})
     video = state.setdefault(vid, _Video(paths[vid], {s.name: 0 for s in streams}))
     if kind == "rows":
       name, rows = payload
@@ -474,8 +540,9 @@ def run(
         return
       key = (name,) + rows.shape[1:]
       if key not in batchers:
-        batchers[key] = Batcher(global_batch, models.mesh.size)
-        log(f"[extract] compiling the {name} model for inputs {rows.shape[1:]}")
+        size = batch_rows(global_batch, by_name[name], rows.shape[1:], models.mesh.size)
+        batchers[key] = Batcher(size, models.mesh.size)
+        log(f"[extract] compiling the {name} model for inputs {rows.shape[1:]} ({size} a batch)")
       batchers[key].add(vid, video.received[name], rows)
       video.received[name] += len(rows)
       video.outstanding += len(rows)
@@ -515,6 +582,18 @@ def run(
       f"{summary['skipped'] or ''}; manifest {manifest.path}"
   )
   return summary
+
+
+def _skip_record(summary, manifest, log, vid: str, path: str, reason: str, detail: str) -> None:
+  """Counts a skipped video in `summary`, logs it and records it in the manifest."""
+  summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
+  message = f"{vid} ({path}): {reason}: {detail}"
+  if len(summary["skipped_examples"]) < 50:
+    summary["skipped_examples"].append(message)
+  log(f"[extract] skipped {message}")
+  manifest.append(
+      {"video": vid, "path": path, "status": "skipped", "reason": reason, "detail": detail}
+  )
 
 
 def _rates(rows: collections.Counter, elapsed: float, streams: dict) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vidlankd_jax import errors
 from vidlankd_jax import sharding as sharding_lib
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM, BertModel
 
@@ -81,9 +82,9 @@ def config_from_hf(config: dict, **overrides) -> BertConfig:
   """Our BertConfig from a Hugging Face `config.json` dict."""
   act = config.get("hidden_act", "gelu")
   if act != "gelu":
-    raise ValueError(f"config.json: hidden_act {act!r} is not supported (only exact 'gelu')")
+    raise errors.DataError(f"config.json: hidden_act {act!r} is not supported (only exact 'gelu')")
   if config.get("position_embedding_type", "absolute") != "absolute":
-    raise ValueError("config.json: only absolute position embeddings are supported")
+    raise errors.DataError("config.json: only absolute position embeddings are supported")
   return BertConfig(
       vocab_size=config["vocab_size"],
       hidden_size=config["hidden_size"],
@@ -131,11 +132,13 @@ def read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
     try:
       tensors = load_file(st_path)
     except Exception as e:  # safetensors raises several error types for damaged files
-      raise ValueError(f"{st_path}: not a readable safetensors file ({e})") from e
+      raise errors.DataError(f"{st_path}: not a readable safetensors file ({e})") from e
   elif os.path.exists(pt_path):
     tensors = read_torch_state_dict(pt_path)
   else:
-    raise FileNotFoundError(f"{model_dir}: neither model.safetensors nor pytorch_model.bin found")
+    raise errors.MissingFileError(
+        f"{model_dir}: neither model.safetensors nor pytorch_model.bin found"
+    )
   return {k: np.asarray(v) for k, v in tensors.items()}
 
 
@@ -151,7 +154,7 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several error types for damaged files
-    raise ValueError(f"{path}: not a readable PyTorch state dict ({e})") from e
+    raise errors.DataError(f"{path}: not a readable PyTorch state dict ({e})") from e
   if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
     state = state["state_dict"]
   return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
@@ -201,7 +204,7 @@ def assign(module: nnx.Module, path: tuple, value: np.ndarray, key: str) -> None
   var = variable(module, path)
   current = var.get_value()
   if tuple(current.shape) != tuple(value.shape):
-    raise ValueError(
+    raise errors.DataError(
         f"checkpoint tensor {key!r}: shape {tuple(value.shape)} does not fit "
         f"{'.'.join(map(str, path))} of shape {tuple(current.shape)}"
     )
@@ -230,7 +233,7 @@ def load_state_dict(
   # A pooler is absent from BertForMaskedLM checkpoints: keep the fresh one rather than fail.
   missing = [k for k in missing if not k.endswith(("pooler.dense.weight", "pooler.dense.bias"))]
   if missing:
-    raise ValueError(
+    raise errors.DataError(
         f"checkpoint lacks {len(missing)} weight(s) the model needs: {missing[:8]}"
         + (" ..." if len(missing) > 8 else "")
     )
@@ -299,9 +302,9 @@ def read_config(model_dir: str, **overrides) -> BertConfig:
     with open(path, encoding="utf-8") as f:
       return config_from_hf(json.load(f), **overrides)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{model_dir}: no config.json") from e
+    raise errors.MissingFileError(f"{model_dir}: no config.json") from e
   except (json.JSONDecodeError, KeyError) as e:
-    raise ValueError(f"{path}: not a BERT config ({e})") from e
+    raise errors.DataError(f"{path}: not a BERT config ({e})") from e
 
 
 def from_pretrained(
@@ -316,7 +319,7 @@ def from_pretrained(
   )
   state = read_state_dict(model_dir)
   if with_mlm_head and not any(k.startswith("cls.predictions.") for k in normalise_keys(state)):
-    raise ValueError(
+    raise errors.DataError(
         f"{model_dir}: has no MLM head (cls.predictions.*); load with with_mlm_head=False"
     )
   load_state_dict(model, state)

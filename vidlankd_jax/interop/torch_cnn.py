@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from vidlankd_jax import errors
 from vidlankd_jax.interop import hf_bert
 from vidlankd_jax.models import resnet
 
@@ -106,7 +107,7 @@ def load_state_dict(model: resnet.ResNet, state_dict: dict[str, np.ndarray], sou
   if missing or unexpected:
     problems = [f"{len(missing)} missing weight(s) {missing[:4]}"] if missing else []
     problems += [f"{len(unexpected)} unexpected {unexpected[:4]}"] if unexpected else []
-    raise ValueError(
+    raise errors.DataError(
         f"not a checkpoint of this bottleneck ResNet, blocks {model.config.stage_blocks} "
         f"({source}): {', '.join(problems)}"
     )
@@ -118,7 +119,7 @@ def load_state_dict(model: resnet.ResNet, state_dict: dict[str, np.ndarray], sou
         target.shape[1 if index is not None else 0 : -2]
     )
     if tuple(weight.shape) != torch_shape:
-      raise ValueError(
+      raise errors.DataError(
           f"{conv_name}.weight has shape {tuple(weight.shape)}, the model needs {torch_shape} "
           f"({source})"
       )
@@ -144,14 +145,14 @@ def _has_conv(model: resnet.ResNet, path: tuple) -> bool:
 def read_checkpoint(path: str, source: WeightsSource) -> dict[str, np.ndarray]:
   """The tensors of a PyTorch checkpoint file; a missing file says where to get it."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"{source.label} weights not found ({path}): download {source.where} and pass it as "
         f"{source.flag}"
     )
   try:
     return hf_bert.read_torch_state_dict(path)
   except ValueError as e:
-    raise ValueError(f"{e}: {source.flag} wants {source.where}") from None
+    raise errors.DataError(f"{e}: {source.flag} wants {source.where}") from None
 
 
 KNOWN_WEIGHTS = (RESNET152_WEIGHTS, RESNEXT101_WEIGHTS)
@@ -196,7 +197,7 @@ def load_resnet(path: str, source: WeightsSource) -> resnet.ResNet:
   try:
     load_state_dict(model, state, path)
   except ValueError as e:
-    raise ValueError(f"{e}; {source.flag} wants {source.where}") from None
+    raise errors.DataError(f"{e}; {source.flag} wants {source.where}") from None
   unset = [x for x in jax.tree.leaves(nnx.state(model)) if not isinstance(x, jax.Array)]
   assert not unset, f"{len(unset)} weights were not loaded"
   return model

@@ -40,6 +40,7 @@ import os
 
 import numpy as np
 
+from vidlankd_jax import errors
 from vidlankd_jax.interop import hf_bert
 from vidlankd_jax.models.bert import BertForMaskedLM
 from vidlankd_jax.models.student import Student
@@ -101,7 +102,7 @@ def video_key_map(num_layers: int) -> dict[str, tuple[tuple, str | None]]:
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
   """A released `.bin`/`.chkpt` file as numpy arrays, `module.` prefixes and old names normalised."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
+    raise errors.MissingFileError(f"{path}: no such file")
   return hf_bert.normalise_keys(hf_bert.read_torch_state_dict(path))
 
 
@@ -111,7 +112,7 @@ def _unknown(keys, unused: tuple[str, ...]) -> list[str]:
 
 def _check_all_used(where: str, unknown: list[str]) -> None:
   if unknown:
-    raise ValueError(
+    raise errors.DataError(
         f"{where}: {len(unknown)} tensor(s) this import does not know: {unknown[:8]}"
         + (" ..." if len(unknown) > 8 else "")
     )
@@ -122,7 +123,9 @@ def video_architecture(state_dict: dict[str, np.ndarray], where: str) -> dict[st
 
   def shape(key):
     if key not in state_dict:
-      raise ValueError(f"{where}: lacks {key!r}; is this a released VidLanKD visn_model.chkpt?")
+      raise errors.DataError(
+          f"{where}: lacks {key!r}; is this a released VidLanKD visn_model.chkpt?"
+      )
     return state_dict[key].shape
 
   projection, input_dim = shape("backbone.video_encoder.new_video_embeddings.0.weight")
@@ -146,7 +149,7 @@ def load_video(video: VideoEncoder, state_dict: dict[str, np.ndarray], where: st
   table = video_key_map(video.config.num_layers)
   missing = sorted(k for k in table if k not in state_dict)
   if missing:
-    raise ValueError(
+    raise errors.DataError(
         f"{where}: lacks {len(missing)} tensor(s) the video encoder needs: {missing[:8]}"
         + (" ..." if len(missing) > 8 else "")
     )
@@ -159,7 +162,7 @@ def load_video(video: VideoEncoder, state_dict: dict[str, np.ndarray], where: st
       value = value[: hf_bert.variable(video, path).get_value().shape[0]]
     elif transform == _SWAP_ROWS:
       if value.shape[0] < 2:
-        raise ValueError(
+        raise errors.DataError(
             f"{where}: {key!r} has {value.shape[0]} row(s); video steps use token type 1"
         )
       value = np.concatenate([value[1:2], value[0:1], value[2:]])
@@ -174,13 +177,13 @@ def load_language(
 ) -> None:
   """Copies a released language model (BertForMaskedLM names) into `model`; unknown keys are errors."""
   if not any(k.startswith("cls.predictions.") for k in state_dict):
-    raise ValueError(
+    raise errors.DataError(
         f"{where}: has no MLM head (cls.predictions.*); the released language models have one"
     )
   try:
     leftover = hf_bert.load_state_dict(model, state_dict)
   except ValueError as e:
-    raise ValueError(f"{where}: {e}") from e
+    raise errors.DataError(f"{where}: {e}") from e
   _check_all_used(where, _unknown(leftover, unused))
 
 
@@ -216,7 +219,7 @@ def load_student(student: Student, state_dict: dict[str, np.ndarray], where: str
       ):
         key = f"{prefix}{theirs}.{param}"
         if key not in state_dict:
-          raise ValueError(f"{where}: lacks {key!r} of the {name} distillation head")
+          raise errors.DataError(f"{where}: lacks {key!r} of the {name} distillation head")
         value = state_dict[key].T if transpose else state_dict[key]
         hf_bert.assign(student.kd_heads[name], (ours, ours_param), value, f"{where}: {key}")
 
@@ -228,6 +231,8 @@ def read_hf_config(model_dir: str) -> dict:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except FileNotFoundError as e:
-    raise FileNotFoundError(f"{model_dir}: no config.json (the released folders have one)") from e
+    raise errors.MissingFileError(
+        f"{model_dir}: no config.json (the released folders have one)"
+    ) from e
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
+    raise errors.DataError(f"{path}: not valid JSON ({e})") from e

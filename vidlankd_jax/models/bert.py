@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vidlankd_jax import errors
+
 Array = jax.Array
 
 # What a layer's backward pass may keep from its forward pass (the rest is recomputed).
@@ -37,7 +39,7 @@ def resolve_dtype(name: str) -> str:
   """The compute dtype a config's `dtype` names: "auto" is bfloat16 on accelerators, float32 on
   CPU."""
   if name not in DTYPES:
-    raise ValueError(f"config dtype {name!r} is not one of {DTYPES}")
+    raise errors.ConfigError(f"config dtype {name!r} is not one of {DTYPES}")
   if name == "auto":
     return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
   return name
@@ -68,7 +70,7 @@ class BertConfig:
     if isinstance(self.remat, bool):  # configs written before the policies existed
       object.__setattr__(self, "remat", "full" if self.remat else "none")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+      raise errors.ConfigError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
     object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
 
   @classmethod

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vidlankd_jax import objectives as kd_objectives
+from vidlankd_jax import errors
 from vidlankd_jax.models.bert import BertConfig, BertForMaskedLM, dense, gelu, layer_norm
 from vidlankd_jax.ops import l2_normalize
 
@@ -84,7 +85,7 @@ class Student(nnx.Module):
         heads[name] = DistillationHead(cfg, teacher_hidden_size, rngs=rngs)
       elif head == kd_objectives.VOKEN_HEAD:
         if num_vokens <= 0:
-          raise ValueError(
+          raise errors.ConfigError(
               f"the voken objective needs a positive number of vokens, got {num_vokens}"
           )
         heads[name] = VokenClassifier(cfg, num_vokens, rngs=rngs)

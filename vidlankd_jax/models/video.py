@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vidlankd_jax import errors
 from vidlankd_jax.ops import l2_normalize
 from vidlankd_jax.models.bert import BertConfig, TransformerStack, dense, embedding, layer_norm
 
@@ -41,7 +42,7 @@ class VideoEncoder(nnx.Module):
       rngs: nnx.Rngs,
   ):
     if embedding_passes not in (1, 2):
-      raise ValueError(
+      raise errors.ConfigError(
           f"embedding_passes must be 1 or 2 (config.video.embedding_passes), "
           f"got {embedding_passes}"
       )

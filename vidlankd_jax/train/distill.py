@@ -34,6 +34,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vidlankd_jax import console
+from vidlankd_jax import errors
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
 from vidlankd_jax import objectives as kd_objectives
@@ -69,13 +70,13 @@ class KDSpec:
     """Errors name the config key at fault."""
     objectives = kd_objectives.check(config)
     if config.teacher.input not in TEACHER_INPUTS:
-      raise ValueError(
+      raise errors.ConfigError(
           f"config.teacher.input {config.teacher.input!r} is not one of {TEACHER_INPUTS}"
       )
     if (objectives or config.teacher.workdir) and (
         config.teacher.model.vocab_size != config.model.vocab_size
     ):
-      raise ValueError(
+      raise errors.ConfigError(
           f"config.teacher.model.vocab_size {config.teacher.model.vocab_size} differs "
           f"from config.model.vocab_size {config.model.vocab_size}: student and "
           "teacher must read the same token ids"
@@ -136,7 +137,7 @@ class Models(NamedTuple):
 def load_teacher(config, mesh) -> Teacher:
   """The whole teacher `config.teacher` describes, trained params from its run, on `mesh`."""
   if not config.teacher.workdir:
-    raise ValueError(
+    raise errors.ConfigError(
         "config.teacher.workdir is empty: name the teacher run's workdir "
         "(only objectives=none trains without a teacher)"
     )
@@ -164,7 +165,7 @@ def crd_memory_size(config, num_shards: int) -> int:
   size = int(crd.memory_size)
   if crd.hash_rows:
     if size <= 0:
-      raise ValueError("config.kd.crd.hash_rows needs config.kd.crd.memory_size > 0")
+      raise errors.ConfigError("config.kd.crd.hash_rows needs config.kd.crd.memory_size > 0")
     if num_examples is None:
       console.info(
           f"CRD memory rows are token hashes into {size} rows (config.kd.crd.hash_rows); the "
@@ -180,26 +181,26 @@ def crd_memory_size(config, num_shards: int) -> int:
           f"{sharing['later_epochs']:.1%} after it (expected)"
       )
   elif summary is not None and summary.get("settings", {}).get("example_ids") != "dense":
-    raise ValueError(
+    raise errors.ConfigError(
         f"{summary_path}: these text shards carry no example_id (written by an older "
         "tools/make_text_tfrecords.py): convert the corpus again for the CRD memory, or set "
         "config.kd.crd.hash_rows=True (rows shared, see its printed collision rate)"
     )
   elif size <= 0:
     if num_examples is None:
-      raise ValueError(
+      raise errors.ConfigError(
           f"config.kd.crd.memory_size is 0 (one row per example of the corpus) but {summary_path}"
           " is missing: convert the corpus with tools/make_text_tfrecords.py, or set the size"
       )
     size = -(-num_examples // num_shards) * num_shards
   elif num_examples is not None and size < num_examples:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.kd.crd.memory_size {size} is smaller than the {num_examples} examples of "
         f"{config.data.task} ({summary_path}): every example needs its own row; set it to 0 "
         f"(sized to the corpus) or at least {num_examples}"
     )
   if size % num_shards:
-    raise ValueError(
+    raise errors.ConfigError(
         f"config.kd.crd.memory_size {size} is not divisible by the "
         f"{num_shards} data-parallel shards of the mesh"
     )
@@ -247,7 +248,7 @@ def clip_vectors(teacher: Teacher, config, mesh, vocab_file: str) -> np.ndarray:
     if count >= voken.num_clips:
       break
   if not count:
-    raise ValueError(f"config.kd.voken.data_dir {voken.data_dir}: no validation clips")
+    raise errors.ConfigError(f"config.kd.voken.data_dir {voken.data_dir}: no validation clips")
   return np.concatenate(chunks)[: voken.num_clips]
 
 
@@ -477,7 +478,7 @@ def evaluate(state, jitted_eval, *, spec, config, mesh) -> dict[str, float]:
       for k, v in values.items():
         target[k] = target.get(k, 0.0) + np.asarray(v, np.float64)
   if not sums:
-    raise ValueError(f"no validation data for task {spec.task} in {spec.data_dir}")
+    raise errors.ConfigError(f"no validation data for task {spec.task} in {spec.data_dir}")
   count, full = max(float(sums["mlm_count"]), 1.0), max(float(sums["full_batches"]), 1.0)
   metrics = {"mlm_loss": sums["mlm_loss"] / count, "mlm_accuracy": sums["mlm_accuracy"] / count}
   for k, v in sums.items():

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vidlankd_jax import console
+from vidlankd_jax import errors
 from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as ts
@@ -110,7 +111,7 @@ def read_eval_batches(spec, split: str, config) -> list[dict]:
       break
     batches.append(batch)
   if not batches:
-    raise ValueError(f"{spec.name}/{split}: no evaluation examples ({spec.description})")
+    raise errors.DataError(f"{spec.name}/{split}: no evaluation examples ({spec.description})")
   return batches
 
 
@@ -220,9 +221,11 @@ def parse_seeds(seeds: str) -> list[int]:
   try:
     out = [int(s) for s in str(seeds).replace(" ", "").split(",") if s]
   except ValueError as e:
-    raise ValueError(f"config.seeds {seeds!r} is not a comma-separated list of integers") from e
+    raise errors.DataError(
+        f"config.seeds {seeds!r} is not a comma-separated list of integers"
+    ) from e
   if not out or len(set(out)) != len(out):
-    raise ValueError(f"config.seeds {seeds!r} must list distinct seeds, e.g. '1,2,3'")
+    raise errors.DataError(f"config.seeds {seeds!r} must list distinct seeds, e.g. '1,2,3'")
   return out
 
 
@@ -230,12 +233,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Fine-tunes `config.data.task` once per seed of `config.seeds` and writes the results."""
   spec = downstream.register_from_config(config.data)
   if not spec.train_split:
-    raise ValueError(
+    raise errors.DataError(
         f"{spec.name} has no training split (e.g. glue_ax is scored with an MNLI "
         "model's predictions)"
     )
   if config.eval.glue_ax and spec.name != "glue_mnli":
-    raise ValueError(f"config.eval.glue_ax scores an MNLI model; the task is {spec.name}")
+    raise errors.DataError(f"config.eval.glue_ax scores an MNLI model; the task is {spec.name}")
   seq_len = config.data.seq_len or spec.seq_len
   seeds = parse_seeds(config.seeds)
   init = runs.read_initial_encoder(
@@ -245,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   vocab_file = config.data.vocab_file or vocab_lib.default_vocab_file()
   vocab_size = len(vocab_lib.read_vocab_file(vocab_file))
   if vocab_size > bert_cfg.vocab_size:
-    raise ValueError(
+    raise errors.DataError(
         f"the vocabulary has {vocab_size} entries but the encoder only {bert_cfg.vocab_size}"
     )
 
@@ -263,6 +266,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   mesh = sharding.make_mesh(config.mesh)
   eval_sets = {split: read_eval_batches(spec, split, config) for split in spec.eval_splits}
+  for split, batches in eval_sets.items():
+    downstream.check_labels(spec, split, gold_labels(batches))
   span_examples = (
       {split: downstream.get_span_examples(spec.name, split) for split in eval_sets}
       if spec.kind == "span"
@@ -338,7 +343,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     final = loop.fit(program, config, seed_dir, mesh, config_dir=workdir)
     per_seed[seed] = {k.removeprefix("eval/"): v for k, v in final.items()}
     if primary not in per_seed[seed]:
-      raise KeyError(
+      raise errors.UnknownNameError(
           f"config.eval.primary_metric {config.eval.primary_metric!r} is not among "
           f"{spec.name}'s metrics {sorted(per_seed[seed])}"
       )

@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 
 from vidlankd_jax import console
+from vidlankd_jax import errors
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import configlib
 from vidlankd_jax import runs
@@ -78,12 +79,12 @@ def pretraining_program(
   )
 
 
-class Preempted(Exception):
+class Preempted(errors.Stopped):
   """The run stopped on request (SIGTERM, a pod's preemption notice) after saving a checkpoint;
   running the same command again resumes it."""
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.UserError, FloatingPointError):
   """A loss or gradient was NaN/inf; the message names the step and the losses."""
 
 
@@ -297,8 +298,10 @@ def next_batch(batches: pipeline.DevicePrefetch, step: int, on_interrupt) -> dic
   except pipeline.InputWaitInterrupted:
     if on_interrupt is not None:
       on_interrupt(step)
-    console.info(f"stopped at step {step} on request while waiting for input; rerun to resume")
-    raise Preempted(f"stopped at step {step} while waiting for input") from None
+    raise Preempted(
+        f"stopped at step {step} on request while waiting for input; rerun the same command to "
+        f"resume (exit {errors.STOPPED_EXIT})"
+    ) from None
 
 
 def is_due(step: int, every: int, total: int) -> bool:
@@ -324,7 +327,9 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
   """
   policy = config.train.on_nonfinite
   if policy not in NONFINITE_POLICIES:
-    raise ValueError(f"config.train.on_nonfinite {policy!r} is not one of {NONFINITE_POLICIES}")
+    raise errors.ConfigError(
+        f"config.train.on_nonfinite {policy!r} is not one of {NONFINITE_POLICIES}"
+    )
   check_writable(workdir)
   total = int(program.steps)
   state = program.state
@@ -428,8 +433,10 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
         ckpt.save(done, state, metrics=eval_metrics if evaluate else None, force=True)
         saved_step = done
       if stop:
-        console.info(f"stopped at step {done} on request; checkpoint saved, rerun to resume")
-        raise Preempted(f"stopped at step {done}")
+        raise Preempted(
+            f"stopped at step {done} on request, checkpoint saved in {ckpt.directory}; rerun the "
+            f"same command to resume (exit {errors.STOPPED_EXIT})"
+        )
     if pending is not None:
       settle()
     if start_step >= total:  # finished earlier: its final metrics, not logged a second time

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from vidlankd_jax import console
+from vidlankd_jax import errors
 from vidlankd_jax import checkpoint as ckpt_lib
 from vidlankd_jax import losses
 from vidlankd_jax import sharding
@@ -37,7 +38,7 @@ def contrastive_loss(loss_cfg, tokens, clip, mask):
     return losses.batchwise_hinge_rank_loss(tokens, clip, mask, loss_cfg.margin)
   if loss_cfg.contrastive == "info_nce":
     return losses.info_nce_loss(tokens, clip, mask, loss_cfg.temperature)
-  raise ValueError(
+  raise errors.ConfigError(
       f"config.loss.contrastive {loss_cfg.contrastive!r} is not one of {CONTRASTIVE_LOSSES}"
   )
 
@@ -117,7 +118,7 @@ def evaluate(state, jitted_eval, *, spec, config, mesh) -> dict[str, float]:
     sentences.append(np.asarray(vectors["sentence"])[keep])
     clips.append(np.asarray(vectors["clip"])[keep])
   if not sentences:
-    raise ValueError(f"no validation data for task {spec.task} in {spec.data_dir}")
+    raise errors.DataError(f"no validation data for task {spec.task} in {spec.data_dir}")
   n = config.eval.retrieval_clips
   metrics = retrieval_metrics(np.concatenate(sentences)[:n], np.concatenate(clips)[:n])
   count = max(sums["mlm_count"], 1.0)

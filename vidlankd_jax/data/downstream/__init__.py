@@ -13,6 +13,7 @@ from vidlankd_jax.data.downstream.encoding import KINDS, MODEL_FEATURES
 from vidlankd_jax.data.downstream.registry import (
     DownstreamSpec,
     SpanExample,
+    check_labels,
     downstream_specs,
     eval_fields,
     evaluate_span_predictions,
@@ -31,6 +32,7 @@ __all__ = [
     "DownstreamSpec",
     "SpanExample",
     "TfdsSource",
+    "check_labels",
     "downstream_specs",
     "eval_fields",
     "evaluate_span_predictions",

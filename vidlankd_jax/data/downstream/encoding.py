@@ -26,6 +26,8 @@ from __future__ import annotations
 from typing import Mapping
 
 import seqio
+
+from vidlankd_jax import errors
 import tensorflow as tf
 import tensorflow_text as tf_text
 
@@ -58,7 +60,7 @@ def eager_vocabulary(vocab):
 def sequence_length_of(sequence_length: Mapping | None) -> int:
   """L from seqio's sequence_length {'input_ids': L or (C, L)}."""
   if not sequence_length or sequence_length.get("input_ids") is None:
-    raise ValueError(
+    raise errors.DataError(
         "Downstream tasks need sequence_length={'input_ids': L} (or (C, L) for choices)."
     )
   length = sequence_length["input_ids"]
@@ -233,12 +235,12 @@ def span_preprocessor(
   vocab = eager_vocabulary(output_features["input_ids"].vocabulary)
   length = sequence_length_of(sequence_length)
   if length - max_query_length - 3 <= 0:
-    raise ValueError(
+    raise errors.DataError(
         f"Span sequence length {length} leaves no room for the context after a question of up "
         f"to {max_query_length} tokens and 3 special tokens."
     )
   if doc_stride <= 0:
-    raise ValueError(f"doc_stride must be positive, got {doc_stride}.")
+    raise errors.DataError(f"doc_stride must be positive, got {doc_stride}.")
   tokens = tf.constant(vocab.tokens)
 
   @tf.autograph.experimental.do_not_convert
@@ -298,7 +300,7 @@ def output_features(
 ) -> dict[str, seqio.Feature]:
   """seqio output features of a kind: model inputs and labels (bookkeeping passes through)."""
   if kind not in KINDS:
-    raise ValueError(f"Unknown task kind {kind!r}; expected one of {KINDS}.")
+    raise errors.DataError(f"Unknown task kind {kind!r}; expected one of {KINDS}.")
   rank = 2 if kind == "multiple_choice" else 1
   binary = seqio.PassThroughVocabulary(2)
   features = {

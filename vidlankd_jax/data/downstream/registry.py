@@ -16,6 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from vidlankd_jax import errors
 from vidlankd_jax.data import batching
 from vidlankd_jax.data.downstream import encoding
 from vidlankd_jax.evaluation import metrics
@@ -60,11 +61,11 @@ class DownstreamSpec:
 
   def __post_init__(self):
     if self.kind not in encoding.KINDS:
-      raise ValueError(
+      raise errors.DataError(
           f"{self.name}: unknown kind {self.kind!r}; expected one of {encoding.KINDS}."
       )
     if self.label_names and len(self.label_names) != self.num_labels:
-      raise ValueError(
+      raise errors.DataError(
           f"{self.name}: {len(self.label_names)} label names for {self.num_labels} labels."
       )
 
@@ -116,7 +117,7 @@ def register_benchmark(spec: DownstreamSpec, vocab: seqio.Vocabulary) -> seqio.T
 
 def get_downstream_spec(task_name: str) -> DownstreamSpec:
   if task_name not in _SPECS:
-    raise KeyError(
+    raise errors.UnknownNameError(
         f"No downstream benchmark {task_name!r} is registered (known: {sorted(_SPECS)}); "
         "call register_downstream_tasks(...) first."
     )
@@ -150,9 +151,9 @@ def get_downstream_dataset(
   """
   spec = get_downstream_spec(task_name)
   if split not in spec.splits:
-    raise ValueError(f"{task_name} has no split {split!r}; its splits are {spec.splits}.")
+    raise errors.DataError(f"{task_name} has no split {split!r}; its splits are {spec.splits}.")
   if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    raise errors.DataError(f"batch_size must be positive, got {batch_size}.")
   ds = seqio.get_mixture_or_task(task_name).get_dataset(
       sequence_length=spec.sequence_length(seq_len),
       split=split,
@@ -181,13 +182,55 @@ def training_stats(spec: DownstreamSpec, seq_len: int) -> tuple[int, np.ndarray 
     )
   ds = spec.source.get_dataset(split=spec.train_split, shuffle=False).map(spec.formatter)
   if spec.kind == "regression":
-    return int(ds.reduce(np.int64(0), lambda n, _: n + 1)), None
-  counts = ds.reduce(
-      tf.zeros([spec.num_labels], tf.int64),
-      lambda c, ex: c + tf.one_hot(tf.cast(ex["label"], tf.int32), spec.num_labels, dtype=tf.int64),
+    return _some_examples(spec, int(ds.reduce(np.int64(0), lambda n, _: n + 1))), None
+  n = spec.num_labels
+
+  def count(counts, ex):  # labels outside [0, n) in an extra bucket, not silently dropped
+    label = tf.cast(ex["label"], tf.int32)
+    inside = (label >= 0) & (label < n)
+    return counts + tf.one_hot(tf.where(inside, label, n), n + 1, dtype=tf.int64)
+
+  counts = np.asarray(ds.reduce(tf.zeros([n + 1], tf.int64), count))
+  if counts[n]:
+    rows = ds.enumerate().filter(
+        lambda i, ex: (tf.cast(ex["label"], tf.int32) < 0) | (tf.cast(ex["label"], tf.int32) >= n)
+    )
+    bad = [(int(i), ex["label"].item()) for i, ex in rows.take(3).as_numpy_iterator()]
+    raise _label_error(spec, spec.train_split, int(counts[n]), bad)
+  return _some_examples(spec, int(counts[:n].sum())), counts[:n]
+
+
+def _some_examples(spec: DownstreamSpec, count: int) -> int:
+  """`count`, or a DataError when the training split holds no example (0 steps would be run and
+  an untrained model scored)."""
+  if count == 0:
+    raise errors.DataError(
+        f"the {spec.train_split} split holds no example",
+        spec.name,
+        f"check its file ({spec.description}); at least one training example is needed",
+    )
+  return count
+
+
+def _label_error(spec, split: str, count: int, bad: list) -> errors.DataError:
+  rows = ", ".join(f"row {i}: {label}" for i, label in bad)
+  return errors.DataError(
+      f"{count} label(s) of the {split} split are outside 0..{spec.num_labels - 1} ({rows})",
+      spec.name,
+      f"use label ids below num_labels={spec.num_labels} (or raise num_labels in the benchmark's "
+      "DownstreamSpec)",
   )
-  counts = np.asarray(counts)
-  return int(counts.sum()), counts
+
+
+def check_labels(spec: DownstreamSpec, split: str, labels: np.ndarray) -> None:
+  """A DataError when a classification or multiple-choice split holds a label outside
+  [0, num_labels): it would be scored as wrong, not reported."""
+  if spec.kind not in ("classification", "multiple_choice"):
+    return
+  labels = np.asarray(labels).astype(np.int64)
+  bad = np.flatnonzero((labels < 0) | (labels >= spec.num_labels))
+  if len(bad):
+    raise _label_error(spec, split, len(bad), [(int(i), int(labels[i])) for i in bad[:3]])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,13 +245,13 @@ def get_span_examples(task_name: str, split: str) -> dict[str, SpanExample]:
   """Question id -> context and gold answers of a span benchmark's split (no tokenization)."""
   spec = get_downstream_spec(task_name)
   if spec.kind != "span":
-    raise ValueError(f"{task_name} is a {spec.kind} task, not a span task.")
+    raise errors.DataError(f"{task_name} is a {spec.kind} task, not a span task.")
   ds = spec.source.get_dataset(split=split, shuffle=False).map(spec.formatter)
   out = {}
   for ex in ds.as_numpy_iterator():
     qid = ex["example_id"].decode("utf-8")
     if qid in out:
-      raise ValueError(f"{task_name}/{split}: question id {qid!r} occurs twice.")
+      raise errors.DataError(f"{task_name}/{split}: question id {qid!r} occurs twice.")
     out[qid] = SpanExample(
         ex["context"].decode("utf-8"), tuple(a.decode("utf-8") for a in ex["answer_text"])
     )
@@ -247,7 +290,7 @@ def evaluate_span_predictions(
   )
   unseen = [q for q in examples if q not in decoding.predictions]
   if unseen:
-    raise ValueError(
+    raise errors.DataError(
         f"{task_name}/{split}: no windows for {len(unseen)} questions, e.g. {unseen[:5]}."
     )
   targets = {q: list(e.answers) for q, e in examples.items()}

@@ -16,6 +16,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vidlankd_jax import errors
 from vidlankd_jax.evaluation import metrics
 
 
@@ -74,10 +75,10 @@ def file_source(
 
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     if split not in split_files:
-      raise ValueError(f"Unknown split {split!r}; this source has {sorted(split_files)}.")
+      raise errors.DataError(f"Unknown split {split!r}; this source has {sorted(split_files)}.")
     path = split_files[split]
     if not path or not os.path.isfile(path):
-      raise FileNotFoundError(missing_message(split, path))
+      raise errors.MissingFileError(missing_message(split, path))
     return _columns_dataset(
         _read_cached(read_fn, path, os.path.getmtime(path)), shuffle_files, seed
     )
@@ -104,7 +105,7 @@ def read_swag_csv(path: str) -> dict[str, np.ndarray]:
     reader = csv.DictReader(f)
     missing = [c for c in SWAG_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
-      raise ValueError(
+      raise errors.DataError(
           f"{path}: SWAG CSV lacks the columns {missing}; header is {reader.fieldnames}."
       )
     has_label = "label" in reader.fieldnames
@@ -115,17 +116,21 @@ def read_swag_csv(path: str) -> dict[str, np.ndarray]:
         try:
           label = int(row["label"])
         except (TypeError, ValueError):
-          raise ValueError(f"{path}:{line}: label {row['label']!r} is not an integer.") from None
+          raise errors.DataError(
+              f"{path}:{line}: label {row['label']!r} is not an integer."
+          ) from None
         if not 0 <= label < SWAG_NUM_CHOICES:
-          raise ValueError(f"{path}:{line}: label {label} is outside 0..{SWAG_NUM_CHOICES - 1}.")
+          raise errors.DataError(
+              f"{path}:{line}: label {label} is outside 0..{SWAG_NUM_CHOICES - 1}."
+          )
       if any(row[c] is None for c in SWAG_COLUMNS):
-        raise ValueError(f"{path}:{line}: the row has fewer fields than the header.")
+        raise errors.DataError(f"{path}:{line}: the row has fewer fields than the header.")
       sent1.append(row["sent1"])
       sent2.append(row["sent2"])
       endings.append([row[f"ending{i}"] for i in range(SWAG_NUM_CHOICES)])
       labels.append(label)
   if not labels:
-    raise ValueError(f"{path}: the SWAG CSV has no rows.")
+    raise errors.DataError(f"{path}: the SWAG CSV has no rows.")
   return {
       "sent1": np.asarray(sent1, dtype=object),
       "sent2": np.asarray(sent2, dtype=object),
@@ -177,7 +182,7 @@ def read_tracie(path: str) -> dict[str, np.ndarray]:
         continue
       fields = line.split("\t")
       if len(fields) != 2 or not fields[0].startswith("event: ") or " story: " not in fields[0]:
-        raise ValueError(
+        raise errors.DataError(
             f"{path}:{line_no}: expected "
             "'event: <hypothesis> story: <story>\\tanswer: <label>', "
             f"got {line[:120]!r}."
@@ -185,14 +190,16 @@ def read_tracie(path: str) -> dict[str, np.ndarray]:
       hypothesis, story = fields[0][len("event: ") :].split(" story: ", 1)
       answer = fields[1].strip()
       if not answer.startswith("answer: ") or answer[len("answer: ") :] not in TRACIE_LABELS:
-        raise ValueError(f"{path}:{line_no}: answer {answer!r} is not 'answer: positive|negative'.")
+        raise errors.DataError(
+            f"{path}:{line_no}: answer {answer!r} is not 'answer: positive|negative'."
+        )
       hypotheses.append(hypothesis.strip())
       stories.append(story.strip())
       labels.append(TRACIE_LABELS.index(answer[len("answer: ") :]))
       kinds.append(metrics.tracie_hypothesis_type(line))
       story_ids.append(story_index.setdefault(story.strip(), len(story_index)))
   if not labels:
-    raise ValueError(f"{path}: the TRACIE file has no examples.")
+    raise errors.DataError(f"{path}: the TRACIE file has no examples.")
   return {
       "hypothesis": np.asarray(hypotheses, dtype=object),
       "story": np.asarray(stories, dtype=object),
@@ -205,7 +212,9 @@ def read_tracie(path: str) -> dict[str, np.ndarray]:
 def tracie_source(tracie_dir: str | None, setting: str) -> seqio.FunctionDataSource:
   """TRACIE train/test of one training setting ('iid' or 'uniform_prior')."""
   if setting not in TRACIE_FILES:
-    raise ValueError(f"Unknown TRACIE setting {setting!r}; expected one of {sorted(TRACIE_FILES)}.")
+    raise errors.DataError(
+        f"Unknown TRACIE setting {setting!r}; expected one of {sorted(TRACIE_FILES)}."
+    )
 
   def missing(split: str, path: str | None) -> str:
     where = tracie_dir or "<not set: pass tracie_dir= to register_downstream_tasks>"
