@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-import multihost_worker as worker
+from support import multihost_worker as worker
 
 CONFIG = "configs/teacher.py:size=tiny,data=synthetic"
 STEPS = 12
