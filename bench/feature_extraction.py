@@ -3,7 +3,7 @@ projection for the whole dataset.
 
 * models, side by side in one run: our 2D ResNet-152 and 3D ResNeXt-101 (jitted, float32) and
   the PyTorch models the reference runs (torchvision's ResNet-152 trunk; the 3D-ResNets ResNeXt-101
-  statement of tests/torch_reference.py), same random input, same batch, each in a process of
+  statement of tests/support/torch_reference.py), same random input, same batch, each in a process of
   its own pinned to the same CPU cores (`--cores`, default all; torch's thread count set to
   them); the median of `--repeats` calls; convolution FLOPs per frame and per clip
   (`resnet.forward_flops`);
@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 from vidlankd_jax.features import decode, extract  # noqa: E402
 from vidlankd_jax.features.streams import STREAM_2D, STREAM_3D  # noqa: E402

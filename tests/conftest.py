@@ -40,7 +40,7 @@ LONGEST_FIRST = (
     "test_finetune",
     "test_faults",
 )
-# The modules that use the session's trained tiny teachers (`tiny_teachers`): one test worker
+# The modules that use the session's trained tiny teachers (`support/tiny_teachers.py`): one test worker
 # runs them all, one after the other, so the teachers are trained once.
 TINY_TEACHER_USERS = ("test_teacher_learns", "test_transfer", "test_distill")
 
@@ -72,8 +72,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory):
-  """The trained tiny teachers of `tests/tiny_teachers.py` (true and shuffled pairs), once."""
-  import tiny_teachers as teachers_lib
+  """The trained tiny teachers of `tests/support/tiny_teachers.py` (true and shuffled pairs), once."""
+  from support import tiny_teachers as teachers_lib
 
   return teachers_lib.train(str(tmp_path_factory.mktemp("tiny_teachers")))
 
@@ -82,7 +82,7 @@ def tiny_teachers(tmp_path_factory):
 def no_process_outlives_its_test():
   """Kills what a test started with `multihost_worker.launch` and left running (a test that
   failed while waiting for it), so that no run goes on using the cores after its test."""
-  import multihost_worker
+  from support import multihost_worker
 
   yield
   multihost_worker.kill_leftovers()

@@ -15,6 +15,8 @@ from vidlankd_jax import errors
 from vidlankd_jax.demo import pipeline
 from vidlankd_jax.demo import stages as stages_lib
 
+pytestmark = pytest.mark.slow  # the whole demo at test size, end to end
+
 
 def parse_tables(markdown: str) -> list[dict]:
   """Every markdown table of a document: {"header": [...], "rows": [[...], ...]}."""

@@ -2,7 +2,7 @@
 
 The end-to-end runs distil tiny students on real English text (gensim's Lee news corpus,
 tokenized with the bert-base-uncased vocabulary into the student's TFRecords) from the session's
-trained tiny teacher (`tests/tiny_teachers.py`, trained on a generated video-text corpus).
+trained tiny teacher (`tests/support/tiny_teachers.py`, trained on a generated video-text corpus).
 """
 
 import functools
@@ -539,7 +539,7 @@ def test_config_errors_name_the_key():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_teachers):
   """Student TFRecords (train/validation) of real English text, and the session's trained tiny
-  teacher (the true-pairs one of `tests/tiny_teachers.py`) with its video-text corpus."""
+  teacher (the true-pairs one of `tests/support/tiny_teachers.py`) with its video-text corpus."""
   import gensim.test.utils as gensim_data
   from vidlankd_jax.data import text as text_lib
   from vidlankd_jax.data import vocab as vocab_lib
@@ -719,6 +719,7 @@ def test_voken_baseline_classifies_teacher_clip_vokens(corpus):
   assert first["train/voken_loss"] < np.log(16) + 1.0  # starts near chance, log K
 
 
+@pytest.mark.slow  # the session's tiny teachers
 def test_crd_rows_are_unique_per_example_of_the_text_corpus(corpus):
   """The real text TFRecords: a memory smaller than the corpus is an error naming both sizes;
   sized from the corpus, one epoch of training batches gives every example its own row."""
@@ -751,6 +752,7 @@ def test_crd_rows_are_unique_per_example_of_the_text_corpus(corpus):
   assert sorted(rows) == list(range(blocks))
 
 
+@pytest.mark.slow  # the session's tiny teachers
 def test_teacher_size_mismatch_is_a_fingerprint_error(corpus):
   config = loop_config(corpus, "nst", 1)
   bigger = configlib.load("distill", "size=tiny,teacher_size=mini,objectives=nst")

@@ -37,7 +37,7 @@ from vidlankd_jax.data import text
 from vidlankd_jax.data import vocab as vocab_lib
 from vidlankd_jax.train import loop
 
-import multihost_worker as worker
+from support import multihost_worker as worker
 import test_howto100m_convert as conv
 
 
@@ -1034,7 +1034,7 @@ def test_a_dead_converter_worker_ends_the_job_even_if_the_others_ignore_sigterm(
   here, stuck workers that ignore it) must not keep the converter waiting forever."""
   import multiprocessing
 
-  import converter_faults
+  from support import converter_faults
 
   monkeypatch.setattr(howto100m, "_init_worker", converter_faults.init_ignoring_sigterm)
   root = howto_layout(tmp_path)

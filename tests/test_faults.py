@@ -21,7 +21,7 @@ from vidlankd_jax import train_state as common
 from vidlankd_jax.train import loop
 from vidlankd_jax.train import teacher as teacher_train
 
-import multihost_worker as worker
+from support import multihost_worker as worker
 
 BAD_STEP = 3
 pytestmark = pytest.mark.slow  # training loops run to their fault

@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,9 +24,8 @@ from vidlankd_jax.features.streams import STREAM_2D, STREAM_3D, parse_streams  #
 from vidlankd_jax.interop import torch_cnn  # noqa: E402
 from vidlankd_jax.models import resnet  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import decode_faults  # noqa: E402
-from torch_reference import (  # noqa: E402
+from support import decode_faults  # noqa: E402
+from support.torch_reference import (  # noqa: E402
     TorchResNeXt3D,
     max_relative_error,
     randomise_batchnorm,
@@ -113,6 +111,7 @@ def resnext101_file(tmp_path_factory):
   return path, model
 
 
+@pytest.mark.slow  # a full ResNet-152 forward in both frameworks
 def test_resnet152_matches_torchvision(resnet152_file):
   """Non-square 80 x 144 frames exercise every layer, stride and padding (feature maps 40 x 72
   down to 3 x 5, odd sizes included) at an eighth of the cost of 224 x 398."""

@@ -21,7 +21,7 @@ from vidlankd_jax.data import downstream
 from vidlankd_jax.train import finetune
 from vidlankd_jax.train import loop
 
-import multihost_worker as worker
+from support import multihost_worker as worker
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACIE_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "tracie")

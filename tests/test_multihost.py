@@ -23,7 +23,7 @@ from vidlankd_jax.models import layout
 from vidlankd_jax.train import loop
 from vidlankd_jax.train import teacher as teacher_train
 
-import multihost_worker as worker
+from support import multihost_worker as worker
 
 TEACHER = "configs/teacher.py:size=tiny"
 DISTILL = "configs/distill.py:size=tiny,objectives=nst+crd"

@@ -16,7 +16,7 @@ import pytest
 
 from vidlankd_jax import errors
 
-import multihost_worker as worker
+from support import multihost_worker as worker
 
 CONFIG = "configs/teacher.py:size=tiny,data=synthetic"
 STEPS = 12

@@ -1,6 +1,6 @@
 """Science check: the teacher learns which clip a caption describes, and only from true pairs.
 
-The session's two tiny teachers (`tests/tiny_teachers.py`: the configured tiny recipe run by the
+The session's two tiny teachers (`tests/support/tiny_teachers.py`: the configured tiny recipe run by the
 real entry point, one on the generated corpus's true pairs and one on a copy whose training
 captions were dealt out to the wrong seconds) are scored on the same held-out clips with their
 true captions.

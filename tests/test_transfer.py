@@ -17,12 +17,12 @@ import sys
 import numpy as np
 import pytest
 
-import multihost_worker as worker
+from support import multihost_worker as worker
 from vidlankd_jax.data import world as world_lib
 from vidlankd_jax.demo import transfer
 
-# Three seeds, as the demo: with two, the NST gain's interval was not clear of 0 (the README's
-# demo section gives the per-seed figures).
+# Three seeds, as the demo: with two, the NST gain's interval was not clear of 0 (docs/demo.md
+# gives the per-seed figures).
 NUM_SEEDS = 3
 
 
@@ -33,7 +33,7 @@ def results(tiny_teachers, tmp_path_factory):
   out_dir = str(tmp_path_factory.mktemp("transfer"))
   command = [
       sys.executable,
-      os.path.join(os.path.dirname(__file__), "transfer_worker.py"),
+      os.path.join(os.path.dirname(__file__), "support", "transfer_worker.py"),
       tiny_teachers["world"],
       tiny_teachers["true"]["workdir"],
       tiny_teachers["shuffled"]["workdir"],

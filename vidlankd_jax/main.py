@@ -91,6 +91,7 @@ def run(config, workdir: str) -> dict:
 
   configlib.validate(config, jax.device_count())
   loop.check_writable(workdir)
+  quiet.import_deferred_tensorflow()  # the stage's data and summaries need it from here on
   module = importlib.import_module(STAGES[config.stage])
   return module.train_and_evaluate(config, workdir)
 
@@ -157,7 +158,7 @@ def run_main(argv) -> None:
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
   if not flags.FLAGS["verbosity"].present:  # with --verbosity the libraries' logs are wanted
-    quiet.quiet_libraries()  # before anything loads TensorFlow
+    quiet.quiet_libraries(defer_tensorflow=True)  # TensorFlow once the config is accepted
   initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax
 

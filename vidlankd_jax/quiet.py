@@ -63,6 +63,17 @@ def log_libraries_to(path: str | None) -> None:
   _LIBRARY_LOG[:] = [path] if path else []
 
 
+def _import_tensorflow_quietly() -> None:
+  if importlib.util.find_spec("tensorflow") is not None:  # accelerator images may lack it
+    import_quietly(["tensorflow"])
+
+
+def import_deferred_tensorflow() -> None:
+  """Imports TensorFlow quietly if `quiet_libraries(defer_tensorflow=True)` deferred it."""
+  if _TENSORFLOW_DEFERRED and "tensorflow" not in sys.modules:
+    _import_tensorflow_quietly()
+
+
 class LibraryNoiseFilter:
   """Drops library log records below ERROR, and Orbax's errors, from the console (into the
   library log when there is one); the project's own warnings and other errors stay."""
@@ -95,12 +106,21 @@ def quiet_tensorflow_runtime() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def quiet_libraries() -> None:
+_TENSORFLOW_DEFERRED = []  # [True] once `quiet_libraries(defer_tensorflow=True)` ran
+
+
+def quiet_libraries(*, defer_tensorflow: bool = False) -> None:
   """TensorFlow's C++ start-up lines and libraries' absl warnings out of the project's output;
-  absl's verbosity becomes WARNING (the training loops print their own progress lines)."""
+  absl's verbosity becomes WARNING (the training loops print their own progress lines).
+
+  With `defer_tensorflow`, TensorFlow is imported (quietly) by `import_deferred_tensorflow()`
+  where the process first needs it, so a process that ends before (a config error) does not
+  spend the seconds of importing it."""
   quiet_tensorflow_runtime()
-  if importlib.util.find_spec("tensorflow") is not None:  # accelerator images may lack it
-    import_quietly(["tensorflow"])
+  if defer_tensorflow:
+    _TENSORFLOW_DEFERRED[:] = [True]
+  else:
+    _import_tensorflow_quietly()
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)

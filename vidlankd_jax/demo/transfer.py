@@ -34,10 +34,10 @@ from vidlankd_jax.evaluation.bootstrap import bootstrap_ci
 
 RIDGE_PENALTIES = (0.1, 1.0, 10.0, 100.0)
 # Every KD term's weight is the tiny config's times this: at the tiny config's own weights a few
-# hundred steps leave the KD terms too weak against MLM to transfer the attributes (the README's
-# demo section gives the measurements).
+# hundred steps leave the KD terms too weak against MLM to transfer the attributes (docs/demo.md
+# gives the measurements).
 KD_WEIGHT_SCALE = 30.0
-# The students' steps: NST's transfer grows with them (the README's demo section).
+# The students' steps: NST's transfer grows with them (docs/demo.md).
 STUDENT_STEPS = 400
 # Student name -> (objectives, which teacher it distils from).
 BASE_STUDENTS = {

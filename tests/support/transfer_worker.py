@@ -1,7 +1,7 @@
 """Runs the transfer experiment (`vidlankd_jax/demo/transfer.py`) in a process of its own, on one
 device as `vidlankd demo` runs it, and writes its results to `<out_dir>/results.json`:
 
-  python tests/transfer_worker.py WORLD_DIR TEACHER_DIR SHUFFLED_TEACHER_DIR OUT_DIR NUM_SEEDS
+  python tests/support/transfer_worker.py WORLD_DIR TEACHER_DIR SHUFFLED_TEACHER_DIR OUT_DIR NUM_SEEDS
 """
 
 import json

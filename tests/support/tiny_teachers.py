@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-import multihost_worker as worker
+from support import multihost_worker as worker
 from vidlankd_jax import configlib
 from vidlankd_jax.data import vocab as vocab_lib
 from vidlankd_jax.data import world as world_lib

@@ -4,7 +4,7 @@ Used two ways:
   * imported by the tests: `launch`/`run` start one process, or several joined by
     `jax.distributed` on 127.0.0.1 (gloo CPU collectives), each with its own number of CPU
     devices; `read_metrics`/`final_params` read what a run left in its workdir.
-  * as a script, `python tests/multihost_worker.py [options] -- <vidlankd_jax.main flags>`:
+  * as a script, `python tests/support/multihost_worker.py [options] -- <vidlankd_jax.main flags>`:
     runs main with a fault or a data layout that a plain command cannot produce:
       --stall_save_at=N   the asynchronous save of step N writes its files, then never commits
                           (the process is meant to be SIGKILLed there); a marker file
@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING_KEYS = ("train/steps_per_second", "train/examples_per_second", "train/minutes_left")
 
 
