@@ -47,3 +47,16 @@ def test_the_tiny_teacher_compiles_and_fits_a_v5e_2x2():
   assert result["chips"] == 4 and result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   assert result["collectives"]["all-reduce"]["count"] > 0
   assert result["estimated_step_s"] > 0
+
+
+@pytest.mark.parametrize("stage", ["distill", "finetune"])
+def test_two_slices_cross_the_dcn_only_between_slices(stage):
+  """Data parallel over two v5e 2x2 slices: the ICI collectives stay inside a slice and the
+  gradient exchange between the slices goes over the DCN."""
+  config = configlib.load(stage, "size=tiny")
+  result = plan.plan(config, "v5e:2x2", num_slices=2, correct_layers=False)
+  assert result["chips"] == 8 and result["fits"] and result["mesh"]["data"] == 8
+  assert sum(c["dcn_bytes_per_chip"] for c in result["collectives"].values()) > 0
+  program = plan.hlo.parse(result["hlo_text"])
+  for c in plan.hlo.collectives(program, 8):
+    assert all(max(group) < 4 for group in c.groups), c.name  # slice-local device ids

@@ -313,6 +313,35 @@ def collective_payload(inst: Instruction, kind: str, n: int) -> float:
   return operands * n if kind == "all-gather" else operands
 
 
+_MEGASCALE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
+
+
+def dcn_transfers(program: Program, num_slices: int) -> list[Collective]:
+  """The cross-slice (DCN) halves of collectives in a multi-slice program: host-transfer
+  `send`s to the Megascale runtime, one per slice-level exchange, with the collective's kind."""
+  runs = program.multipliers()
+  out = []
+  for comp, instructions in program.computations.items():
+    for inst in instructions:
+      kind = _MEGASCALE.search(inst.attrs) if inst.opcode == "send" else None
+      if kind is None or comp not in runs:
+        continue
+      name = kind.group(1).lower().replace("_", "-")
+      payload = arrays(inst.shape)[:1]
+      size = float(sum(math.prod(d) * element_bytes(t) for t, d in payload))
+      out.append(
+          Collective(
+              name if name in TRAFFIC else "collective-permute",
+              size,
+              num_slices,
+              [],
+              runs[comp],
+              inst.name,
+          )
+      )
+  return out
+
+
 def dot_flops(inst: Instruction, operand_shapes: str) -> float:
   """FLOPs of a dot or convolution (2 per multiply-add)."""
   if inst.opcode not in ("dot", "convolution"):

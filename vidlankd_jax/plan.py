@@ -231,12 +231,13 @@ def slice_of(mesh) -> list[int]:
   return [getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat]
 
 
-def collective_summary(collectives, mesh) -> dict:
+def collective_summary(collectives, mesh, dcn=()) -> dict:
   """{kind: count, bytes_per_chip, dcn_bytes_per_chip} per step.
 
-  Bytes are what each chip sends (ring algorithms over its group). A collective whose groups
-  span slices is run hierarchically: within each slice over ICI, then across the slices over
-  the DCN on 1/(chips per slice in the group) of the payload; that part is `dcn_bytes_per_chip`.
+  Bytes are what each chip sends (ring algorithms over its group). A multi-slice program's
+  cross-slice exchanges (`hlo.dcn_transfers`, given as `dcn`) count as DCN traffic. A collective
+  whose groups span slices is taken as run hierarchically: within each slice over ICI, then
+  across the slices over the DCN on 1/(chips per slice in the group) of the payload.
   """
   slices = slice_of(mesh)
   out = {
@@ -252,6 +253,11 @@ def collective_summary(collectives, mesh) -> dict:
       local = c.group_size / spans
       share = hlo.TRAFFIC[c.kind](spans) * c.payload_bytes * c.runs
       entry["dcn_bytes_per_chip"] += share / local if c.kind != "collective-permute" else share
+  for c in dcn:
+    entry = out[c.kind]
+    entry["count"] += int(round(c.runs))
+    entry["bytes_per_chip"] += c.traffic_bytes
+    entry["dcn_bytes_per_chip"] += c.traffic_bytes
   return out
 
 
@@ -328,7 +334,9 @@ def plan(config, topology: str, num_slices: int = 1, *, correct_layers: bool = T
   compiled_cost = cost(compiled)
   text = compiled.as_text()
   program = hlo.parse(text)
-  summary = collective_summary(hlo.collectives(program, len(devices)), mesh)
+  summary = collective_summary(
+      hlo.collectives(program, len(devices)), mesh, hlo.dcn_transfers(program, num_slices)
+  )
   if correct_layers:
     corrected = layer_corrected_costs(config, mesh)
     flops, moved = corrected["flops"], corrected["bytes"]
