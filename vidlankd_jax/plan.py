@@ -438,6 +438,11 @@ def report(result: dict) -> str:
           f"DCN {c['dcn_bytes_per_chip'] / 2**20:.1f} MiB"
       )
   step = r["estimated_step_s"]
+  if r["flops_correction"].startswith("none"):
+    lines.append(
+        "NOTE: --as_compiled counts each scanned layer stack's body once: the FLOPs, HBM traffic,"
+        " replication, step time and MFU below are not the whole step's"
+    )
   if step is None:
     lines.append("ESTIMATE: none (no public DCN bandwidth for this chip, and DCN traffic)")
   else:
@@ -452,7 +457,10 @@ def report(result: dict) -> str:
             else ""
         )
     )
-  lines.append("top ops by estimated time (ESTIMATE):")
+  lines.append(
+      "top ops by estimated time (ESTIMATE: each instruction's roofline times its loop trip "
+      "count; an in-place update is charged its whole buffer):"
+  )
   for op in r["top_ops"]:
     lines.append(
         f"  {op['seconds'] * 1e3:8.2f} ms  {op['op']} {op['what']} "
