@@ -30,8 +30,14 @@ INSTALL_REQUIRES = [
     "av>=18.1,<20",
 ]
 
+# Cloud TPU VMs: jax's TPU runtime, pinned to the jax these steps are written against. Its libtpu
+# also compiles for a TPU topology on a machine without one (`vidlankd plan`).
+TPU_REQUIRES = ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"]
+
 TEST_REQUIRES = [
     "pytest>=8",
+    # tests/test_plan.py compiles each stage for a TPU topology (deviceless, on the CPU).
+    "libtpu==0.0.42.1",
     "pytest-timeout>=2.3",
     # Two test processes (pytest.ini): one on each core of a 2-core CI machine.
     "pytest-xdist>=3.6,<4",
@@ -62,6 +68,6 @@ setuptools.setup(
     # configs/ holds files read by path (`--config=configs/<stage>.py`, vidlankd_jax.configlib).
     packages=setuptools.find_packages(include=["vidlankd_jax", "vidlankd_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "tpu": TPU_REQUIRES},
     entry_points={"console_scripts": ["vidlankd=vidlankd_jax.cli:main"]},
 )

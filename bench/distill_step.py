@@ -35,7 +35,6 @@ The last line of output is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 
@@ -45,10 +44,12 @@ import numpy as np
 from flax import nnx
 
 from vidlankd_jax import configlib
+from vidlankd_jax import flops
 from vidlankd_jax import sharding
 from vidlankd_jax.objectives import FEATURE_OBJECTIVES, VOKEN_OBJECTIVE, parse_objectives
 from vidlankd_jax.models.teacher import Teacher
 from vidlankd_jax.train import distill
+from vidlankd_jax.train import loop
 
 # Dense bf16 peak FLOP/s per chip, by a substring of `device_kind` (first match wins).
 PEAK_BF16_FLOPS = (
@@ -71,40 +72,13 @@ def peak_flops(device) -> float | None:
   return next((peak for name, peak in PEAK_BF16_FLOPS if name in kind), None)
 
 
-def encoder_flops(m) -> int:
-  """encoder(n, H, F): matmul weights a token passes through in an `n`-layer encoder `m`."""
-  return m.num_layers * (4 * m.hidden_size**2 + 2 * m.hidden_size * m.intermediate_size)
-
-
-def attention_flops(m, seq_len: int) -> int:
-  """attention(n, H): QKᵀ and AV FLOPs per token of encoder `m` over `seq_len` positions."""
-  return 4 * m.num_layers * seq_len * m.hidden_size
-
-
-def mlm_head_flops(m, positions: int) -> int:
-  """Forward FLOPs of the MLM head (transform H x H, tied decoder H x V) at `positions`."""
-  return 2 * positions * (m.hidden_size**2 + m.vocab_size * m.hidden_size)
-
-
 def step_flops(config) -> dict[str, float]:
-  """The FLOP count of the module docstring, split into student and teacher."""
-  b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
-  s, t = config.model, config.teacher.model
-  tokens = b * l
-  num_heads = sum(1 for o in parse_objectives(config.kd.objectives) if o in FEATURE_OBJECTIVES)
-  heads = num_heads * (s.hidden_size**2 + s.hidden_size * t.hidden_size)
-  student = (
-      2 * tokens * (encoder_flops(s) + heads)
-      + tokens * attention_flops(s, l)
-      + mlm_head_flops(s, b * p)
-  )
-  uses_teacher = bool(parse_objectives(config.kd.objectives))
-  teacher = 2 * tokens * encoder_flops(t) + tokens * attention_flops(t, l) if uses_teacher else 0
-  return {
-      "student_train": 3.0 * student,
-      "teacher_forward": float(teacher),
-      "step": 3.0 * student + teacher,
-  }
+  """The FLOP count of the module docstring (`vidlankd_jax.flops`), split into student and
+  teacher."""
+  terms = flops.distill_step(config)
+  student = sum(v for k, v in terms.items() if k.startswith("student"))
+  teacher = sum(v for k, v in terms.items() if k.startswith("teacher"))
+  return {"student_train": student, "teacher_forward": teacher, "step": student + teacher}
 
 
 def random_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -242,21 +216,8 @@ def setup_and_step(config, mesh):
       if parse_objectives(config.kd.objectives)
       else None
   )
-  setup = distill.init(config, mesh, teacher=teacher)
-  state_sh = sharding.state_shardings(setup.state)
-  step = jax.jit(
-      functools.partial(
-          distill.train_step,
-          models=setup.models,
-          kd=setup.kd,
-          config=config,
-          tx=setup.tx,
-          schedule=setup.schedule,
-      ),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sh, None),
-      donate_argnums=0,
-  )
+  setup = distill.pieces(config, mesh, teacher=teacher)
+  step = loop.jit_train_step(distill.setup_of(config, setup).train_step, setup.state, mesh)
   return setup, step
 
 

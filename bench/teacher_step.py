@@ -32,41 +32,27 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from distill_step import (
-    attention_flops,
     compiled,
     largest_batch_that_fits,
     peak_memory_gib,
-    encoder_flops,
     flop_figures,  # noqa: E402
-    mlm_head_flops,
     random_batch,
     report,
     timed,
 )
 from vidlankd_jax import configlib  # noqa: E402
+from vidlankd_jax import flops  # noqa: E402
 from vidlankd_jax import sharding  # noqa: E402
+from vidlankd_jax.train import loop  # noqa: E402
 from vidlankd_jax.train import teacher as teacher_train  # noqa: E402
 
 
 def step_flops(config) -> dict[str, float]:
-  """The FLOP count of the module docstring, split into the two towers."""
-  b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
-  m, v, steps = config.model, config.video, config.video.max_steps
-  text = 2 * b * l * encoder_flops(m) + b * l * attention_flops(m, l) + mlm_head_flops(m, b * p)
-  video = (
-      2
-      * b
-      * steps
-      * (v.input_dim * v.projection_dim + v.projection_dim * v.hidden_size + encoder_flops(v))
-      + b * steps * attention_flops(v, steps)
-      + 2 * b * 3 * v.hidden_size**2
-  )
-  video_passes = 1.0 if v.frozen else 3.0
-  return {
-      "text_train": 3.0 * text,
-      "video_train": video_passes * video,
-      "step": 3.0 * text + video_passes * video,
-  }
+  """The FLOP count of the module docstring (`vidlankd_jax.flops`), split into the two towers."""
+  terms = flops.teacher_step(config)
+  text = sum(v for k, v in terms.items() if k.startswith("text"))
+  video = sum(v for k, v in terms.items() if k.startswith("video"))
+  return {"text_train": text, "video_train": video, "step": text + video}
 
 
 def teacher_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
@@ -130,14 +116,7 @@ def measure(args, batch_size: int) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   setup = teacher_train.init(config, mesh)
   state = setup.state
-  state_sh = sharding.state_shardings(state)
-  batch_sh = sharding.batch_sharding(mesh)
-  step = jax.jit(
-      setup.train_step,
-      in_shardings=(state_sh, batch_sh),
-      out_shardings=(state_sh, None),
-      donate_argnums=0,
-  )
+  step = loop.jit_train_step(setup.train_step, state, mesh)
   batch = sharding.global_batch(teacher_batch(config), mesh)
   step, compile_seconds = compiled(step, state, batch)
   step_seconds, (state, metrics) = timed(

@@ -62,6 +62,7 @@ from torch import nn  # noqa: E402
 
 from vidlankd_jax import configlib  # noqa: E402
 from vidlankd_jax import sharding  # noqa: E402
+from vidlankd_jax.train import loop  # noqa: E402
 from vidlankd_jax.train import teacher as teacher_train  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -210,8 +211,9 @@ def our_teacher_step(args):
   config.data.seq_len = args.seq_len
   config.data.max_predictions = args.max_predictions
   config.video.max_steps = args.video_steps
-  setup = teacher_train.init(config, sharding.single_device_mesh())
-  return config, setup.state, jax.jit(setup.train_step, donate_argnums=0)
+  mesh = sharding.single_device_mesh()
+  setup = teacher_train.init(config, mesh)
+  return config, setup.state, loop.jit_train_step(setup.train_step, setup.state, mesh)
 
 
 def video_batch(config, batch: dict, seed: int = 0) -> dict:

@@ -5,7 +5,6 @@ tokenized with the bert-base-uncased vocabulary into the student's TFRecords) fr
 trained tiny teacher (`tests/support/tiny_teachers.py`, trained on a generated video-text corpus).
 """
 
-import functools
 import json
 import os
 import signal
@@ -366,25 +365,12 @@ def fresh_setup(config, mesh):
   teacher = sharding.create_sharded(
       lambda: Teacher.from_config(config.teacher, rngs=nnx.Rngs(7)), mesh, config.sharding_rules
   )
-  return distill.init(config, mesh, teacher=teacher)
+  return distill.pieces(config, mesh, teacher=teacher)
 
 
-def jitted_step(setup, config, mesh):
-  """The loop's train step for `setup`, with the optimiser settings of `config`."""
-  state_sh = sharding.state_shardings(setup.state)
-  return jax.jit(
-      functools.partial(
-          distill.train_step,
-          models=setup.models,
-          kd=setup.kd,
-          config=config,
-          tx=setup.tx,
-          schedule=setup.schedule,
-      ),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sh, None),
-      donate_argnums=0,
-  )
+def jitted_step(parts, config, mesh):
+  """The loop's train step of `parts`, with the settings of `config`."""
+  return loop.jit_train_step(distill.setup_of(config, parts).train_step, parts.state, mesh)
 
 
 def compiled_step(config, mesh):
@@ -440,10 +426,9 @@ def test_evaluation_reads_no_training_memory_row_for_held_out_examples(single_de
   depend on what that memory holds (permuting its rows changes nothing) nor report a CRD loss."""
   _, state, _ = single_device_steps
   config = step_config()
-  setup = fresh_setup(config, sharding.single_device_mesh())
-  eval_step = jax.jit(
-      functools.partial(distill.eval_step, models=setup.models, kd=setup.kd, seed=0)
-  )
+  mesh = sharding.single_device_mesh()
+  parts = fresh_setup(config, mesh)
+  eval_step = loop.jit_eval_step(distill.setup_of(config, parts).eval_step, parts.state, mesh)
   batch = {**random_batch(config, seed=5), "valid": np.ones(8, np.int32)}
   batch["example_id"] = np.arange(8, dtype=np.int32)  # the first held-out examples
   sums, _ = jax.device_get(eval_step(state, batch))
@@ -510,7 +495,7 @@ def test_logged_kd_losses_are_per_example_whatever_the_batch_and_accumulation():
 
 def test_text_only_baseline_needs_no_teacher():
   config = step_config("none")
-  setup = distill.init(config, sharding.single_device_mesh())
+  setup = distill.pieces(config, sharding.single_device_mesh())
   assert setup.state.frozen is None and setup.state.extra is None
   assert setup.models.teacher_def is None
 

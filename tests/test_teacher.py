@@ -11,6 +11,7 @@ from vidlankd_jax import configlib
 from vidlankd_jax import sharding
 from vidlankd_jax.evaluation.retrieval import retrieval_metrics
 from vidlankd_jax.models.teacher import Teacher
+from vidlankd_jax.train import loop
 from vidlankd_jax.train import teacher as teacher_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def test_padding_steps_do_not_change_the_clip_vector():
 def one_step(config, mesh):
   setup = teacher_train.init(config, mesh)
   before = jax.tree.map(np.asarray, setup.state.params)
-  step = jax.jit(setup.train_step)
+  step = loop.jit_train_step(setup.train_step, setup.state, mesh)
   with sharding.mesh_context(mesh, config.sharding_rules):
     state, metrics = step(setup.state, sharding.global_batch(random_batch(config), mesh))
   return before, state, jax.device_get(metrics)

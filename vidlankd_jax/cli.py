@@ -2,11 +2,15 @@
 
   vidlankd demo --workdir runs/demo [--fresh] [--size demo|test] [--steps N] [--seed N]
   vidlankd ablate --workdir runs/ablate [--size demo|test|small|base] [--seed N]
+  vidlankd plan --config=configs/<stage>.py:size=base [--config.key=value ...] \
+      --topology=v5e:16x16 [--num_slices=N] [--json=FILE]
 
 `demo` runs every VidLanKD stage end to end at tiny size (minutes on a laptop CPU), headed by the
 video-to-language transfer experiment: see vidlankd_jax/demo/pipeline.py. `ablate` runs a grid of
 distillation runs (objectives, teacher size, text amount) on the same generated world and
-compares their transfer; at real sizes it prints the commands for a pod instead. Training runs
+compares their transfer; at real sizes it prints the commands for a pod instead. `plan` compiles a
+stage's train step for a TPU topology on this machine and prints its HBM, FLOPs, collectives and
+an estimated step time (vidlankd_jax/plan.py; no TPU needed, libtpu is). Training runs
 of real size go through `python -m vidlankd_jax.main --config=configs/<stage>.py:... --workdir=...`.
 
 Only argparse and `quiet` (standard library only) are imported here: `vidlankd --help` answers at
@@ -65,7 +69,40 @@ def parse_args(argv: Sequence[str] | None):
       "(default: %(default)s)",
   )
   ablate.add_argument("--seed", type=int, default=0, help="the world's and the runs' seed")
-  return parser, parser.parse_args(argv)
+  plan = commands.add_parser(
+      "plan",
+      help="compile a stage for a TPU topology here: HBM, FLOPs, collectives, estimated speed",
+  )
+  plan.add_argument(
+      "--config",
+      required=True,
+      help="configs/<stage>.py:<arg>, followed by any --config.<key>=<value> overrides",
+  )
+  plan.add_argument("--topology", required=True, help="e.g. v5e:4x4, v5e:16x16, v4:4x4x8")
+  plan.add_argument("--num_slices", type=int, default=1, help="slices over the DCN (default 1)")
+  plan.add_argument("--json", default="", help="write the plan here, the compiled HLO beside it")
+  plan.add_argument(
+      "--as_compiled",
+      action="store_true",
+      help="FLOPs as the compiler counts them (a scan's body once): skips the per-layer compiles",
+  )
+  args, extra = parser.parse_known_args(argv)
+  if args.command != "plan" or any(not a.startswith("--config.") for a in extra):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.overrides = extra
+  return parser, args
+
+
+def load_config(path: str, overrides: Sequence[str]):
+  """The config `--config=<file>:<arg>` and its `--config.<key>=<value>` overrides name, parsed
+  as a training run parses them (ml_collections' config flags)."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values)
+  values(["vidlankd plan", f"--config={path}", *overrides])
+  return holder.value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,12 +121,19 @@ def run_command(argv: Sequence[str]) -> int:
   parser, args = parse_args(argv)
   if getattr(args, "steps", None) is not None and args.steps <= 0:
     parser.error(f"--steps must be positive, got {args.steps}")
-  if args.seed < 0:
+  if getattr(args, "seed", 0) < 0:
     parser.error(f"--seed must be non-negative, got {args.seed}")
   errors.set_workdir(args.workdir)  # the traceback of whatever ends the run is kept there
   quiet.log_libraries_to(os.path.join(args.workdir, quiet.LIBRARY_LOG))
   errors.stop_on_sigterm()  # between training steps too: exit 75, finished stages kept
   quiet.quiet_tensorflow_runtime()  # before anything loads jax or TensorFlow
+  if args.command == "plan":
+    if args.num_slices < 1:
+      parser.error(f"--num_slices must be positive, got {args.num_slices}")
+    quiet.quiet_libraries()
+    from vidlankd_jax import plan
+
+    return plan.main(args, load_config(args.config, args.overrides))
   if args.command == "ablate":
     from vidlankd_jax.demo import ablate
 

@@ -10,7 +10,6 @@ hand with --coordinator_address/--num_processes/--process_id (how the multi-host
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vidlankd_jax import console, errors, quiet
+from vidlankd_jax.train import stages
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file, with :arg.", lock_config=True
@@ -33,11 +33,6 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 )
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 
-STAGES = {
-    "teacher": "vidlankd_jax.train.teacher",
-    "distill": "vidlankd_jax.train.distill",
-    "finetune": "vidlankd_jax.train.finetune",
-}
 
 # Environment variables that mean "this host is one of several": Cloud TPU VMs of a pod slice,
 # multi-slice (Megascale) jobs, and SLURM/Open MPI style launchers handled by JAX's cluster detection.
@@ -78,9 +73,9 @@ def run(config, workdir: str) -> dict:
   of another configuration is refused before anything is written). A stage stopped on request
   (SIGTERM, preemption) raises `loop.Preempted` after saving a checkpoint.
   """
-  if config.stage not in STAGES:
+  if config.stage not in stages.STAGES:
     raise errors.ConfigError(
-        f"config.stage {config.stage!r} is not one of {sorted(STAGES)}",
+        f"config.stage {config.stage!r} is not one of {sorted(stages.STAGES)}",
         "config.stage",
         "use configs/teacher.py, distill.py or finetune.py as they are",
     )
@@ -92,8 +87,7 @@ def run(config, workdir: str) -> dict:
   configlib.validate(config, jax.device_count())
   loop.check_writable(workdir)
   quiet.import_deferred_tensorflow()  # the stage's data and summaries need it from here on
-  module = importlib.import_module(STAGES[config.stage])
-  return module.train_and_evaluate(config, workdir)
+  return stages.get(config.stage).train_and_evaluate(config, workdir)
 
 
 def verbosity_given(argv) -> bool:
@@ -170,6 +164,7 @@ def run_main(argv) -> None:
 
 
 if __name__ == "__main__":
+  quiet.skip_absent_tpu()  # before the config files load jax
   if not verbosity_given(sys.argv):
     quiet.quiet_tensorflow_runtime()  # before the config files load jax
   app.run(main, flags_parser=parse_flags)

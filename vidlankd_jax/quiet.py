@@ -12,6 +12,8 @@ command line, and `--help` must answer at once.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import importlib
 import importlib.util
 import logging as std_logging
@@ -19,29 +21,32 @@ import os
 import re
 import sys
 import tempfile
-from typing import Sequence
+from typing import Iterator, Sequence
 
 # What TensorFlow's and XLA's C++ code prints on start-up (absl's C++ log writes everything to
 # stderr before InitializeLog, whatever TF_CPP_MIN_LOG_LEVEL says).
 START_UP_NOISE = re.compile(
     r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWE]\d{4} |.*cudart_stub|"
-    r".*oneDNN custom operations)"
+    r".*oneDNN custom operations|"
+    # libtpu on a machine without a TPU (ahead-of-time compilation for a TPU topology)
+    r"Failed to find host bounds|WARNING: Logging before InitGoogle|=== Source Location Trace|"
+    r"\S+\.cc:\d+$)"
 )
 # Libraries whose absl WARNINGs are noise on a normal run (read-only checkpoint managers,
 # missing metadata of checkpoints written by this project, uncached datasets).
 NOISY_LIBRARIES = ("/orbax/", "/etils/", "/seqio/", "/tensorflow/")
 
 
-def import_quietly(modules: Sequence[str]) -> None:
-  """Imports `modules` with the C++ start-up lines they print on stderr dropped; any other line
-  they print is passed on."""
+@contextlib.contextmanager
+def stderr_noise_dropped() -> Iterator[None]:
+  """Runs the block with the C++ start-up lines it prints on stderr dropped; any other line it
+  prints is passed on."""
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as capture:
     os.dup2(capture.fileno(), 2)
     try:
-      for module in modules:
-        importlib.import_module(module)
+      yield
     finally:
       os.dup2(saved, 2)
       os.close(saved)
@@ -74,6 +79,13 @@ def import_deferred_tensorflow() -> None:
     _import_tensorflow_quietly()
 
 
+def import_quietly(modules: Sequence[str]) -> None:
+  """Imports `modules` with the C++ start-up lines they print on stderr dropped."""
+  with stderr_noise_dropped():
+    for module in modules:
+      importlib.import_module(module)
+
+
 class LibraryNoiseFilter:
   """Drops library log records below ERROR, and Orbax's errors, from the console (into the
   library log when there is one); the project's own warnings and other errors stay."""
@@ -102,8 +114,43 @@ def quiet_tensorflow_runtime() -> None:
   first float16 batch, "failed call to cuInit" without a GPU) and its real errors raise.
 
   Call it before jax loads, not only before TensorFlow: jaxlib reads the variable when it loads
-  and TensorFlow loaded after it keeps that level."""
+  and TensorFlow loaded after it keeps that level. Also keeps jax off a TPU this machine has
+  not got (`skip_absent_tpu`)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  skip_absent_tpu()
+
+
+# Google's PCI vendor id: a TPU chip on this machine shows it in /sys/bus/pci/devices/*/vendor.
+TPU_PCI_VENDOR = "0x1ae0"
+
+
+def has_tpu() -> bool:
+  for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(path) as f:
+        if f.read().strip() == TPU_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def skip_absent_tpu() -> None:
+  """With libtpu installed (the `tpu` and `test` extras, for ahead-of-time compilation) but no
+  TPU here, jax would try the TPU and print libtpu's start-up warnings: unless JAX_PLATFORMS is
+  set, it lists the platforms other than the TPU (CUDA or ROCm when their plugin is installed,
+  and the CPU)."""
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None or has_tpu():
+    return
+  others = [
+      platform
+      for platform, plugins in (
+          ("cuda", ("jax_cuda12_plugin", "jax_cuda13_plugin")),
+          ("rocm", ("jax_rocm60_plugin", "jax_rocm7_plugin")),
+      )
+      if any(importlib.util.find_spec(p) is not None for p in plugins)
+  ]
+  os.environ["JAX_PLATFORMS"] = ",".join(others + ["cpu"])
 
 
 _TENSORFLOW_DEFERRED = []  # [True] once `quiet_libraries(defer_tensorflow=True)` ran

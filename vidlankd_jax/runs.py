@@ -168,15 +168,26 @@ def teacher_fingerprint(teacher_cfg) -> dict:
   )
 
 
+def build_teacher(
+    teacher_cfg, mesh, rules, *, dtype: str | None = None, abstract: bool = False
+) -> Teacher:
+  """A fresh teacher `teacher_cfg` (`model`, `video`) describes, sharded on `mesh`, computing in
+  `dtype` (`abstract`: shapes and shardings only)."""
+  return sharding.create_sharded(
+      lambda: Teacher.from_config(teacher_cfg, dtype=dtype, rngs=nnx.Rngs(0)),
+      mesh,
+      rules,
+      abstract=abstract,
+  )
+
+
 def load_teacher(
     teacher_cfg, run: Run, mesh, rules, *, step: int | None = None, dtype: str | None = None
 ) -> Teacher:
   """The teacher `teacher_cfg` (`model`, `video`) describes, with `run`'s trained params,
   sharded on `mesh`, computing in `dtype`; a checkpoint of another architecture is an error
   naming each difference."""
-  teacher = sharding.create_sharded(
-      lambda: Teacher.from_config(teacher_cfg, dtype=dtype, rngs=nnx.Rngs(0)), mesh, rules
-  )
+  teacher = build_teacher(teacher_cfg, mesh, rules, dtype=dtype)
   params = nnx.state(teacher, nnx.Param)
   nnx.update(teacher, run.restore_params(params, step, teacher_fingerprint(teacher_cfg)))
   console.debug("teacher restored from %s", run.checkpoint_dir)
@@ -193,9 +204,11 @@ def load_teacher_run(path: str, mesh, *, step: int | None = None):
 # ---------------------------------------------------------------------------------- students
 
 
-def build_student(config, mesh, *, heads=None, num_vokens: int = 0) -> Student:
+def build_student(
+    config, mesh, *, heads=None, num_vokens: int = 0, abstract: bool = False
+) -> Student:
   """A fresh student of a distillation config (`model`, `kd.objectives`, the teacher's width),
-  with the heads of `heads` (default: every objective's)."""
+  with the heads of `heads` (default: every objective's); `abstract`: shapes and shardings."""
   objectives = parse_objectives(config.kd.objectives) if heads is None else tuple(heads)
   return sharding.create_sharded(
       lambda: Student(
@@ -207,6 +220,7 @@ def build_student(config, mesh, *, heads=None, num_vokens: int = 0) -> Student:
       ),
       mesh,
       config.sharding_rules,
+      abstract=abstract,
   )
 
 

@@ -19,6 +19,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vidlankd_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,26 +59,75 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types.
+def torus_shape(devices: list) -> tuple[int, ...] | None:
+  """The physical (x, y, z) extent of one slice's chips (TPU devices carry coordinates), or
+  None for devices without coordinates."""
+  coords = [getattr(d, "coords", None) for d in devices]
+  if any(c is None for c in coords):
+    return None
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  first = [c for d, c in zip(devices, coords) if getattr(d, "slice_index", 0) == min(slices)]
+  return tuple(max(c[i] for c in first) - min(c[i] for c in first) + 1 for i in range(3))
 
-  On GPUs and TPUs `jax.make_mesh` orders the devices for the interconnect's topology. With
-  `num_slices > 1` (multi-slice pods) they are laid out by `mesh_utils.create_hybrid_device_mesh`
-  (JAX has no other API for it), the data axis spanning slices over the slower DCN network.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
-  num_slices = int(mesh_cfg.get("num_slices", 1))
+
+def torus_sizes(torus: tuple[int, ...]) -> list[int]:
+  """The axis sizes a torus can hold whole: products of some of its dimensions."""
+  sizes = {1}
+  for dim in torus:
+    sizes |= {s * dim for s in sizes}
+  return sorted(sizes)
+
+
+def misfit_error(shape: tuple[int, int, int], devices: list, num_slices: int) -> errors.ConfigError:
+  """One line naming the mesh axis the torus cannot hold and the setting that fixes it."""
+  torus = torus_shape(devices)
+  where = "x".join(map(str, torus)) if torus else f"{len(devices) // num_slices} devices"
+  fits = torus_sizes(torus) if torus else []
+  axis = next(
+      (a for a, s in zip(MESH_AXES, shape) if s > 1 and s not in fits),
+      MESH_AXES[int(shape[0] == 1)],
+  )
+  size = dict(zip(MESH_AXES, shape))[axis]
+  per_slice = " (per slice)" if num_slices > 1 else ""
+  return errors.ConfigError(
+      f"mesh: {axis} {size}{per_slice} of data x fsdp x tensor {'x'.join(map(str, shape))} cannot "
+      f"be laid out on the {where} torus of the {devices[0].device_kind} slice: set "
+      f"config.mesh.{axis} (and the other axes to match) to sizes the torus holds whole, "
+      f"e.g. {', '.join(map(str, fits))}"
+  )
+
+
+def device_array(shape: tuple[int, int, int], devices: list, num_slices: int) -> np.ndarray:
+  """The devices in mesh order, as a TPU or GPU host lays them out (`mesh_utils`): the
+  physical torus for a whole platform or a topology's devices, slices along the data axis."""
   if num_slices > 1:
     if shape[0] % num_slices:
       raise ValueError(f"mesh: data axis {shape[0]} is not divisible by num_slices {num_slices}")
     ici = (shape[0] // num_slices, shape[1], shape[2])
-    dcn = (num_slices, 1, 1)
-    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-  elif devices[0].platform in ("tpu", "gpu") and len(devices) == jax.device_count():
-    return jax.make_mesh(shape, MESH_AXES, (AxisType.Auto,) * len(MESH_AXES), devices=devices)
-  else:
-    array = np.asarray(devices).reshape(shape)
+    try:
+      return mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
+    except (NotImplementedError, AssertionError, ValueError) as e:
+      raise misfit_error(ici, devices, num_slices) from e
+  whole = len(devices) == jax.device_count() or devices[0] not in jax.devices()
+  if devices[0].platform in ("tpu", "gpu") and whole:
+    try:
+      return mesh_utils.create_device_mesh(shape, devices)
+    except (NotImplementedError, AssertionError, ValueError) as e:
+      raise misfit_error(shape, devices, 1) from e
+  return np.asarray(devices).reshape(shape)
+
+
+def make_mesh(mesh_cfg, devices: list | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types, over `devices` (default: this process's
+  platform's; a TPU topology's devices for ahead-of-time compilation).
+
+  With `num_slices > 1` (multi-slice pods) the devices are laid out by
+  `create_hybrid_device_mesh`, the data axis spanning slices over the slower DCN network. A
+  shape the physical torus cannot hold is a ConfigError naming the axis and the setting.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  array = device_array(shape, devices, int(mesh_cfg.get("num_slices", 1)))
   return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -104,10 +155,25 @@ def mesh_context(mesh: Mesh, rules) -> Iterator[None]:
     yield
 
 
-def create_sharded(ctor: Callable[[], Any], mesh: Mesh, rules) -> Any:
-  """Builds an nnx module (or any nnx object) with every annotated weight sharded on `mesh`."""
+def create_sharded(ctor: Callable[[], Any], mesh: Mesh, rules, *, abstract: bool = False) -> Any:
+  """Builds an nnx module (or any nnx object) with every annotated weight sharded on `mesh`.
+
+  `abstract`: the module's shapes, dtypes and shardings only (`nnx.eval_shape`), no weights
+  made: what ahead-of-time compilation for a pod needs. The mesh is set outside the trace.
+  """
   with mesh_context(mesh, rules):
-    return ctor()
+    return nnx.eval_shape(ctor) if abstract else ctor()
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Abstract arrays (`jax.ShapeDtypeStruct`) with their NamedShardings moved onto `mesh` (the
+  concrete mesh jit's shardings need; `nnx.eval_shape` gives the abstract mesh's)."""
+
+  def place(x):
+    spec = getattr(getattr(x, "sharding", None), "spec", P())
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+  return jax.tree.map(place, tree)
 
 
 def logical_to_sharding(logical: tuple, mesh: Mesh, rules) -> NamedSharding:

@@ -95,19 +95,49 @@ class TrainState:
   extra: PyTree = None
 
 
-def init_train_state(
-    tx: optax.GradientTransformation, params: PyTree, frozen: PyTree = None, extra: PyTree = None
-) -> TrainState:
-  """Optimiser state created under jit so that it inherits the parameters' shardings.
-
-  Scalars (the step, optimiser counts) are replicated over the parameters' mesh.
-  """
+def optimizer_shardings(tx: optax.GradientTransformation, params: PyTree) -> PyTree:
+  """The optimiser state's shardings: each per-parameter buffer (Adam's moments) like its
+  parameter, the rest (counts) replicated over the parameters' mesh."""
   mesh = jax.tree.leaves(params)[0].sharding.mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
-  opt_state = jax.tree.map(lambda x: jax.device_put(x, replicated) if x.ndim == 0 else x, opt_state)
-  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # a frozen part's empty state
+  return optax.tree_map_params(
+      tx,
+      lambda state, p: state if masked(state) else p.sharding,
+      jax.eval_shape(tx.init, params),
+      params,
+      transform_non_params=lambda _: replicated,
+      is_leaf=masked,
+  )
+
+
+def init_train_state(
+    tx: optax.GradientTransformation,
+    params: PyTree,
+    frozen: PyTree = None,
+    extra: PyTree = None,
+    *,
+    abstract: bool = False,
+) -> TrainState:
+  """The optimiser state, sharded like the parameters; the step replicated.
+
+  `abstract`: `params` (and `frozen`, `extra`) are `jax.ShapeDtypeStruct`s with shardings, and so
+  is the state returned: nothing is allocated (ahead-of-time compilation for a pod).
+  """
+  shardings = optimizer_shardings(tx, params)
+  mesh = jax.tree.leaves(params)[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if abstract:
+    opt_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(tx.init, params),
+        shardings,
+    )
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  else:
+    with jax.set_mesh(mesh):
+      opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
   return TrainState(step=step, params=params, opt_state=opt_state, frozen=frozen, extra=extra)
 
 

@@ -37,6 +37,27 @@ def resolve_vocab(data_cfg, model_vocab_size: int) -> str:
   return path
 
 
+def example_text_batch(
+    batch_size: int, seq_len: int, max_predictions: int, *, example_id: bool = False
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes and dtypes of a global MLM batch as the device receives it (`tasks`'s text
+  features, without loading TensorFlow): what ahead-of-time compilation lowers a step with."""
+  tokens = jax.ShapeDtypeStruct((batch_size, seq_len), np.int32)
+  positions = jax.ShapeDtypeStruct((batch_size, max_predictions), np.int32)
+  batch = {
+      "input_ids": tokens,
+      "attention_mask": tokens,
+      "token_type_ids": tokens,
+      "unmasked_ids": tokens,
+      "mlm_positions": positions,
+      "mlm_targets": positions,
+      "mlm_weights": jax.ShapeDtypeStruct((batch_size, max_predictions), np.float32),
+  }
+  if example_id:
+    batch["example_id"] = jax.ShapeDtypeStruct((batch_size,), np.int32)
+  return batch
+
+
 def input_spec(data_cfg, vocab_file: str, video_cfg=None, **overrides):
   """The `InputSpec` of a pretraining stage: `data_cfg`'s text settings and, for video-text,
   the video shape of the tower that reads it (`video_cfg.max_steps`, `video_cfg.input_dim`)."""

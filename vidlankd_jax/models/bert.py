@@ -35,13 +35,22 @@ REMAT_POLICIES = {
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def resolve_dtype(name: str) -> str:
-  """The compute dtype a config's `dtype` names: "auto" is bfloat16 on accelerators, float32 on
-  CPU."""
+def target_platform() -> str:
+  """The platform the model is built for: that of the current mesh's devices (`jax.set_mesh`,
+  as `sharding.create_sharded` sets it; a TPU topology's when compiling ahead of time on a CPU
+  host), else this process's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_dtype(name: str, platform: str | None = None) -> str:
+  """The compute dtype a config's `dtype` names: "auto" is bfloat16 when the target (`platform`,
+  default `target_platform()`) is an accelerator, float32 on CPU."""
   if name not in DTYPES:
     raise errors.ConfigError(f"config dtype {name!r} is not one of {DTYPES}")
   if name == "auto":
-    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+    return "bfloat16" if (platform or target_platform()) in ("gpu", "tpu") else "float32"
   return name
 
 

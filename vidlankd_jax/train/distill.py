@@ -36,6 +36,7 @@ from jax.experimental import multihost_utils
 from vidlankd_jax import console
 from vidlankd_jax import errors
 from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import flops
 from vidlankd_jax import losses
 from vidlankd_jax import objectives as kd_objectives
 from vidlankd_jax import runs
@@ -134,8 +135,13 @@ class Models(NamedTuple):
   teacher_rest: nnx.State | None
 
 
-def load_teacher(config, mesh) -> Teacher:
-  """The whole teacher `config.teacher` describes, trained params from its run, on `mesh`."""
+def load_teacher(config, mesh, *, abstract: bool = False) -> Teacher:
+  """The whole teacher `config.teacher` describes, trained params from its run, on `mesh`
+  (`abstract`: its shapes and shardings, no checkpoint read)."""
+  if abstract:
+    return runs.build_teacher(
+        config.teacher, mesh, config.sharding_rules, dtype=config.dtype, abstract=True
+    )
   if not config.teacher.workdir:
     raise errors.ConfigError(
         "config.teacher.workdir is empty: name the teacher run's workdir "
@@ -207,13 +213,21 @@ def crd_memory_size(config, num_shards: int) -> int:
   return size
 
 
-def init_crd_memory(config, mesh, key) -> losses.CRDMemory:
+def init_crd_memory(config, mesh, key, *, abstract: bool = False) -> losses.CRDMemory:
   """A fresh CRD memory (`crd_memory_size` rows), sharded over the data axes (logical axis
-  "memory")."""
+  "memory"); `abstract`: its shapes and shardings only."""
   size = crd_memory_size(config, mesh.shape["data"] * mesh.shape["fsdp"])
-  memory = losses.init_crd_memory(key, size, config.teacher.model.hidden_size)
+  make = functools.partial(
+      losses.init_crd_memory, num_examples=size, dim=config.teacher.model.hidden_size
+  )
   rows = sharding.logical_to_sharding(("memory", None), mesh, config.sharding_rules)
   scalar = sharding.replicated(mesh)
+  if abstract:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows if x.ndim else scalar),
+        jax.eval_shape(make, key),
+    )
+  memory = make(key)
   # A copy of every leaf: the two normalisers start as one array, and each buffer of the
   # state must be its own to be donated.
   return jax.tree.map(
@@ -495,8 +509,8 @@ def evaluate(state, jitted_eval, *, spec, config, mesh) -> dict[str, float]:
 # The program the loop runs.
 
 
-class Setup(NamedTuple):
-  """A fresh distillation run's pieces (what `build` wires into the loop; benchmarks time them)."""
+class Pieces(NamedTuple):
+  """A fresh distillation run's pieces: what its steps are made of (benchmarks time parts)."""
 
   models: Models
   kd: KDSpec
@@ -505,37 +519,87 @@ class Setup(NamedTuple):
   schedule: object
 
 
-def init(config, mesh, teacher: Teacher | None = None) -> Setup:
+def voken_bank_shape(config, mesh) -> jax.ShapeDtypeStruct:
+  """The voken bank's shape without the clips: `num_vokens` centroids, else at most
+  `num_clips` clip vectors; replicated."""
+  voken = config.kd.voken
+  rows = int(voken.num_vokens) if voken.num_vokens > 0 else int(voken.num_clips)
+  return jax.ShapeDtypeStruct(
+      (rows, config.teacher.model.hidden_size), jnp.float32, sharding=sharding.replicated(mesh)
+  )
+
+
+def pieces(config, mesh, *, abstract: bool = False, teacher: Teacher | None = None) -> Pieces:
   """Student, frozen teacher, CRD memory, voken bank and optimiser of a fresh run.
 
   The teacher is restored from `config.teacher.workdir` unless given (benchmarks pass a fresh
-  one); a run with objectives=none and no teacher workdir has none.
+  one); a run with objectives=none and no teacher workdir has none. `abstract`: shapes and
+  shardings only (the teacher's too: no checkpoint is read, no clip encoded).
   """
   kd = KDSpec.from_config(config)
   if teacher is None and (kd.objectives or config.teacher.workdir):
-    teacher = load_teacher(config, mesh)
+    teacher = load_teacher(config, mesh, abstract=abstract)
   extra = {}
   if VOKEN_OBJECTIVE in kd.objectives:
-    vocab_file = pipeline.resolve_vocab(config.data, config.model.vocab_size)
-    extra["voken_bank"] = voken_bank(teacher, config, mesh, vocab_file)
+    if abstract:
+      extra["voken_bank"] = voken_bank_shape(config, mesh)
+    else:
+      vocab_file = pipeline.resolve_vocab(config.data, config.model.vocab_size)
+      extra["voken_bank"] = voken_bank(teacher, config, mesh, vocab_file)
   if "crd" in kd.objectives:
-    extra["crd"] = init_crd_memory(config, mesh, jax.random.key(config.seed + 1))
+    extra["crd"] = init_crd_memory(config, mesh, jax.random.key(config.seed + 1), abstract=abstract)
   num_vokens = int(extra["voken_bank"].shape[0]) if "voken_bank" in extra else 0
   student_def, params, student_rest = ts.nnx_params(
-      runs.build_student(config, mesh, num_vokens=num_vokens)
+      runs.build_student(config, mesh, num_vokens=num_vokens, abstract=abstract)
   )
-  console.debug("student parameters:\n%s", sharding.describe_shardings(params))
   teacher_def = teacher_rest = frozen = None
   if teacher is not None:
     teacher_def, frozen, teacher_rest = ts.nnx_params(teacher.language)
+  if abstract:
+    params = sharding.on_mesh(params, mesh)
+    frozen = None if frozen is None else sharding.on_mesh(frozen, mesh)
+  console.debug("student parameters:\n%s", sharding.describe_shardings(params))
   tx = ts.make_optimizer(config.optimizer, config.train.steps)
-  return Setup(
+  return Pieces(
       models=Models(student_def, student_rest, teacher_def, teacher_rest),
       kd=kd,
-      state=ts.init_train_state(tx, params, frozen=frozen, extra=extra or None),
+      state=ts.init_train_state(tx, params, frozen=frozen, extra=extra or None, abstract=abstract),
       tx=tx,
       schedule=ts.learning_rate_schedule(config.optimizer, config.train.steps),
   )
+
+
+def init(config, mesh, *, abstract: bool = False, teacher: Teacher | None = None) -> loop.Setup:
+  """The stage contract's init: `pieces`'s state and the train and eval steps made of them."""
+  return setup_of(config, pieces(config, mesh, abstract=abstract, teacher=teacher))
+
+
+def setup_of(config, parts: Pieces) -> loop.Setup:
+  """The state of `parts` and the train and eval steps made of them."""
+  return loop.Setup(
+      state=parts.state,
+      train_step=functools.partial(
+          train_step,
+          models=parts.models,
+          kd=parts.kd,
+          config=config,
+          tx=parts.tx,
+          schedule=parts.schedule,
+      ),
+      eval_step=functools.partial(eval_step, models=parts.models, kd=parts.kd, seed=config.seed),
+  )
+
+
+def example_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch: MLM text with each block's `example_id`."""
+  return pipeline.example_text_batch(
+      config.train.batch_size, config.data.seq_len, config.data.max_predictions, example_id=True
+  )
+
+
+def step_flops(config) -> dict[str, float]:
+  """The step's analytic FLOPs, term by term (`vidlankd_jax.flops`)."""
+  return flops.distill_step(config)
 
 
 def build(config, mesh) -> loop.Program:
@@ -548,15 +612,8 @@ def build(config, mesh) -> loop.Program:
       mesh,
       spec,
       state=setup.state,
-      train_step=functools.partial(
-          train_step,
-          models=setup.models,
-          kd=setup.kd,
-          config=config,
-          tx=setup.tx,
-          schedule=setup.schedule,
-      ),
-      eval_step=functools.partial(eval_step, models=setup.models, kd=setup.kd, seed=config.seed),
+      train_step=setup.train_step,
+      eval_step=setup.eval_step,
       evaluate=functools.partial(evaluate, spec=spec, config=config, mesh=mesh),
       fingerprint=ckpt_lib.fingerprint(config),
   )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from vidlankd_jax import console
 from vidlankd_jax import errors
+from vidlankd_jax import flops
 from vidlankd_jax import runs
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as ts
@@ -229,8 +231,27 @@ def parse_seeds(seeds: str) -> list[int]:
   return out
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Fine-tunes `config.data.task` once per seed of `config.seeds` and writes the results."""
+class Task(NamedTuple):
+  """What every seed's program shares, worked out once per run: the benchmark, the initial
+  encoder and its configuration, the optimiser and the number of steps (None when abstract and
+  the steps follow from the size of training data not read)."""
+
+  spec: object
+  seq_len: int
+  seeds: list[int]
+  init: runs.InitialEncoder
+  bert_cfg: object
+  steps: int | None
+  warmup_steps: int
+  tx: object
+  schedule: object
+  num_train: int | None
+  label_counts: object
+
+
+def prepare(config, *, abstract: bool = False) -> Task:
+  """The run's `Task`; `abstract`: no weights and no training data are read (the encoder's
+  architecture is `config.model`'s size)."""
   spec = downstream.register_from_config(config.data)
   if not spec.train_split:
     raise errors.DataError(
@@ -241,106 +262,216 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     raise errors.DataError(f"config.eval.glue_ax scores an MNLI model; the task is {spec.name}")
   seq_len = config.data.seq_len or spec.seq_len
   seeds = parse_seeds(config.seeds)
-  init = runs.read_initial_encoder(
-      config.init.source, runs.step_or_latest(config.init.step), config.model.num_heads
-  )
-  bert_cfg = runs.encoder_config(config.model, init, config.dtype)
+  if abstract:
+    if config.model.size == runs.AUTO_SIZE:
+      raise errors.ConfigError(
+          "config.model.size 'auto' takes the size from the initial weights, which are not "
+          "read here: pass the encoder's size (e.g. size=base)"
+      )
+    init = runs.InitialEncoder(config.init.source)
+    bert_cfg = runs.encoder_config(config.model, runs.InitialEncoder(runs.SCRATCH), config.dtype)
+  else:
+    init = runs.read_initial_encoder(
+        config.init.source, runs.step_or_latest(config.init.step), config.model.num_heads
+    )
+    bert_cfg = runs.encoder_config(config.model, init, config.dtype)
   vocab_file = config.data.vocab_file or vocab_lib.default_vocab_file()
   vocab_size = len(vocab_lib.read_vocab_file(vocab_file))
   if vocab_size > bert_cfg.vocab_size:
     raise errors.DataError(
         f"the vocabulary has {vocab_size} entries but the encoder only {bert_cfg.vocab_size}"
     )
-
-  num_train, label_counts = downstream.training_stats(spec, seq_len)
+  num_train, label_counts = None, None
+  if not abstract:
+    num_train, label_counts = downstream.training_stats(spec, seq_len)
   batch_size = config.train.batch_size
-  steps = config.train.steps or math.ceil(config.train.epochs * num_train / batch_size)
+  steps = config.train.steps or (
+      None if num_train is None else math.ceil(config.train.epochs * num_train / batch_size)
+  )
   opt_cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
-  opt_cfg.warmup_steps = int(config.optimizer.warmup_fraction * steps)  # floor, as the reference
-  tx = ts.make_optimizer(opt_cfg, steps)
-  schedule = ts.learning_rate_schedule(opt_cfg, steps)
+  # The schedule's length only sets constants of the step, not its shapes or cost.
+  schedule_steps = steps or 1
+  opt_cfg.warmup_steps = int(config.optimizer.warmup_fraction * schedule_steps)  # floor
+  return Task(
+      spec=spec,
+      seq_len=seq_len,
+      seeds=seeds,
+      init=init,
+      bert_cfg=bert_cfg,
+      steps=steps,
+      warmup_steps=opt_cfg.warmup_steps,
+      tx=ts.make_optimizer(opt_cfg, schedule_steps),
+      schedule=ts.learning_rate_schedule(opt_cfg, schedule_steps),
+      num_train=num_train,
+      label_counts=label_counts,
+  )
+
+
+def init(
+    config, mesh, *, abstract: bool = False, seed: int | None = None, task: Task | None = None
+) -> loop.Setup:
+  """A fresh head on the initial encoder for `seed` (default: the first of `config.seeds`), its
+  optimiser state and steps; `abstract`: shapes and shardings only, no weights read."""
+  task = task or prepare(config, abstract=abstract)
+  seed = task.seeds[0] if seed is None else seed
+  spec = task.spec
+  model = sharding.create_sharded(
+      lambda: heads.build_head(spec.kind, task.bert_cfg, spec.num_labels, rngs=nnx.Rngs(seed)),
+      mesh,
+      config.sharding_rules,
+      abstract=abstract,
+  )
+  if not abstract:
+    runs.load_encoder(model.bert, task.init)
+  graphdef, params, rest = ts.nnx_params(model)
+  replicated = sharding.replicated(mesh)
+  if abstract:
+    params = sharding.on_mesh(params, mesh)
+    seed_array = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  else:
+    seed_array = jax.device_put(jnp.asarray(seed, jnp.int32), replicated)
+  return loop.Setup(
+      state=ts.init_train_state(task.tx, params, extra={"seed": seed_array}, abstract=abstract),
+      train_step=functools.partial(
+          train_step,
+          graphdef=graphdef,
+          rest=rest,
+          kind=spec.kind,
+          tx=task.tx,
+          schedule=task.schedule,
+          num_micro=config.optimizer.grad_accum_steps,
+      ),
+      eval_step=functools.partial(eval_step, graphdef=graphdef, rest=rest),
+  )
+
+
+def example_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch of `config.data.task`: token rows ([B, C, L] for multiple
+  choice), the labels and `valid`."""
+  spec = downstream.register_from_config(config.data)
+  b, seq_len = config.train.batch_size, config.data.seq_len or spec.seq_len
+  rows = (b, spec.num_labels, seq_len) if spec.kind == "multiple_choice" else (b, seq_len)
+  batch = {k: jax.ShapeDtypeStruct(rows, jnp.int32) for k in downstream.MODEL_FEATURES}
+  label = jnp.float32 if spec.kind == "regression" else jnp.int32
+  for name in LABEL_FEATURES[spec.kind]:
+    batch[name] = jax.ShapeDtypeStruct((b,), label)
+  batch["valid"] = jax.ShapeDtypeStruct((b,), jnp.int32)
+  return batch
+
+
+def step_flops(config) -> dict[str, float]:
+  """The step's analytic FLOPs, term by term (`vidlankd_jax.flops`)."""
+  spec = downstream.register_from_config(config.data)
+  return flops.finetune_step(
+      config, spec.kind, spec.num_labels, config.data.seq_len or spec.seq_len
+  )
+
+
+class EvalData(NamedTuple):
+  """The evaluation data every seed shares, read once per run."""
+
+  eval_sets: dict
+  span_examples: dict | None
+  ax_batches: list | None
+
+
+def read_eval_data(task: Task, config) -> EvalData:
+  spec = task.spec
+  eval_sets = {split: read_eval_batches(spec, split, config) for split in spec.eval_splits}
+  return EvalData(
+      eval_sets=eval_sets,
+      span_examples=(
+          {split: downstream.get_span_examples(spec.name, split) for split in eval_sets}
+          if spec.kind == "span"
+          else None
+      ),
+      ax_batches=(
+          read_eval_batches(downstream.get_downstream_spec("glue_ax"), "test", config)
+          if config.eval.glue_ax
+          else None
+      ),
+  )
+
+
+def build(
+    config,
+    mesh,
+    *,
+    seed: int | None = None,
+    task: Task | None = None,
+    eval_data: EvalData | None = None,
+    workdir: str = "",
+) -> loop.Program:
+  """The program of one seed (default: the first): `init`'s state and steps, the task's
+  training stream and its evaluation (GLUE diagnostics written under `workdir`/seed_<s>)."""
+  task = task or prepare(config)
+  seed = task.seeds[0] if seed is None else seed
+  eval_data = eval_data or read_eval_data(task, config)
+  setup = init(config, mesh, seed=seed, task=task)
+  spec = task.spec
+  return loop.Program(
+      state=setup.state,
+      train_step=setup.train_step,
+      eval_step=setup.eval_step,
+      evaluate=functools.partial(
+          evaluate,
+          spec=spec,
+          eval_sets=eval_data.eval_sets,
+          span_examples=eval_data.span_examples,
+          ax_batches=eval_data.ax_batches,
+          config=config,
+          mesh=mesh,
+          steps=task.steps,
+          seed_dir=os.path.join(workdir, f"seed_{seed}"),
+      ),
+      train_batches=functools.partial(
+          pipeline.downstream_batches,
+          spec.name,
+          spec.train_split,
+          mesh,
+          global_batch_size=config.train.batch_size,
+          seq_len=task.seq_len,
+          seed=seed,
+          shuffle_buffer=config.data.shuffle_buffer,
+          features=model_features(spec.kind),
+      ),
+      steps=task.steps,
+      batch_size=config.train.batch_size,
+      fingerprint=fingerprint(spec, task.bert_cfg, config),
+  )
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Fine-tunes `config.data.task` once per seed of `config.seeds` and writes the results."""
+  task = prepare(config)
+  spec, seeds = task.spec, task.seeds
+  batch_size = config.train.batch_size
   console.info(
-      f"{spec.name}: {num_train} training examples, {steps} steps of {batch_size} "
-      f"({opt_cfg.warmup_steps} warmup), seeds {seeds}, init {init.source}"
+      f"{spec.name}: {task.num_train} training examples, {task.steps} steps of {batch_size} "
+      f"({task.warmup_steps} warmup), seeds {seeds}, init {task.init.source}"
   )
 
   mesh = sharding.make_mesh(config.mesh)
-  eval_sets = {split: read_eval_batches(spec, split, config) for split in spec.eval_splits}
-  for split, batches in eval_sets.items():
+  eval_data = read_eval_data(task, config)
+  for split, batches in eval_data.eval_sets.items():
     downstream.check_labels(spec, split, gold_labels(batches))
-  span_examples = (
-      {split: downstream.get_span_examples(spec.name, split) for split in eval_sets}
-      if spec.kind == "span"
-      else None
-  )
-  ax_batches = (
-      read_eval_batches(downstream.get_downstream_spec("glue_ax"), "test", config)
-      if config.eval.glue_ax
-      else None
-  )
   primary = results_lib.primary_metric_name(spec, config.eval.primary_metric)
   baseline = {}
-  if label_counts is not None:
-    for split, batches in eval_sets.items():
-      scores = majority_baseline(spec, label_counts, batches)
+  if task.label_counts is not None:
+    for split, batches in eval_data.eval_sets.items():
+      scores = majority_baseline(spec, task.label_counts, batches)
       baseline.update({f"{split}/{k}": float(v) for k, v in scores.items()})
 
   steps_fns = None
   per_seed = {}
   for seed in seeds:
-    model = sharding.create_sharded(
-        lambda: heads.build_head(spec.kind, bert_cfg, spec.num_labels, rngs=nnx.Rngs(seed)),
-        mesh,
-        config.sharding_rules,
-    )
-    runs.load_encoder(model.bert, init)
-    graphdef, params, rest = ts.nnx_params(model)
+    program = build(config, mesh, seed=seed, task=task, eval_data=eval_data, workdir=workdir)
     if steps_fns is None:  # every seed's model has the same structure: one compiled step
-      steps_fns = (
-          functools.partial(
-              train_step,
-              graphdef=graphdef,
-              rest=rest,
-              kind=spec.kind,
-              tx=tx,
-              schedule=schedule,
-              num_micro=config.optimizer.grad_accum_steps,
-          ),
-          functools.partial(eval_step, graphdef=graphdef, rest=rest),
-      )
-    seed_dir = os.path.join(workdir, f"seed_{seed}")
-    seed_array = jax.device_put(jnp.asarray(seed, jnp.int32), sharding.replicated(mesh))
-    program = loop.Program(
-        state=ts.init_train_state(tx, params, extra={"seed": seed_array}),
-        train_step=steps_fns[0],
-        eval_step=steps_fns[1],
-        evaluate=functools.partial(
-            evaluate,
-            spec=spec,
-            eval_sets=eval_sets,
-            span_examples=span_examples,
-            ax_batches=ax_batches,
-            config=config,
-            mesh=mesh,
-            steps=steps,
-            seed_dir=seed_dir,
-        ),
-        train_batches=functools.partial(
-            pipeline.downstream_batches,
-            spec.name,
-            spec.train_split,
-            mesh,
-            global_batch_size=batch_size,
-            seq_len=seq_len,
-            seed=seed,
-            shuffle_buffer=config.data.shuffle_buffer,
-            features=model_features(spec.kind),
-        ),
-        steps=steps,
-        batch_size=batch_size,
-        fingerprint=fingerprint(spec, bert_cfg, config),
+      steps_fns = (program.train_step, program.eval_step)
+    program.train_step, program.eval_step = steps_fns
+    final = loop.fit(
+        program, config, os.path.join(workdir, f"seed_{seed}"), mesh, config_dir=workdir
     )
-    final = loop.fit(program, config, seed_dir, mesh, config_dir=workdir)
     per_seed[seed] = {k.removeprefix("eval/"): v for k, v in final.items()}
     if primary not in per_seed[seed]:
       raise errors.UnknownNameError(
@@ -352,15 +483,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   results = {
       "task": spec.name,
       "kind": spec.kind,
-      "init": init.source,
+      "init": task.init.source,
       "seeds": seeds,
-      "encoder": {k: getattr(bert_cfg, k) for k in runs.ARCHITECTURE_KEYS},
-      "train_examples": num_train,
-      "train_steps": steps,
+      "encoder": {k: getattr(task.bert_cfg, k) for k in runs.ARCHITECTURE_KEYS},
+      "train_examples": task.num_train,
+      "train_steps": task.steps,
       "batch_size": batch_size,
       "learning_rate": config.optimizer.learning_rate,
-      "warmup_steps": opt_cfg.warmup_steps,
-      "seq_len": seq_len,
+      "warmup_steps": task.warmup_steps,
+      "seq_len": task.seq_len,
       "eval_splits": list(spec.eval_splits),
       "primary_metric": primary,
       "per_seed": {str(s): m for s, m in per_seed.items()},

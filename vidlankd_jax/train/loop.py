@@ -1,8 +1,12 @@
 """The one training loop of every stage: resume, logging, evaluation, checkpoints, numerical
 faults and preemption.
 
-A stage (teacher.py, distill.py, finetune.py) builds a `Program`: its state, its pure step
-functions, its data and its evaluation. `fit` runs it. Resumes are exact: the data restarts at
+Every stage module (teacher.py, distill.py, finetune.py, registered in stages.py) offers the same
+contract: `init(config, mesh, *, abstract=False) -> Setup` (the fresh state and its pure step
+functions; abstract: shapes and shardings only), `example_batch(config)` (the global training
+batch as `jax.ShapeDtypeStruct`s) and `build(config, mesh) -> Program` (adds the data and the
+evaluation). `fit` runs a Program; `jit_train_step` is the one place a train step is jitted (the
+loop, the benchmarks, the tests and the pod plan compile the same program). Resumes are exact: the data restarts at
 the batch the checkpoint's step would read and each step's randomness is a function of
 (seed, step), so a run stopped and started again ends with the same parameters and metrics as
 one that was never stopped.
@@ -15,7 +19,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -31,6 +35,34 @@ from vidlankd_jax.data import pipeline
 from vidlankd_jax.train_state import TrainState
 
 NONFINITE_POLICIES = configlib.NONFINITE_POLICIES
+
+
+class Setup(NamedTuple):
+  """What every stage's `init` returns: the fresh state (`jax.ShapeDtypeStruct`s when abstract)
+  and its pure `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch)`."""
+
+  state: TrainState
+  train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  eval_step: Callable[[TrainState, dict], Any]
+
+
+def jit_train_step(train_step: Callable, state, mesh) -> Callable:
+  """`train_step` jitted as the loop runs it: the state keeps its shardings and is donated, the
+  batch is split over the mesh's batch axes. `state` may be abstract (the shardings are read)."""
+  state_sh = sharding.state_shardings(state)
+  return jax.jit(
+      train_step,
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sh, None),
+      donate_argnums=0,
+  )
+
+
+def jit_eval_step(eval_step: Callable, state, mesh) -> Callable:
+  """`eval_step` jitted with the state's shardings and the batch split over the batch axes."""
+  return jax.jit(
+      eval_step, in_shardings=(sharding.state_shardings(state), sharding.batch_sharding(mesh))
+  )
 
 
 @dataclasses.dataclass
@@ -351,17 +383,8 @@ def fit(program: Program, config, workdir: str, mesh, *, config_dir: str | None 
     writer.rewind(start_step)
     runs.write_config(config, config_dir or workdir)
 
-    state_sh = sharding.state_shardings(state)
-    batch_sh = sharding.batch_sharding(mesh)
-    step_fn = ShapeCompiled(
-        jax.jit(
-            program.train_step,
-            in_shardings=(state_sh, batch_sh),
-            out_shardings=(state_sh, None),
-            donate_argnums=0,
-        )
-    )
-    eval_fn = jax.jit(program.eval_step, in_shardings=(state_sh, batch_sh))
+    step_fn = ShapeCompiled(jit_train_step(program.train_step, state, mesh))
+    eval_fn = jit_eval_step(program.eval_step, state, mesh)
     meter = ProgressMeter(total, program.batch_size, start_step)
     if start_step < total:
       batches = pipeline.DevicePrefetch(

@@ -7,8 +7,6 @@ The video tower trains jointly with the language side (the paper) unless `config
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +17,7 @@ from jax.experimental import multihost_utils
 from vidlankd_jax import console
 from vidlankd_jax import errors
 from vidlankd_jax import checkpoint as ckpt_lib
+from vidlankd_jax import flops
 from vidlankd_jax import losses
 from vidlankd_jax import sharding
 from vidlankd_jax import train_state as ts
@@ -126,31 +125,44 @@ def evaluate(state, jitted_eval, *, spec, config, mesh) -> dict[str, float]:
   return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-class Setup(NamedTuple):
-  """A fresh teacher run's pieces (what `build` wires into the loop; tests and benchmarks use
-  them directly)."""
-
-  state: ts.TrainState
-  train_step: functools.partial
-  eval_step: functools.partial
-
-
-def init(config, mesh) -> Setup:
-  """Model, optimiser and step functions of a fresh teacher run on `mesh`."""
+def init(config, mesh, *, abstract: bool = False) -> loop.Setup:
+  """Model, optimiser and step functions of a fresh teacher run on `mesh` (`abstract`: shapes
+  and shardings only, nothing allocated)."""
   model = sharding.create_sharded(
-      lambda: Teacher.from_config(config, rngs=nnx.Rngs(config.seed)), mesh, config.sharding_rules
+      lambda: Teacher.from_config(config, rngs=nnx.Rngs(config.seed)),
+      mesh,
+      config.sharding_rules,
+      abstract=abstract,
   )
   graphdef, params, rest = ts.nnx_params(model)
+  if abstract:
+    params = sharding.on_mesh(params, mesh)
   console.debug("teacher parameters:\n%s", sharding.describe_shardings(params))
   tx = make_optimizer(config, params)
   schedule = ts.learning_rate_schedule(config.optimizer, config.train.steps)
-  return Setup(
-      state=ts.init_train_state(tx, params),
+  return loop.Setup(
+      state=ts.init_train_state(tx, params, abstract=abstract),
       train_step=functools.partial(
           train_step, graphdef=graphdef, rest=rest, config=config, tx=tx, schedule=schedule
       ),
       eval_step=functools.partial(eval_step, graphdef=graphdef, rest=rest),
   )
+
+
+def example_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch at its longest (video padded to `config.video.max_steps`)."""
+  b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
+  t, d = config.video.max_steps, config.video.input_dim
+  return {
+      **pipeline.example_text_batch(b, l, p),
+      "video_features": jax.ShapeDtypeStruct((b, t, d), jnp.float16),
+      "video_mask": jax.ShapeDtypeStruct((b, t), jnp.int32),
+  }
+
+
+def step_flops(config) -> dict[str, float]:
+  """The step's analytic FLOPs, term by term (`vidlankd_jax.flops`)."""
+  return flops.teacher_step(config)
 
 
 def build(config, mesh) -> loop.Program:

@@ -1,0 +1,62 @@
+"""`vidlankd plan`: stages compiled for TPU topologies on the CPU (libtpu, deviceless).
+
+libtpu serves one process at a time: every test that compiles for a TPU lives in this module
+(pytest's `--dist loadfile` keeps a module on one worker).
+"""
+
+import ml_collections
+import pytest
+
+from vidlankd_jax import configlib
+from vidlankd_jax import plan
+from vidlankd_jax import sharding
+
+pytest.importorskip("libtpu")
+
+
+def mesh_cfg(data, fsdp=1, tensor=1, num_slices=1):
+  return ml_collections.ConfigDict(
+      {"data": data, "fsdp": fsdp, "tensor": tensor, "num_slices": num_slices}
+  )
+
+
+def test_a_mesh_off_the_torus_is_one_line_naming_the_axis():
+  devices = plan.topology_devices("v5e:4x4", 1)
+  with pytest.raises(ValueError) as error:
+    sharding.make_mesh(mesh_cfg(8, 2), devices)
+  message = str(error.value)
+  assert "\n" not in message and "config.mesh.data" in message and "4x4" in message
+
+
+def test_the_hybrid_mesh_puts_the_slices_on_the_data_axis():
+  devices = plan.topology_devices("v5e:2x2", 2)
+  mesh = sharding.make_mesh(mesh_cfg(4, 2, num_slices=2), devices)
+  for (d, f, t), device in zip(
+      ((d, f, t) for d in range(4) for f in range(2) for t in range(1)), mesh.devices.flat
+  ):
+    assert device.slice_index == d // 2, (d, f, t)
+
+
+def test_the_tiny_teacher_compiles_and_fits_a_v5e_2x2():
+  config = configlib.load("teacher", "size=tiny")
+  result = plan.plan(config, "v5e:2x2", correct_layers=False)
+  assert set(plan.JSON_KEYS) <= set(result)
+  hbm = result["hbm_bytes"]
+  assert all(hbm[k] > 0 for k in ("params_and_opt", "batch", "temp", "code"))
+  assert hbm["total"] < result["hbm_capacity_bytes"] and result["fits"]
+  assert result["chips"] == 4 and result["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert result["collectives"]["all-reduce"]["count"] > 0
+  assert result["estimated_step_s"] > 0
+
+
+@pytest.mark.parametrize("stage", ["distill", "finetune"])
+def test_two_slices_cross_the_dcn_only_between_slices(stage):
+  """Data parallel over two v5e 2x2 slices: the ICI collectives stay inside a slice and the
+  gradient exchange between the slices goes over the DCN."""
+  config = configlib.load(stage, "size=tiny")
+  result = plan.plan(config, "v5e:2x2", num_slices=2, correct_layers=False)
+  assert result["chips"] == 8 and result["fits"] and result["mesh"]["data"] == 8
+  assert sum(c["dcn_bytes_per_chip"] for c in result["collectives"].values()) > 0
+  program = plan.hlo.parse(result["hlo_text"])
+  for c in plan.hlo.collectives(program, 8):
+    assert all(max(group) < 4 for group in c.groups), c.name  # slice-local device ids
