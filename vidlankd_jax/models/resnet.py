@@ -175,16 +175,26 @@ def _per_group_conv(x, kernel, strides, padding, groups):
   )
 
 
-def _group_windows(x, window, strides, padding: int, groups: int):
-  """The window's shifted (strided) views of the zero-padded input, channels split into groups
-  ahead of the positions: a list over the window of [G, C / G, N, *space'], and space'."""
+def _group_windows(x, window, strides, padding: int, groups: int, groups_first: bool):
+  """The window's shifted (strided) views of the zero-padded input, channels split into groups: a
+  list over the window of [G, C / G, N, *space'] (`groups_first`) or [N, *space', G, C / G], and
+  space'."""
   n, *space, c = x.shape
   out = [(size + 2 * padding - k) // s + 1 for size, k, s in zip(space, window, strides)]
   split = x.reshape(n, *space, groups, c // groups)
-  split = split.transpose(len(space) + 1, len(space) + 2, 0, *range(1, len(space) + 1))
-  padded = jnp.pad(split, [(0, 0)] * 3 + [(padding, padding)] * len(space))
+  lead = 3 if groups_first else 1
+  if groups_first:
+    split = split.transpose(len(space) + 1, len(space) + 2, 0, *range(1, len(space) + 1))
+  pads = [(padding, padding)] * len(space)
+  # Materialised: XLA would otherwise recompute the padding (and whatever produced x) per view.
+  padded = jax.lax.optimization_barrier(
+      jnp.pad(split, [(0, 0)] * lead + pads + [(0, 0)] * (3 - lead))
+  )
   views = [
-      padded[(...,) + tuple(slice(o, o + s * (m - 1) + 1, s) for o, s, m in zip(at, strides, out))]
+      padded[
+          (slice(None),) * lead
+          + tuple(slice(o, o + s * (m - 1) + 1, s) for o, s, m in zip(at, strides, out))
+      ]
       for at in np.ndindex(*window)
   ]
   return views, out
@@ -201,7 +211,7 @@ def _im2col_conv(x, kernel, strides, padding, groups):
   """im2col and one matmul batched over groups: the views stacked as [G, window x C / G,
   positions], times the kernel as [G, O / G, window x C / G]. Only the grouped work."""
   window, c_in, c_out = kernel.shape[:-2], kernel.shape[-2], kernel.shape[-1] // groups
-  views, out = _group_windows(x, window, strides, padding, groups)
+  views, out = _group_windows(x, window, strides, padding, groups, groups_first=True)
   taps = math.prod(window)
   patches = jnp.stack(views, axis=1).reshape(groups, taps * c_in, -1)
   weights = kernel.reshape(taps, c_in, groups, c_out).transpose(2, 3, 0, 1)
@@ -217,17 +227,16 @@ def _im2col_conv(x, kernel, strides, padding, groups):
 
 def _multiply_add_conv(x, kernel, strides, padding, groups):
   """The grouped convolution as window x C / G broadcast multiply-adds over the positions, which
-  XLA fuses into one loop: no patches in memory, no narrow matmul (fastest at few channels per
-  group)."""
+  XLA fuses into one loop (with the bias and ReLU after it), channels last and innermost: no
+  patches in memory, no narrow matmul (fastest at few channels per group)."""
   window, c_in, c_out = kernel.shape[:-2], kernel.shape[-2], kernel.shape[-1] // groups
-  views, _ = _group_windows(x, window, strides, padding, groups)
+  views, out = _group_windows(x, window, strides, padding, groups, groups_first=False)
   weights = kernel.reshape(-1, c_in, groups, c_out).astype(jnp.float32)
   y = 0.0
   for tap, view in enumerate(views):
     for c in range(c_in):
-      w = weights[tap, c].reshape(groups, c_out, *(1,) * (view.ndim - 2))
-      y = y + w * view[:, c : c + 1].astype(jnp.float32)
-  return _from_groups(y, groups)
+      y = y + view[..., c : c + 1].astype(jnp.float32) * weights[tap, c]
+  return y.reshape(x.shape[0], *out, groups * c_out)
 
 
 GROUPED_CONVS = {
