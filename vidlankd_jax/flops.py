@@ -45,7 +45,7 @@ def distill_step(config) -> dict[str, float]:
   """Student trained (encoder, distillation heads H_s x H_s + H_s x H_t each, MLM head at the
   masked positions) and the frozen teacher's language encoder forward (no vocabulary head but
   for soft-label KD)."""
-  from vidlankd_jax.models.student import FEATURE_OBJECTIVES, parse_objectives
+  from vidlankd_jax.objectives import FEATURE_OBJECTIVES, parse_objectives
 
   b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
   s, t = config.model, config.teacher.model
