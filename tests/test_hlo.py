@@ -8,7 +8,8 @@ from vidlankd_jax import hlo
 
 # A fused batched matmul as XLA on TPU writes it: a convolution over a dilated input whose window
 # touches one real element in four (out[o] = lhs[o] x rhs[o]^T: 4 batches of [16, 8] x [8, 16]),
-# an in-place update of one row of a large buffer, and a dynamic slice read of one row.
+# an in-place update of one row of a large buffer, and a dynamic slice read of one row (also
+# from inside a nested fusion).
 SNIPPET = """HloModule snippet
 
 %fused_conv (param_0: bf16[4,16,8], param_1: bf16[4,16,8]) -> f32[4,16,16] {
@@ -32,7 +33,14 @@ SNIPPET = """HloModule snippet
   ROOT %dynamic-slice.1 = f32[1,256]{1,0} dynamic-slice(%param_0.2, %param_1.2, %constant.1), dynamic_slice_sizes={1,256}
 }
 
-ENTRY %main (a: bf16[4,16,8], b: bf16[4,16,8], buffer: f32[1024,256], row: f32[1,256], i: s32[]) -> (f32[4,16,16], f32[1024,256], f32[1,256]) {
+%fused_outer (param_0.3: f32[1024,256], param_1.3: s32[]) -> f32[1,256] {
+  %param_0.3 = f32[1024,256]{1,0} parameter(0)
+  %param_1.3 = s32[] parameter(1)
+  %inner = f32[1,256]{1,0} fusion(%param_0.3, %param_1.3), kind=kLoop, calls=%fused_read
+  ROOT %negate.1 = f32[1,256]{1,0} negate(%inner)
+}
+
+ENTRY %main (a: bf16[4,16,8], b: bf16[4,16,8], buffer: f32[1024,256], row: f32[1,256], i: s32[]) -> (f32[4,16,16], f32[1024,256], f32[1,256], f32[1,256]) {
   %a = bf16[4,16,8]{2,1,0} parameter(0)
   %b = bf16[4,16,8]{2,1,0} parameter(1)
   %buffer = f32[1024,256]{1,0} parameter(2)
@@ -41,7 +49,8 @@ ENTRY %main (a: bf16[4,16,8], b: bf16[4,16,8], buffer: f32[1024,256], row: f32[1
   %conv = f32[4,16,16]{2,1,0} fusion(%a, %b), kind=kOutput, calls=%fused_conv
   %update = f32[1024,256]{1,0} fusion(%buffer, %row, %i), kind=kLoop, calls=%fused_update
   %read = f32[1,256]{1,0} fusion(%buffer, %i), kind=kLoop, calls=%fused_read
-  ROOT %out = (f32[4,16,16]{2,1,0}, f32[1024,256]{1,0}, f32[1,256]{1,0}) tuple(%conv, %update, %read)
+  %nested = f32[1,256]{1,0} fusion(%buffer, %i), kind=kLoop, calls=%fused_outer
+  ROOT %out = (f32[4,16,16]{2,1,0}, f32[1024,256]{1,0}, f32[1,256]{1,0}, f32[1,256]{1,0}) tuple(%conv, %update, %read, %nested)
 }
 """
 
@@ -62,6 +71,7 @@ def test_an_in_place_update_and_a_slice_move_only_their_rows():
   row = 256 * 4
   assert ops["update"].bytes == 2 * row + 4  # the row read and written, and the index
   assert ops["read"].bytes == 2 * row + 4
+  assert ops["nested"].bytes == 2 * row + 4  # the slice taken inside a nested fusion
   assert ops["update"].flops == ops["read"].flops == 0
 
 
