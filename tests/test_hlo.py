@@ -94,3 +94,21 @@ def test_matmul_flops_of_a_jitted_program_count_each_dot_and_each_loop_iteration
   assert hlo.matmul_flops(hlo.parse(text)) == expected
   dots = [op for op in hlo.op_costs(hlo.parse(text)) if op.flops]
   assert max(op.flops for op in dots) <= 2 * 8 * 32 * 32
+
+
+def test_mesh_replica_groups_with_a_device_order():
+  """A collective over axis_0 of a (2, 1, 2) mesh whose positions hold devices 0, 2, 1, 3."""
+  inst = hlo.parse_instruction(
+      "%ag = f32[4]{0} all-gather(f32[2]{0} %x), channel_id=1, "
+      "replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=2], device_ids=([2,2]T(1,0)) "
+      "{'axis_0'}, dimensions={0}, use_global_device_ids=true"
+  )
+  assert hlo.replica_groups(inst, 4) == [[0, 1], [2, 3]]
+  plain = hlo.parse_instruction(
+      "%ar = f32[4]{0} all-reduce(f32[4]{0} %x), replica_groups=mesh['a'=2,'b'=2] {'b'}"
+  )
+  assert hlo.replica_groups(plain, 4) == [[0, 1], [2, 3]]
+  iota = hlo.parse_instruction(
+      "%ar = f32[4]{0} all-reduce(f32[4]{0} %x), replica_groups=[2,2]<=[2,2]T(1,0), to_apply=%add"
+  )
+  assert hlo.replica_groups(iota, 4) == [[0, 2], [1, 3]]

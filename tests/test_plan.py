@@ -5,10 +5,12 @@ libtpu serves one process at a time: every test that compiles for a TPU lives in
 """
 
 import functools
+import json
 
 import ml_collections
 import pytest
 
+from vidlankd_jax import cli
 from vidlankd_jax import configlib
 from vidlankd_jax import plan
 from vidlankd_jax import sharding
@@ -94,3 +96,22 @@ def test_hbm_is_below_the_chip_s_and_grows_with_the_per_chip_batch():
   assert large["hbm_bytes"]["temp"] > small["hbm_bytes"]["temp"]
   assert large["hbm_bytes"]["total"] > small["hbm_bytes"]["total"]
   assert large["hbm_bytes"]["params_and_opt"] == small["hbm_bytes"]["params_and_opt"]
+
+
+def test_the_command_prints_the_plan_and_writes_the_json(tmp_path, capsys):
+  """`vidlankd plan` as tpu_launch.sh's preflight runs it (an override included)."""
+  path = tmp_path / "plan.json"
+  argv = [
+      "plan",
+      "--config=configs/finetune.py:size=tiny",
+      "--config.mesh.fsdp=2",
+      "--topology=v5e:2x2",
+      "--as_compiled",
+      f"--json={path}",
+  ]
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "mesh data 2 x fsdp 2 x tensor 1" in out and "replication factor" in out
+  written = json.loads(path.read_text())
+  assert set(written) == set(plan.JSON_KEYS) and written["mesh"]["fsdp"] == 2
+  assert (tmp_path / "plan.hlo.txt").read_text().startswith("HloModule")

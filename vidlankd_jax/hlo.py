@@ -239,20 +239,41 @@ def parse(text: str) -> Program:
   return Program(computations, entry)
 
 
+def device_order(spec: str | None, count: int) -> np.ndarray:
+  """The devices at a mesh's positions: `[2,2]T(1,0)` (iota reshaped, transposed), a list of
+  ids, or none written (0, 1, ...)."""
+  if not spec:
+    return np.arange(count)
+  iota = re.match(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", spec)
+  if iota:
+    ids = np.arange(count).reshape([int(x) for x in iota.group(1).split(",")])
+    if iota.group(2):
+      ids = ids.transpose([int(x) for x in iota.group(2).split(",")])
+    return ids.reshape(-1)
+  return np.array([int(x) for x in re.findall(r"\d+", spec)])
+
+
 def replica_groups(inst: Instruction, num_devices: int) -> list[list[int]]:
   """The device groups of a collective (pairs for collective-permute)."""
   pairs = inst.attr("source_target_pairs")
   if pairs:
     return [[int(x) for x in p.split(",")] for p in re.findall(r"\{(\d+,\d+)\}", pairs)]
-  mesh_form = re.search(r"replica_groups=(mesh\[[^\]]*\]\s*\{[^}]*\})", inst.attrs)
-  value = mesh_form.group(1) if mesh_form else inst.attr("replica_groups")
-  if not value or value in ("{}", "{{}}"):
+  # mesh['axis_0'=4,'axis_1'=2][, device_ids=(...)] {'axis_1'}: groups vary along axis_1; the
+  # devices at the mesh's positions are device_ids (iota form [2,2]T(1,0), or a list) or 0, 1, ...
+  mesh_form = re.search(
+      r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?|[\d,\s]*)\))?"
+      r"\s*\{([^}]*)\}",
+      inst.attrs,
+  )
+  iota_form = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", inst.attrs)
+  value = iota_form.group(1) if iota_form else inst.attr("replica_groups")
+  if not mesh_form and (not value or value in ("{}", "{{}}")):
     return [list(range(num_devices))]
-  if value.startswith("mesh["):  # mesh['axis_0'=4,'axis_1'=2] {'axis_1'}: vary along axis_1
-    axes = re.findall(r"'(\w+)'=(\d+)", value.split("]")[0])
-    chosen = re.findall(r"'(\w+)'", value.split("]", 1)[1])
+  if mesh_form:
+    axes = re.findall(r"'(\w+)'=(\d+)", mesh_form.group(1))
+    chosen = re.findall(r"'(\w+)'", mesh_form.group(3))
     names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
-    ids = np.arange(math.prod(sizes)).reshape(sizes)
+    ids = device_order(mesh_form.group(2), math.prod(sizes)).reshape(sizes)
     order = [i for i, a in enumerate(names) if a not in chosen] + [names.index(a) for a in chosen]
     group = math.prod(sizes[names.index(a)] for a in chosen)
     return ids.transpose(order).reshape(-1, group).tolist()

@@ -455,8 +455,9 @@ def report(result: dict) -> str:
   step = r["estimated_step_s"]
   if r["flops_correction"].startswith("none"):
     lines.append(
-        "NOTE: --as_compiled counts each scanned layer stack's body once: the FLOPs, HBM traffic,"
-        " replication, step time and MFU below are not the whole step's"
+        "NOTE: --as_compiled counts each scanned layer stack's body once: the compiler's FLOPs"
+        " and HBM traffic above and the step time and MFU below are not the whole step's (the"
+        " replication factor is: it counts loop bodies by their trip counts)"
     )
   if step is None:
     lines.append("ESTIMATE: none (no public DCN bandwidth for this chip, and DCN traffic)")
