@@ -19,12 +19,14 @@ Runs vidlankd_jax on Cloud TPU VMs with 'gcloud compute tpus tpu-vm' (one slice)
 'gcloud compute tpus queued-resources' (--num-slices > 1, multi-slice).
 
 Commands:
-  create            create the TPU (reused when 'describe' finds it); multi-slice requests a
-                    queued resource and waits until it is ACTIVE
+  create [-- CMD]   create the TPU (reused when 'describe' finds it); multi-slice requests a
+                    queued resource and waits until it is ACTIVE. CMD (not run here) is the run
+                    the slice is for: the preflight plans its --config before the TPU is created
   setup             copy the code to every worker (a tarball of the git working tree, or
                     'git clone' with --repo) and install it in ~/venv with jax[tpu]
   run -- CMD...     run CMD on every worker (all slices) from the code directory in ~/venv;
-                    output is streamed here and written to a local log file per run
+                    output is streamed here and written to a local log file per run; the
+                    preflight plans CMD's --config for the slice first
   logs              print the latest run's log from a worker (--follow to keep reading)
   kill              end the latest detached run on every worker
   status            describe the TPU or queued resource
@@ -53,6 +55,7 @@ Settings (option, or environment variable):
   --follow                                    logs: keep printing new lines
   --log-dir DIR                               run: local log directory (default runs/tpu_logs)
   --yes                                       delete: do not ask for confirmation
+  --no-preflight                              create, run: skip the preflight (below)
   --dry-run                                   print every command ('+ ' and shell-quoted)
                                               instead of running it
   -h, --help                                  show this text
@@ -97,6 +100,14 @@ Example: the full VidLanKD pipeline on a v4-32 pod slice.
       --init=text_only=\$BUCKET/bert_baseline --tasks=sst2,qnli,qqp,mnli --seeds=1,2,3 \\
       --set=data.data_dir=\$BUCKET/tensorflow_datasets
   ./$PROG delete --yes
+
+Preflight (create and run, on by default): when CMD has --config=configs/<stage>.py:..., the
+run is planned here first for the slice's topology (ACCELERATOR_TYPE, e.g. v5litepod-16 is
+v5e:4x4, v4-32 is v4:2x2x4, v5p-64 is v5p:2x4x4, v6e-256 is v6e:16x16; and --num-slices) with
+'vidlankd plan' (deviceless TPU compilation: libtpu installed here, no TPU). A config that does not
+fit the chips' HBM, or whose mesh the topology cannot hold, stops the command before any gcloud
+call, with the plan's one-line reason and status. VIDLANKD_PLAN replaces the plan command
+(default: 'python -m vidlankd_jax.cli plan', run from this directory).
 
 Multi-slice: add '--num-slices 2' (or NUM_SLICES=2) to every command; 'create' then requests a
 queued resource with --node-count=2 and 'setup', 'run', 'logs' reach every worker of every slice.
@@ -210,6 +221,7 @@ parse_args() {
       --follow) FOLLOW=1 ;;
       --yes) ASSUME_YES=1 ;;
       --dry-run) DRY_RUN=1 ;;
+      --no-preflight) PREFLIGHT=0 ;;
       -h | --help)
         usage
         exit 0
@@ -259,6 +271,80 @@ select_workers() {
   fi
 }
 
+# The topology name `vidlankd plan` takes for an accelerator type (v5litepod-16 -> v5e:4x4):
+# v5e and v6e count chips on a 2D torus, v4 and v5p TensorCores (two a chip) on a 3D one. From
+# the smallest slice (1x1, 2x2x1), each doubling doubles the smallest side (the last of equals).
+plan_topology() {
+  local type=$1 kind count chips dims i smallest
+  count=${type##*-}
+  [[ $count =~ ^[1-9][0-9]*$ ]] || return 1
+  case $type in
+    v5litepod-* | v5e-*) kind=v5e chips=$count dims=(1 1) ;;
+    v6e-*) kind=v6e chips=$count dims=(1 1) ;;
+    v4-* | v5p-*) kind=${type%%-*} chips=$((count / 2)) dims=(2 2 1) ;;
+    *) return 1 ;;
+  esac
+  while (($(IFS='*' && echo "$((${dims[*]}))") < chips)); do
+    smallest=0
+    for i in "${!dims[@]}"; do
+      ((dims[i] > dims[smallest])) || smallest=$i
+    done
+    dims[smallest]=$((dims[smallest] * 2))
+  done
+  (($(IFS='*' && echo "$((${dims[*]}))") == chips)) || return 1
+  local IFS=x
+  echo "$kind:${dims[*]}"
+}
+
+# Plans the command's --config for the slice with 'vidlankd plan' and stops (with the plan's
+# status and its last line) when the run will not fit or the topology cannot hold its mesh.
+preflight() {
+  [[ $PREFLIGHT == 1 ]] || return 0
+  local configs=() i=0 arg
+  while ((i < ${#USER_CMD[@]})); do
+    arg=${USER_CMD[i]}
+    case $arg in
+      --config=* | --config.*=*) configs+=("$arg") ;;
+      --config | --config.*)
+        configs+=("$arg=${USER_CMD[i + 1]:-}")
+        i=$((i + 1))
+        ;;
+    esac
+    i=$((i + 1))
+  done
+  if ((${#configs[@]} == 0)); then
+    [[ $COMMAND != create ]] || note "preflight: no run given after -- (create -- python -m vidlankd_jax.main --config=...): nothing to plan"
+    return 0
+  fi
+  [[ -n $ACCELERATOR_TYPE ]] ||
+    die "preflight: the accelerator type is not set: pass --accelerator-type or set ACCELERATOR_TYPE (or --no-preflight)"
+  local topology
+  topology=$(plan_topology "$ACCELERATOR_TYPE") ||
+    die "preflight: no plan topology for accelerator type '$ACCELERATOR_TYPE' (pass --no-preflight to skip the plan)"
+  local plan_cmd
+  read -r -a plan_cmd <<<"${VIDLANKD_PLAN:-python -m vidlankd_jax.cli plan}"
+  plan_cmd+=("${configs[@]}" "--topology=$topology" "--num_slices=$NUM_SLICES")
+  if [[ $DRY_RUN == 1 ]]; then
+    show "${plan_cmd[@]}"
+    return 0
+  fi
+  note "preflight: planning the run for $ACCELERATOR_TYPE ($topology) x $NUM_SLICES slice(s)"
+  show "${plan_cmd[@]}" >&2
+  local output status=0
+  output=$(cd "$SCRIPT_DIR" && "${plan_cmd[@]}" 2>&1) || status=$?
+  if ((status != 0)); then
+    local last
+    last=$(printf '%s
+' "$output" | sed '/^[[:space:]]*$/d' | tail -n 1)
+    printf '%s: error: preflight refused the run on %s: %s (--no-preflight skips the check)
+' \
+      "$PROG" "$topology" "$last" >&2
+    exit "$status"
+  fi
+  printf '%s
+' "$output" >&2
+}
+
 # Runs a script on the selected workers (in the login shell there: bash on TPU VM images).
 ssh_workers() {
   local worker=$1 script=$2
@@ -278,6 +364,7 @@ cmd_create() {
     RUNTIME_VERSION=$(default_runtime_version "$ACCELERATOR_TYPE") ||
       die "no default runtime version for '$ACCELERATOR_TYPE': pass --runtime-version or set RUNTIME_VERSION"
   fi
+  preflight
   if describe_quietly; then
     note "reusing the existing TPU '$TPU_NAME' in $ZONE"
     return 0
@@ -366,6 +453,7 @@ cmd_run() {
     quoted_cmd+=$(printf '%q' "--workdir=$WORKDIR_URL")
     env_setup="export WORKDIR=$(printf '%q' "$WORKDIR_URL") && "
   fi
+  preflight
   local run_id
   run_id="$TPU_NAME-$(date +%Y%m%d-%H%M%S)"
   local job="cd $REMOTE_CODE && . ~/venv/bin/activate && ${env_setup}${quoted_cmd% }"
@@ -416,7 +504,7 @@ main() {
   TPU_NAME=${TPU_NAME:-} ZONE=${ZONE:-} PROJECT=${PROJECT:-}
   ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-} RUNTIME_VERSION=${RUNTIME_VERSION:-}
   NUM_SLICES=${NUM_SLICES:-1} POLL_SECONDS=${POLL_SECONDS:-30}
-  SPOT=0 PREEMPTIBLE=0 DETACH=0 FOLLOW=0 ASSUME_YES=0 DRY_RUN=0
+  SPOT=0 PREEMPTIBLE=0 DETACH=0 FOLLOW=0 ASSUME_YES=0 DRY_RUN=0 PREFLIGHT=1
   REPO_URL='' REPO_REF='' PYTHON_VERSION=3.11 WORKDIR_URL='' WORKER='' COMMAND=''
   LOG_DIR="$SCRIPT_DIR/runs/tpu_logs"
   USER_CMD=()
@@ -425,7 +513,8 @@ main() {
     usage >&2
     exit 2
   }
-  [[ $COMMAND == run || ${#USER_CMD[@]} == 0 ]] || die "only 'run' takes a command after --"
+  [[ $COMMAND == run || $COMMAND == create || ${#USER_CMD[@]} == 0 ]] ||
+    die "only 'run' (and 'create', for its preflight) take a command after --"
   [[ $SPOT == 0 || $PREEMPTIBLE == 0 ]] || die "choose one of --spot and --preemptible"
   case $COMMAND in
     create | setup | run | logs | kill | status | start | stop | delete) init_target ;;

@@ -4,9 +4,13 @@ libtpu serves one process at a time: every test that compiles for a TPU lives in
 (pytest's `--dist loadfile` keeps a module on one worker).
 """
 
+import functools
+import json
+
 import ml_collections
 import pytest
 
+from vidlankd_jax import cli
 from vidlankd_jax import configlib
 from vidlankd_jax import plan
 from vidlankd_jax import sharding
@@ -60,3 +64,54 @@ def test_two_slices_cross_the_dcn_only_between_slices(stage):
   program = plan.hlo.parse(result["hlo_text"])
   for c in plan.hlo.collectives(program, 8):
     assert all(max(group) < 4 for group in c.groups), c.name  # slice-local device ids
+
+
+@functools.cache
+def tiny_teacher_plan(data: int, fsdp: int, batch: int) -> dict:
+  """The tiny teacher's plan on v5e:2x2 (as compiled: the matmul count needs no unrolled
+  compiles), once per mesh and batch for the module."""
+  config = configlib.load("teacher", "size=tiny")
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  config.train.batch_size = batch
+  return plan.plan(config, "v5e:2x2", correct_layers=False)
+
+
+@pytest.mark.parametrize("data, fsdp", [(4, 1), (1, 4)])
+def test_no_chip_repeats_another_s_matmuls_on_a_data_or_fsdp_mesh(data, fsdp):
+  result = tiny_teacher_plan(data, fsdp, 16)
+  assert result["mesh"] == {"data": data, "fsdp": fsdp, "tensor": 1}
+  assert result["replication"] == pytest.approx(1.0, rel=0.1)
+  assert result["matmul_flops_per_chip"] * 4 == pytest.approx(result["analytic_flops"], rel=0.1)
+
+
+def test_hbm_is_below_the_chip_s_and_grows_with_the_per_chip_batch():
+  """4 and 128 sequences per chip (at a few per chip the tiny teacher's temporaries are its
+  vocabulary-sized gradients, whatever the batch)."""
+  small, large = tiny_teacher_plan(4, 1, 16), tiny_teacher_plan(4, 1, 512)
+  for result in (small, large):
+    hbm = result["hbm_bytes"]
+    assert all(hbm[k] > 0 for k in ("params_and_opt", "batch", "temp", "code", "total"))
+    assert hbm["total"] < result["hbm_capacity_bytes"]
+  assert large["hbm_bytes"]["batch"] == 32 * small["hbm_bytes"]["batch"]
+  assert large["hbm_bytes"]["temp"] > small["hbm_bytes"]["temp"]
+  assert large["hbm_bytes"]["total"] > small["hbm_bytes"]["total"]
+  assert large["hbm_bytes"]["params_and_opt"] == small["hbm_bytes"]["params_and_opt"]
+
+
+def test_the_command_prints_the_plan_and_writes_the_json(tmp_path, capsys):
+  """`vidlankd plan` as tpu_launch.sh's preflight runs it (an override included)."""
+  path = tmp_path / "plan.json"
+  argv = [
+      "plan",
+      "--config=configs/finetune.py:size=tiny",
+      "--config.mesh.fsdp=2",
+      "--topology=v5e:2x2",
+      "--as_compiled",
+      f"--json={path}",
+  ]
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "mesh data 2 x fsdp 2 x tensor 1" in out and "replication factor" in out
+  written = json.loads(path.read_text())
+  assert set(written) == set(plan.JSON_KEYS) and written["mesh"]["fsdp"] == 2
+  assert (tmp_path / "plan.hlo.txt").read_text().startswith("HloModule")

@@ -100,6 +100,7 @@ def remote_command(words):
 
 
 SCOPE = ["--zone=us-central2-b", "--project=proj"]
+PLAN = ["python", "-m", "vidlankd_jax.cli", "plan"]
 TPU_VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 QUEUED = ["gcloud", "compute", "tpus", "queued-resources"]
 
@@ -189,7 +190,8 @@ def test_dry_run_run_quotes_the_command_and_passes_the_workdir(fake, slices, tar
       "--config=configs/distill.py:size=base,teacher_size=base,objectives=nst",
       "--note=it's a $test",
   ]
-  [ssh] = dry_run(env, "run", "--workdir", "gs://bucket/distill", "--", *user_cmd)
+  preflight, ssh = dry_run(env, "run", "--workdir", "gs://bucket/distill", "--", *user_cmd)
+  assert preflight == PLAN + [user_cmd[3], "--topology=v4:2x2x4", f"--num_slices={slices}"]
   group = TPU_VM if slices == "1" else QUEUED
   assert ssh[:6] == group + ["ssh", "vk"]
   assert ssh[6 : 6 + len(targets)] == targets and set(SCOPE) <= set(ssh)
@@ -246,6 +248,112 @@ def test_multi_slice_create_waits_until_active(fake):
   (tmp_path / "tpu-kd").unlink(missing_ok=True)
   failed = launch(env, "create", "--name", "kd")
   assert failed.returncode == 2 and "queued resource 'kd' is FAILED" in failed.stderr
+
+
+FAKE_PLAN = r"""#!/usr/bin/env bash
+# Stand-in `vidlankd plan`: logs its argv (fields split by \x1f), prints FAKE_PLAN_OUTPUT, exits
+# FAKE_PLAN_RC.
+{ printf '%s\x1f' "$@"; printf '\n'; } >>"$FAKE_DIR/plans.log"
+printf '%s\n' "${FAKE_PLAN_OUTPUT:-fits}"
+exit "${FAKE_PLAN_RC:-0}"
+"""
+RUN_CMD = [
+    "python",
+    "-m",
+    "vidlankd_jax.main",
+    "--config=configs/teacher.py:size=base",
+    "--config.mesh.fsdp",
+    "4",
+    "--config.data.data_dir=gs://b",
+]
+PLANNED = [
+    "--config=configs/teacher.py:size=base",
+    "--config.mesh.fsdp=4",
+    "--config.data.data_dir=gs://b",
+]
+
+
+@pytest.fixture
+def fake_plan(fake):
+  """The stand-in plan command, named by VIDLANKD_PLAN (no libtpu needed)."""
+  tmp_path, env = fake
+  plan = tmp_path / "bin" / "fake-plan"
+  plan.write_text(FAKE_PLAN)
+  plan.chmod(0o755)
+  env["VIDLANKD_PLAN"] = f"{plan} --extra"
+  return tmp_path, env
+
+
+def plans(tmp_path):
+  log = tmp_path / "plans.log"
+  return [line.split(SEP)[:-1] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.mark.parametrize(
+    "accelerator, slices, topology",
+    [
+        ("v5litepod-16", "1", "v5e:4x4"),
+        ("v5e-8", "1", "v5e:2x4"),
+        ("v4-32", "1", "v4:2x2x4"),
+        ("v4-256", "1", "v4:4x4x8"),
+        ("v5p-64", "2", "v5p:2x4x4"),
+        ("v6e-256", "1", "v6e:16x16"),
+    ],
+)
+def test_preflight_plans_the_run_for_the_slice_before_creating_it(
+    fake_plan, accelerator, slices, topology
+):
+  tmp_path, env = fake_plan
+  env.update(ACCELERATOR_TYPE=accelerator, NUM_SLICES=slices)
+  result = launch(env, "create", "--", *RUN_CMD)
+  assert result.returncode == 0, result.stderr
+  assert plans(tmp_path) == [
+      ["--extra", *PLANNED, f"--topology={topology}", f"--num_slices={slices}"]
+  ]
+  assert "fits" in result.stderr
+  assert [c[4] for c in calls(tmp_path)][:2] == ["describe", "create"]
+
+
+def test_preflight_runs_before_a_run_and_no_preflight_skips_it(fake_plan):
+  tmp_path, env = fake_plan
+  result = launch(env, "run", "--log-dir", str(tmp_path / "logs"), "--", *RUN_CMD)
+  assert result.returncode == 0, result.stderr
+  assert plans(tmp_path) == [["--extra", *PLANNED, "--topology=v4:2x2x4", "--num_slices=1"]]
+  assert [c[4] for c in calls(tmp_path)] == ["ssh"]
+  (tmp_path / "plans.log").unlink()
+  skipped = launch(env, "--no-preflight", "create", "--", *RUN_CMD)
+  assert skipped.returncode == 0, skipped.stderr
+  assert plans(tmp_path) == [] and [c[4] for c in calls(tmp_path)][-1] == "create"
+  without_config = launch(env, "create", "--name=other")
+  assert without_config.returncode == 0 and "nothing to plan" in without_config.stderr
+  assert plans(tmp_path) == []
+
+
+@pytest.mark.parametrize("command", ["create", "run"])
+def test_a_refused_plan_stops_before_any_gcloud_call(fake_plan, command):
+  tmp_path, env = fake_plan
+  reason = (
+      "teacher does not fit v4:2x2x4: 40.1 GiB per chip of 32.0 GiB: set --config.model.remat=dots"
+  )
+  env.update(FAKE_PLAN_RC="1", FAKE_PLAN_OUTPUT=f"report line\n{reason}")
+  result = launch(env, command, "--", *RUN_CMD)
+  assert result.returncode == 1
+  [error] = [line for line in result.stderr.splitlines() if "error" in line]
+  assert reason in error and "--no-preflight" in error
+  assert calls(tmp_path) == []
+
+
+def test_preflight_needs_a_known_accelerator_type(fake_plan):
+  tmp_path, env = fake_plan
+  env.pop("ACCELERATOR_TYPE")
+  result = launch(env, "run", "--", *RUN_CMD)
+  assert result.returncode == 2 and "--accelerator-type" in result.stderr
+  env["ACCELERATOR_TYPE"] = "v5e-12"
+  result = launch(env, "run", "--", *RUN_CMD)
+  assert (
+      result.returncode == 2 and "no plan topology for accelerator type 'v5e-12'" in result.stderr
+  )
+  assert calls(tmp_path) == [] and plans(tmp_path) == []
 
 
 @pytest.fixture

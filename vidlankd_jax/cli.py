@@ -100,8 +100,10 @@ def load_config(path: str, overrides: Sequence[str]):
   from ml_collections import config_flags
 
   values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values)
-  values(["vidlankd plan", f"--config={path}", *overrides])
+  argv = ["vidlankd plan", f"--config={path}", *overrides]
+  # The override flags are defined from `sys_argv` (sys.argv unless given).
+  holder = config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+  values(argv)
   return holder.value
 
 
@@ -123,8 +125,9 @@ def run_command(argv: Sequence[str]) -> int:
     parser.error(f"--steps must be positive, got {args.steps}")
   if getattr(args, "seed", 0) < 0:
     parser.error(f"--seed must be non-negative, got {args.seed}")
-  errors.set_workdir(args.workdir)  # the traceback of whatever ends the run is kept there
-  quiet.log_libraries_to(os.path.join(args.workdir, quiet.LIBRARY_LOG))
+  workdir = getattr(args, "workdir", None)  # `plan` writes no workdir
+  errors.set_workdir(workdir)  # the traceback of whatever ends the run is kept there
+  quiet.log_libraries_to(os.path.join(workdir, quiet.LIBRARY_LOG) if workdir else None)
   errors.stop_on_sigterm()  # between training steps too: exit 75, finished stages kept
   quiet.quiet_tensorflow_runtime()  # before anything loads jax or TensorFlow
   if args.command == "plan":

@@ -7,6 +7,8 @@ Matmul FLOPs only (biases, LayerNorm, softmax, the losses and the optimiser upda
     attention(n, L, H) = 4 n L H                 QKᵀ and AV FLOPs per token over L positions
     forward of a model on T tokens = 2 T encoder + T attention (+ its heads)
     training = 3 x forward (the backward pass is twice the forward), i.e. 6 N T + attention;
+    a matmul whose input is the data (the teacher's video projection) 2 x forward: its
+    backward has no input gradient;
     a frozen model (the distillation teacher) costs its forward only.
 
 Every function returns {term: FLOPs of the whole global batch}; `total` sums them.
@@ -72,12 +74,15 @@ def teacher_step(config) -> dict[str, float]:
   the first step."""
   b, l, p = config.train.batch_size, config.data.seq_len, config.data.max_predictions
   m, v, steps = config.model, config.video, config.video.max_steps
-  video_proj = 2 * b * steps * (v.input_dim * v.projection_dim + v.projection_dim * v.hidden_size)
+  rows = 2 * b * steps
   video_passes = 1.0 if v.frozen else TRAIN
+  # The first projection's input is the data: its backward is the weight gradient only.
+  first_passes = 1.0 if v.frozen else TRAIN - 1.0
   return {
       "text encoder (train)": TRAIN * encoder_forward(m, b * l, l),
       "text MLM head (train)": TRAIN * mlm_head_flops(m, b * p),
-      "video projection (train)": video_passes * video_proj,
+      "video projection (train)": first_passes * rows * v.input_dim * v.projection_dim
+      + video_passes * rows * v.projection_dim * v.hidden_size,
       "video encoder (train)": video_passes * encoder_forward(v, b * steps, steps),
       "video pooler and clip MLP (train)": video_passes * 2 * b * 3 * v.hidden_size**2,
   }

@@ -155,12 +155,17 @@ class Program:
         comp: {i.name: i.shape for i in insts} for comp, insts in self.computations.items()
     }
 
-  def operand_shapes(self, comp: str, inst: Instruction) -> str:
-    """The operands' shapes: written inline, or looked up by name in `comp`."""
-    if arrays(inst.operands):
-      return inst.operands
+  def operand_shapes(self, comp: str, inst: Instruction) -> list[str]:
+    """Each operand's shape: written inline, or looked up by name in `comp`."""
     table = self.shapes.get(comp, {})
-    return " ".join(table.get(n, "") for n in re.findall(r"%?([\w.\-]+)", inst.operands))
+    out = []
+    for operand in split_operands(inst.operands):
+      if arrays(operand):
+        out.append(operand)
+      else:
+        names = re.findall(r"%?([\w.\-]+)", operand)
+        out.append(table.get(names[-1], "") if names else "")
+    return out
 
   def multipliers(self) -> dict[str, float]:
     """How many times each computation runs per execution of the entry (while bodies with a
@@ -234,20 +239,41 @@ def parse(text: str) -> Program:
   return Program(computations, entry)
 
 
+def device_order(spec: str | None, count: int) -> np.ndarray:
+  """The devices at a mesh's positions: `[2,2]T(1,0)` (iota reshaped, transposed), a list of
+  ids, or none written (0, 1, ...)."""
+  if not spec:
+    return np.arange(count)
+  iota = re.match(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", spec)
+  if iota:
+    ids = np.arange(count).reshape([int(x) for x in iota.group(1).split(",")])
+    if iota.group(2):
+      ids = ids.transpose([int(x) for x in iota.group(2).split(",")])
+    return ids.reshape(-1)
+  return np.array([int(x) for x in re.findall(r"\d+", spec)])
+
+
 def replica_groups(inst: Instruction, num_devices: int) -> list[list[int]]:
   """The device groups of a collective (pairs for collective-permute)."""
   pairs = inst.attr("source_target_pairs")
   if pairs:
     return [[int(x) for x in p.split(",")] for p in re.findall(r"\{(\d+,\d+)\}", pairs)]
-  mesh_form = re.search(r"replica_groups=(mesh\[[^\]]*\]\s*\{[^}]*\})", inst.attrs)
-  value = mesh_form.group(1) if mesh_form else inst.attr("replica_groups")
-  if not value or value in ("{}", "{{}}"):
+  # mesh['axis_0'=4,'axis_1'=2][, device_ids=(...)] {'axis_1'}: groups vary along axis_1; the
+  # devices at the mesh's positions are device_ids (iota form [2,2]T(1,0), or a list) or 0, 1, ...
+  mesh_form = re.search(
+      r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\((\[[\d,]+\](?:T\([\d,]+\))?|[\d,\s]*)\))?"
+      r"\s*\{([^}]*)\}",
+      inst.attrs,
+  )
+  iota_form = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)", inst.attrs)
+  value = iota_form.group(1) if iota_form else inst.attr("replica_groups")
+  if not mesh_form and (not value or value in ("{}", "{{}}")):
     return [list(range(num_devices))]
-  if value.startswith("mesh["):  # mesh['axis_0'=4,'axis_1'=2] {'axis_1'}: vary along axis_1
-    axes = re.findall(r"'(\w+)'=(\d+)", value.split("]")[0])
-    chosen = re.findall(r"'(\w+)'", value.split("]", 1)[1])
+  if mesh_form:
+    axes = re.findall(r"'(\w+)'=(\d+)", mesh_form.group(1))
+    chosen = re.findall(r"'(\w+)'", mesh_form.group(3))
     names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
-    ids = np.arange(math.prod(sizes)).reshape(sizes)
+    ids = device_order(mesh_form.group(2), math.prod(sizes)).reshape(sizes)
     order = [i for i, a in enumerate(names) if a not in chosen] + [names.index(a) for a in chosen]
     group = math.prod(sizes[names.index(a)] for a in chosen)
     return ids.transpose(order).reshape(-1, group).tolist()
@@ -342,27 +368,79 @@ def dcn_transfers(program: Program, num_slices: int) -> list[Collective]:
   return out
 
 
-def dot_flops(inst: Instruction, operand_shapes: str) -> float:
-  """FLOPs of a dot or convolution (2 per multiply-add)."""
-  if inst.opcode not in ("dot", "convolution"):
+def split_operands(operands: str) -> list[str]:
+  """The operand list split at its top-level commas (shapes hold commas of their own)."""
+  out, depth, last = [], 0, 0
+  for i, c in enumerate(operands):
+    if c in "([{":
+      depth += 1
+    elif c in ")]}":
+      depth -= 1
+    elif c == "," and depth == 0:
+      out.append(operands[last:i].strip())
+      last = i + 1
+  tail = operands[last:].strip()
+  return out + [tail] if tail else out
+
+
+def _window(inst: Instruction, spatial: int) -> dict[str, list]:
+  """A convolution's window per spatial dimension: size, stride, lhs/rhs dilation, low pad."""
+  fields = dict(re.findall(r"(\w+)=([^\s}]+)", inst.attr("window") or ""))
+
+  def per_dim(key, default):
+    value = fields.get(key)
+    return [int(x) for x in value.split("x")] if value else [default] * spatial
+
+  pads = fields.get("pad")
+  low = [int(p.split("_")[0]) for p in pads.split("x")] if pads else [0] * spatial
+  return {
+      "size": per_dim("size", 1),
+      "stride": per_dim("stride", 1),
+      "lhs_dilate": per_dim("lhs_dilate", 1),
+      "rhs_dilate": per_dim("rhs_dilate", 1),
+      "pad_low": low,
+  }
+
+
+def conv_flops(inst: Instruction, operand_shapes: list[str]) -> float:
+  """FLOPs of a convolution: 2 per multiply-add that lands on an input element, i.e. window
+  taps on dilation holes and padding left out (XLA on TPU writes batched matmuls as convolutions
+  with a dilated input whose window touches one real element in `lhs_dilate`)."""
+  out = arrays(inst.shape)
+  shapes = [arrays(s) for s in operand_shapes[:2]]
+  labels = inst.attr("dim_labels") or ""
+  if not out or len(shapes) < 2 or not all(shapes) or "->" not in labels:
+    return 0.0
+  lhs, rhs, res = shapes[0][0][1], shapes[1][0][1], out[0][1]
+  lhs_labels, rest = labels.split("_", 1)
+  rhs_labels, out_labels = rest.split("->")
+  spatial = sorted(c for c in out_labels if c.isdigit())
+  window = _window(inst, len(spatial))
+  taps = 1
+  for j, label in enumerate(spatial):
+    n, size = lhs[lhs_labels.index(label)], window["size"][j]
+    o = np.arange(res[out_labels.index(label)])[:, None]
+    k = np.arange(size)[None, :]
+    pos = o * window["stride"][j] + k * window["rhs_dilate"][j] - window["pad_low"][j]
+    dilate = window["lhs_dilate"][j]
+    taps *= int(((pos >= 0) & (pos <= (n - 1) * dilate) & (pos % dilate == 0)).sum())
+  rows = math.prod(d for d, c in zip(res, out_labels) if not c.isdigit())
+  return 2.0 * rows * taps * rhs[rhs_labels.index("i")]
+
+
+def dot_flops(inst: Instruction, operand_shapes: list[str]) -> float:
+  """FLOPs of a dot (2 x output elements x contracted size) or a convolution (`conv_flops`)."""
+  if inst.opcode == "convolution":
+    return conv_flops(inst, operand_shapes)
+  if inst.opcode != "dot":
     return 0.0
   out = arrays(inst.shape)
-  if not out:
+  lhs = arrays(operand_shapes[0]) if operand_shapes else []
+  if not out or not lhs:
     return 0.0
-  out_elems = math.prod(out[0][1])
-  operands = arrays(operand_shapes)
-  if inst.opcode == "dot" and operands:
-    lhs = operands[0][1]
-    dims = inst.attr("lhs_contracting_dims") or "{}"
-    contracted = math.prod(lhs[int(d)] for d in dims.strip("{}").split(",") if d)
-    return 2.0 * out_elems * contracted
-  if inst.opcode == "convolution" and len(operands) > 1:
-    rhs = operands[1][1]
-    labels = inst.attr("dim_labels") or ""
-    kernel = labels.split("_")[1].split("->")[0] if "_" in labels else ""
-    out_feature = rhs[kernel.index("o")] if "o" in kernel else 1
-    return 2.0 * out_elems * math.prod(rhs) / max(out_feature, 1)
-  return 0.0
+  dims = inst.attr("lhs_contracting_dims") or "{}"
+  contracted = math.prod(lhs[0][1][int(d)] for d in dims.strip("{}").split(",") if d)
+  return 2.0 * math.prod(out[0][1]) * contracted
 
 
 @dataclasses.dataclass
@@ -375,8 +453,86 @@ class OpCost:
   runs: float
 
 
+# Instructions that read only part of their first operand (a slice of it, rows of a table).
+PARTIAL_READS = {"dynamic-slice", "gather", "slice"}
+# Instructions that update their first operand in place: only the update is read and written.
+IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}
+
+
+def _uses(body: list[Instruction]) -> dict[str, list[tuple[Instruction, int]]]:
+  """{name: [(user, operand position)]} within one computation."""
+  users: dict[str, list[tuple[Instruction, int]]] = {}
+  for i in body:
+    for k, operand in enumerate(split_operands(i.operands)):
+      names = re.findall(r"%?([\w.\-]+)", operand)
+      if names:
+        users.setdefault(names[-1], []).append((i, k))
+  return users
+
+
+def _parameter_read(program: Program, comp: str, index: int) -> float:
+  """Bytes a fused computation reads of its parameter `index`: a slice's size where it only
+  slices it, nothing where it updates it in place, what a nested fusion reads of it, else all."""
+  body = program.computations.get(comp, [])
+  param = next(
+      (i for i in body if i.opcode == "parameter" and i.operands.strip() == str(index)), None
+  )
+  if param is None:
+    return 0.0
+  whole = shape_bytes(param.shape)
+  read = 0.0
+  for user, k in _uses(body).get(param.name, []):
+    if user.opcode in PARTIAL_READS and k == 0:
+      read += shape_bytes(user.shape)
+    elif user.opcode in IN_PLACE and k == 0:
+      continue  # the buffer updated in place: its untouched part is neither read nor written
+    elif user.opcode == "fusion":
+      read += _parameter_read(program, body_name(user), k)
+    else:
+      read += whole
+  return min(read, whole)
+
+
+def _written(program: Program, comp: str, inst: Instruction) -> float:
+  """Bytes an instruction of `comp` writes: its result, or the update of an in-place one."""
+  if inst.opcode in IN_PLACE:
+    parts = program.operand_shapes(comp, inst)
+    return shape_bytes(parts[IN_PLACE[inst.opcode]]) if len(parts) > IN_PLACE[inst.opcode] else 0.0
+  if inst.opcode == "fusion":
+    body = program.computations.get(body_name(inst), [])
+    if body:
+      return _written(program, body_name(inst), body[-1])
+  if inst.opcode == "tuple":
+    by_name = {i.name: i for i in program.computations.get(comp, [])}
+    names = [re.findall(r"%?([\w.\-]+)", o) for o in split_operands(inst.operands)]
+    return sum(_written(program, comp, by_name[n[-1]]) for n in names if n and n[-1] in by_name)
+  return shape_bytes(inst.shape)
+
+
+def _moved(program: Program, comp: str, inst: Instruction) -> float:
+  """HBM bytes an instruction reads and writes: its operands and result, but of an operand it
+  only slices the slice, and of a buffer it updates in place the update (a fusion is looked
+  into: its parameters as its body, nested fusions included, uses them; its root as written)."""
+  operands = program.operand_shapes(comp, inst)
+  if inst.opcode in IN_PLACE:
+    return _written(program, comp, inst) + sum(shape_bytes(o) for o in operands[1:])
+  if inst.opcode in PARTIAL_READS:
+    return 2 * shape_bytes(inst.shape) + sum(shape_bytes(o) for o in operands[1:])
+  if inst.opcode != "fusion" or body_name(inst) not in program.computations:
+    return shape_bytes(inst.shape) + sum(shape_bytes(o) for o in operands)
+  body = body_name(inst)
+  read = sum(_parameter_read(program, body, k) for k in range(len(operands)))
+  return read + _written(program, comp, inst)
+
+
+def body_name(inst: Instruction) -> str:
+  called = callees(inst)
+  return called[0][0] if called else ""
+
+
 def op_costs(program: Program) -> list[OpCost]:
-  """FLOPs and HBM bytes (operands + result) of each top-level instruction, per step."""
+  """FLOPs (`dot_flops` of its dots and convolutions) and HBM bytes (`_moved`) of each
+  top-level instruction, and how often it runs per step."""
   runs = program.multipliers()
   fused = {
       c
@@ -394,13 +550,25 @@ def op_costs(program: Program) -> list[OpCost]:
         continue
       flops = dot_flops(inst, program.operand_shapes(comp, inst))
       if inst.opcode == "fusion":
-        for callee, _ in callees(inst):
-          flops += sum(
-              dot_flops(i, program.operand_shapes(callee, i))
-              for i in program.computations.get(callee, ())
-          )
+        flops += fused_flops(program, body_name(inst))
       meta = re.search(r'op_name="([^"]*)"', inst.attrs)
       what = meta.group(1).split("/")[-1] if meta else ""
-      moved = shape_bytes(inst.shape) + shape_bytes(program.operand_shapes(comp, inst))
-      out.append(OpCost(inst.name, inst.opcode, what, flops, moved, runs[comp]))
+      out.append(
+          OpCost(inst.name, inst.opcode, what, flops, _moved(program, comp, inst), runs[comp])
+      )
   return out
+
+
+def fused_flops(program: Program, comp: str) -> float:
+  """Matmul FLOPs of a fused computation (nested fusions included)."""
+  total = 0.0
+  for i in program.computations.get(comp, ()):
+    total += dot_flops(i, program.operand_shapes(comp, i))
+    if i.opcode == "fusion":
+      total += fused_flops(program, body_name(i))
+  return total
+
+
+def matmul_flops(program: Program) -> float:
+  """Matmul FLOPs per step of the whole program (loop bodies times their trip counts)."""
+  return sum(op.flops * op.runs for op in op_costs(program))

@@ -13,6 +13,11 @@ chip's, FLOPs and bytes (scanned layers corrected, see `layer_corrected_costs`),
 FLOPs term by term and the replication factor, collectives by kind, and an ESTIMATE of the step
 time: nothing runs on a TPU here.
 
+Replication factor: the compiled program's matmul FLOPs per chip (its dots and convolutions,
+`hlo.matmul_flops`, loop bodies times their trip counts) x chips / the analytic matmul FLOPs of
+`vidlankd_jax/flops.py`: both sides count matmuls, so elementwise work (softmax, LayerNorm, the
+optimiser update), large against the matmuls at tiny width, does not read as repeated work.
+
 Estimate (a roofline, not a measurement): max(FLOPs / peak, HBM bytes / HBM bandwidth) (or the
 compiler's `optimal_seconds` where it is positive and larger) + ICI traffic / ICI bandwidth +
 DCN traffic / DCN bandwidth, collectives not overlapped with compute.
@@ -346,6 +351,7 @@ def plan(config, topology: str, num_slices: int = 1, *, correct_layers: bool = T
   terms = stages.get(config.stage).step_flops(config)
   analytic = float(sum(terms.values()))
   chips = len(devices)
+  matmul = hlo.matmul_flops(program)
   optimal = float(compiled_cost.get("optimal_seconds", -1.0))
   parts = estimate(chip, flops, moved, summary, optimal)
   step_s = parts["step_s"]
@@ -362,7 +368,9 @@ def plan(config, topology: str, num_slices: int = 1, *, correct_layers: bool = T
       "fits": memory["total"] <= chip.hbm_bytes,
       "flops_per_chip": flops,
       "analytic_flops": analytic,
-      "replication": flops * chips / analytic if analytic else None,
+      "matmul_flops_per_chip": matmul,
+      "replication": matmul * chips / analytic if analytic else None,
+      "replication_all_ops": flops * chips / analytic if analytic else None,
       "estimated_step_s": step_s,
       "estimated_mfu": None if not step_s else analytic / chips / step_s / chip.peak_flops,
       "collectives": summary,
@@ -428,8 +436,14 @@ def report(result: dict) -> str:
   lines += [f"  {name}: {value:.3e}" for name, value in r["analytic_terms"].items()]
   replication = r["replication"]
   lines.append(
-      "replication factor (FLOPs per chip x chips / analytic): "
+      f"replication factor (matmul FLOPs per chip {r['matmul_flops_per_chip']:.3e}, from the "
+      "compiled program's dots and convolutions, x chips / analytic): "
       + ("n/a" if replication is None else f"{replication:.3f}")
+      + (
+          ""
+          if r["replication_all_ops"] is None
+          else f" (all of the compiler's FLOPs, elementwise included: {r['replication_all_ops']:.3f})"
+      )
   )
   lines.append("collectives per step (count, bytes sent per chip, of which over the DCN):")
   for kind, c in r["collectives"].items():
@@ -441,8 +455,9 @@ def report(result: dict) -> str:
   step = r["estimated_step_s"]
   if r["flops_correction"].startswith("none"):
     lines.append(
-        "NOTE: --as_compiled counts each scanned layer stack's body once: the FLOPs, HBM traffic,"
-        " replication, step time and MFU below are not the whole step's"
+        "NOTE: --as_compiled counts each scanned layer stack's body once: the compiler's FLOPs"
+        " and HBM traffic above and the step time and MFU below are not the whole step's (the"
+        " replication factor is: it counts loop bodies by their trip counts)"
     )
   if step is None:
     lines.append("ESTIMATE: none (no public DCN bandwidth for this chip, and DCN traffic)")
@@ -460,7 +475,8 @@ def report(result: dict) -> str:
     )
   lines.append(
       "top ops by estimated time (ESTIMATE: each instruction's roofline times its loop trip "
-      "count; an in-place update is charged its whole buffer):"
+      "count; FLOPs of its dots and convolutions, bytes of its operands and result as read and "
+      "written, a slice or an in-place update counted at its size):"
   )
   for op in r["top_ops"]:
     lines.append(
