@@ -87,8 +87,11 @@ def parse_args(argv: Sequence[str] | None):
       help="FLOPs as the compiler counts them (a scan's body once): skips the per-layer compiles",
   )
   args, extra = parser.parse_known_args(argv)
-  if args.command != "plan" or any(not a.startswith("--config.") for a in extra):
-    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  # `plan` takes `--config.<key>=<value>` (or `--config.<key> <value>`) overrides after --config.
+  values = [b for a, b in zip([""] + extra, extra) if a.startswith("--config.") and "=" not in a]
+  unknown = [a for a in extra if not a.startswith("--config.") and a not in values]
+  if extra and (args.command != "plan" or unknown):
+    parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
   args.overrides = extra
   return parser, args
 

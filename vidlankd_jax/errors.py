@@ -121,12 +121,14 @@ def one_line(error: BaseException) -> str:
 
 
 _WORKDIR: list[str] = []  # the running command's workdir, when it has one
+_PROCESS: list[int] = [0]  # this process's index among the job's (`set_workdir`)
 
 
 def set_workdir(workdir: str | None, process_index: int = 0) -> None:
   """Where `run_cli` keeps the traceback of whatever ends the run (process 0: `error.txt`,
   process p of several: `error-process<p>.txt`). None forgets it."""
   _WORKDIR[:] = []
+  _PROCESS[:] = [process_index]
   if workdir:
     name = ERROR_FILE if not process_index else f"error-process{process_index}.txt"
     _WORKDIR.append(os.path.join(workdir, name))
@@ -158,10 +160,13 @@ def report(error: BaseException, *, verbose: bool, prog: str = "") -> int:
     message = f"{type(error).__name__}: {message} (an internal error: the traceback is above; "
     message += "please report it)"
   kept = write_error_file(error)
+  if isinstance(error, Stopped):  # not an error: process 0 says it once for the whole job
+    if _PROCESS[0] == 0:
+      print(f"{prog + ': ' if prog else ''}{message}", file=sys.stderr, flush=True)
+    return exit_code(error)
   if kept:
     message += f" [traceback in {kept}]"
-  kind = "" if isinstance(error, Stopped) else "error: "  # its message says "stopped ..."
-  print(f"{prog + ': ' if prog else ''}{kind}{message}", file=sys.stderr, flush=True)
+  print(f"{prog + ': ' if prog else ''}error: {message}", file=sys.stderr, flush=True)
   return exit_code(error)
 
 

@@ -453,8 +453,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   mesh = sharding.make_mesh(config.mesh)
   eval_data = read_eval_data(task, config)
-  for split, batches in eval_data.eval_sets.items():
-    downstream.check_labels(spec, split, gold_labels(batches))
+  if spec.kind in downstream.LABELLED_KINDS:  # span and regression rows have no class label
+    for split, batches in eval_data.eval_sets.items():
+      downstream.check_labels(spec, split, gold_labels(batches))
   primary = results_lib.primary_metric_name(spec, config.eval.primary_metric)
   baseline = {}
   if task.label_counts is not None:

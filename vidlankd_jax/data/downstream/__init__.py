@@ -11,6 +11,7 @@ A new benchmark is one `DownstreamSpec` (with its formatter and metric function)
 
 from vidlankd_jax.data.downstream.encoding import KINDS, MODEL_FEATURES
 from vidlankd_jax.data.downstream.registry import (
+    LABELLED_KINDS,
     DownstreamSpec,
     SpanExample,
     check_labels,
@@ -29,6 +30,7 @@ from vidlankd_jax.data.downstream.tasks import register_downstream_tasks, regist
 __all__ = [
     "KINDS",
     "MODEL_FEATURES",
+    "LABELLED_KINDS",
     "DownstreamSpec",
     "SpanExample",
     "TfdsSource",

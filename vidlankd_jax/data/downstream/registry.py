@@ -222,10 +222,14 @@ def _label_error(spec, split: str, count: int, bad: list) -> errors.DataError:
   )
 
 
+# The kinds whose examples carry a class label in [0, num_labels).
+LABELLED_KINDS = ("classification", "multiple_choice")
+
+
 def check_labels(spec: DownstreamSpec, split: str, labels: np.ndarray) -> None:
   """A DataError when a classification or multiple-choice split holds a label outside
   [0, num_labels): it would be scored as wrong, not reported."""
-  if spec.kind not in ("classification", "multiple_choice"):
+  if spec.kind not in LABELLED_KINDS:
     return
   labels = np.asarray(labels).astype(np.int64)
   bad = np.flatnonzero((labels < 0) | (labels >= spec.num_labels))
