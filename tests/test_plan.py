@@ -16,6 +16,7 @@ from vidlankd_jax import plan
 from vidlankd_jax import sharding
 
 pytest.importorskip("libtpu")
+pytestmark = pytest.mark.slow  # compiles for TPU topologies: 10-30 s each, about 2 minutes
 
 
 def mesh_cfg(data, fsdp=1, tensor=1, num_slices=1):
